@@ -1,0 +1,112 @@
+"""CLIP models: open_clip creation and loading, the pixel-space image encoder, zero-shot heads."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+EMBEDDED_ARCH_DIR = Path(__file__).parent / "model_configs"
+EMBEDDED_ARCH = "agft-tiny-vit"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def register_embedded_architectures() -> None:
+    # open_clip keeps its own registry of architectures; ours must be in it before create_model.
+    open_clip.add_model_config(EMBEDDED_ARCH_DIR)
+
+
+def architectures() -> list[str]:
+    register_embedded_architectures()
+    return open_clip.list_models()
+
+
+def is_weights_file(weights: str) -> bool:
+    return weights.endswith(WEIGHT_SUFFIXES) or "/" in weights
+
+
+def create_clip(arch: str, weights: str | None) -> nn.Module:
+    """An open_clip model in eval mode.
+
+    weights: None for an explicit random init, a local weights file, or an open_clip
+    pretrained tag (e.g. 'openai') resolved from the local open_clip / Hugging Face cache.
+    """
+    register_embedded_architectures()
+    if weights is None or is_weights_file(weights):
+        model = open_clip.create_model(arch, pretrained=None)
+        if weights is not None:
+            load_weights(model, weights)
+    else:
+        model = open_clip.create_model(arch, pretrained=weights, require_pretrained=True)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.endswith(".safetensors"):
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+
+
+def save_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+
+
+def state_digest(module: nn.Module) -> str:
+    """A content hash of every tensor in the module: the fingerprint of its weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def preprocess_cfg(model: nn.Module) -> dict:
+    """The model's own image size and normalisation, kept with anything derived from it."""
+    cfg = model.visual.preprocess_cfg
+    return {"size": list(cfg["size"]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+            "interpolation": cfg["interpolation"], "resize_mode": cfg["resize_mode"]}
+
+
+def logit_scale(model: nn.Module) -> float:
+    return float(model.logit_scale.exp().item())
+
+
+class ImageEncoder(nn.Module):
+    """Pixels in [0, 1] to an L2-normalised embedding.
+
+    Normalisation lives inside the module so that every attack perturbs raw pixels and
+    its ε-ball and [0, 1] box mean what they say.
+    """
+
+    def __init__(self, visual: nn.Module, mean, std):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_clip(cls, model: nn.Module) -> "ImageEncoder":
+        cfg = model.visual.preprocess_cfg
+        return cls(model.visual, cfg["mean"], cfg["std"])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual((pixels - self.mean) / self.std), dim=-1)
+
+
+@torch.no_grad()
+def class_text_embeddings(model: nn.Module, arch: str, classnames, templates) -> torch.Tensor:
+    """[classes, dim] L2-normalised text embeddings, averaged over the templates."""
+    tokenizer = open_clip.get_tokenizer(arch)
+    weights = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, templates)
+    return weights.T.contiguous()

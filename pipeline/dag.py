@@ -1,0 +1,194 @@
+"""The AGFT DAG on Ray Core: pretrain* → text cache → teacher cache → train → eval → report.
+
+Steps run in dependency order; the tasks inside a step run in parallel and hand their
+results on as ObjectRefs. Every step whose output is content-addressed checks its cache
+first, says whether it hit, and rebuilds anything stale or corrupt.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ray
+from tqdm import tqdm
+
+from agft_core import world
+from agft_core.cache import CacheEntry, describe_file, embeddings_of, read_parquet
+from agft_core.datasets import ClassificationData, load_dataset
+from agft_core.model import create_clip, preprocess_cfg, state_digest
+from pipeline import tracking
+from pipeline.config import Config, dump_yaml
+from pipeline.train import ENCODER_FILE, HISTORY_FILE, TrainInputs, fit, read_history
+from tasks import steps
+
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    rows: list[dict]
+    cache_hits: dict[str, bool] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _wait(refs: list, label: str) -> list:
+    """ray.get with a progress bar over task completions."""
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=label, unit="task", leave=False) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(done))
+    return ray.get(list(refs))
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, tracking_uri: str, rerun: set[str] = frozenset(),
+                 log: Callable[[str], None] = print):
+        self.cfg, self.uri, self.rerun, self.log = cfg, tracking_uri, rerun, log
+        self.root = Path(cfg.cache_dir).resolve()
+        self.hits: dict[str, bool] = {}
+        self.seconds: dict[str, float] = {}
+
+    def _cached(self, step: str, entry: CacheEntry, label: str = "", expected_rows: int | None = None) -> bool:
+        problem = "rerun requested" if step in self.rerun else entry.problem(expected_rows)
+        hit = problem is None
+        name = f"{step} {label}".strip()
+        self.hits[name] = hit
+        where = f"{entry.kind}/{entry.fingerprint}"
+        self.log(f"[{name}] cached, skipping ({where})" if hit else f"[{name}] building: {problem} -> {where}")
+        return hit
+
+    # -- pretrain (embedded default only) ---------------------------------------------------
+    def teacher_weights(self) -> str | None:
+        model = self.cfg.model
+        if model.weights == "random":
+            return None
+        if model.weights != "embedded":
+            return model.weights
+        p = self.cfg.pretrain
+        entry = CacheEntry(self.root, "pretrain", {
+            "arch": model.arch, "world": world.GENERATOR_VERSION, "world_seed": self.cfg.data.world_seed,
+            "corpus_size": p.corpus_size, "epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr,
+            "seed": self.cfg.seed})
+        if not self._cached("pretrain", entry):
+            staging = entry.staging()
+            files = ray.get(steps.pretrain_teacher.options(num_cpus=self._cpus()).remote(
+                model.arch, p.corpus_size, self.cfg.data.world_seed, p.epochs, p.batch_size, p.lr, self.cfg.seed,
+                str(staging)))
+            entry.commit(staging, files)
+        return str(entry.files()[0])
+
+    def _cpus(self) -> int:
+        return max(1, int(ray.available_resources().get("CPU", 1)))
+
+    # -- text cache: one Parquet per dataset ---------------------------------------------------
+    def text_caches(self, weights, digest, data: dict[str, tuple], size) -> dict[str, CacheEntry]:
+        entries, pending = {}, {}
+        for key, (spec, d) in data.items():
+            entry = CacheEntry(self.root, "text", {"weights": digest, "arch": self.cfg.model.arch, "dataset": d.name,
+                                                   "classnames": d.classnames, "templates": d.templates})
+            entries[key] = entry
+            if entry.fingerprint not in pending and not self._cached("text", entry, d.name, len(d.classnames)):
+                staging = entry.staging()
+                pending[entry.fingerprint] = (entry, staging, steps.embed_class_prompts.remote(
+                    self.cfg.model.arch, weights, spec, size, str(staging / "part-00000.parquet")))
+        files = _wait([ref for _, _, ref in pending.values()], "text cache")
+        for (entry, staging, _), file in zip(pending.values(), files):
+            entry.commit(staging, [file])
+        return entries
+
+    # -- teacher cache: sharded Parquet of the frozen teacher's image embeddings -----------
+    def teacher_cache(self, weights, digest, spec, data: ClassificationData, model_pre: dict) -> CacheEntry:
+        entry = CacheEntry(self.root, "teacher", {"weights": digest, "dataset": data.identity,
+                                                  "preprocess": model_pre})
+        n = len(data)
+        if not self._cached("teacher", entry, data.name, n):
+            staging = entry.staging()
+            shards = self.cfg.teacher_cache_shards
+            bounds = [(n * i // shards, n * (i + 1) // shards) for i in range(shards)]
+            refs = [steps.teacher_shard.remote(self.cfg.model.arch, weights, spec, model_pre["size"][0], a, b,
+                                               self.cfg.eval.batch_size, str(staging / f"part-{i:05d}.parquet"))
+                    for i, (a, b) in enumerate(bounds)]
+            entry.commit(staging, _wait(refs, "teacher cache"))
+        return entry
+
+    # -- train ---------------------------------------------------------------------------------
+    def finetune(self, weights, digest, text: CacheEntry, teacher: CacheEntry, size: int, run_id: str) -> CacheEntry:
+        cfg = self.cfg
+        entry = CacheEntry(self.root, "finetune", {
+            "weights": digest, "text": text.fingerprint, "teacher": teacher.fingerprint, "seed": cfg.seed,
+            "train": cfg.train.model_dump(mode="json", exclude={"num_workers", "use_gpu", "max_failures"}),
+            "calibration": cfg.calibration.model_dump(mode="json"), "world_size": cfg.train.num_workers})
+        if self._cached("train", entry):
+            for metrics in read_history(entry.path):
+                tracking.log_epoch(self.uri, run_id, metrics)
+            return entry
+        inputs = TrainInputs(cfg, weights, size, [str(p) for p in text.files()], [str(p) for p in teacher.files()],
+                             self.uri, run_id)
+        name = f"finetune-{entry.fingerprint}"
+        if "train" in self.rerun:
+            shutil.rmtree(self.root / "ray_train" / name, ignore_errors=True)
+        checkpoint = fit(inputs, str(self.root / "ray_train"), name)
+        staging = entry.staging()
+        with checkpoint.as_directory() as d:
+            for file in (ENCODER_FILE, HISTORY_FILE):
+                shutil.copy(Path(d) / file, staging / file)
+        entry.commit(staging, [describe_file(staging / ENCODER_FILE), describe_file(staging / HISTORY_FILE)])
+        return entry
+
+    # -- eval ----------------------------------------------------------------------------------
+    def evaluate(self, weights, finetuned: str | None, specs, texts: dict[str, CacheEntry], size) -> list[dict]:
+        attack = self.cfg.eval.attack
+        refs = [steps.evaluate_zero_shot.remote(
+            self.cfg.model.arch, weights, finetuned, spec, size,
+            embeddings_of(read_parquet(texts[key].files())), attack.eps, attack.alpha, attack.steps,
+            self.cfg.eval.batch_size, self.cfg.seed) for key, spec in specs.items()]
+        return _wait(refs, "zero-shot eval")
+
+    def _timed(self, name: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        return out
+
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        weights = self._timed("pretrain", self.teacher_weights)
+        teacher_model = create_clip(cfg.model.arch, weights)
+        digest, pre = state_digest(teacher_model), preprocess_cfg(teacher_model)
+        size = pre["size"][0]
+        specs = {"train": cfg.data.train.spec(cfg.data.world_seed)} | {
+            f"zs{i}:{d.name}": d.spec(cfg.data.world_seed) for i, d in enumerate(cfg.data.zero_shot)}
+        data = {key: (spec, load_dataset(spec, size)) for key, spec in specs.items()}
+        run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
+                                    {"weights_digest": digest, "mlflow.runName": f"{cfg.train.method}-{digest[:8]}"})
+        try:
+            texts = self._timed("text", self.text_caches, weights, digest, data, size)
+            teacher = self._timed("teacher", self.teacher_cache, weights, digest, *data["train"], pre)
+            tuned = self._timed("train", self.finetune, weights, digest, texts["train"], teacher, size, run_id)
+            results = self._timed("eval", self.evaluate, weights, str(tuned.path / ENCODER_FILE),
+                                  {k: s for k, s in specs.items() if k != "train"}, texts, size)
+            rows = tracking.accuracy_rows(results)
+            self._timed("report", self.report, run_id, rows, tuned)
+        except BaseException:
+            tracking.finish_run(self.uri, run_id, "FAILED")
+            raise
+        tracking.finish_run(self.uri, run_id)
+        return RunResult(run_id, rows, self.hits, self.seconds)
+
+    def report(self, run_id: str, rows: list[dict], tuned: CacheEntry) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            (out / "config.yaml").write_text(dump_yaml(self.cfg))
+            tracking.write_csv(rows, out / "zero_shot_accuracy.csv")
+            tracking.plot_accuracy(rows, out / "zero_shot_accuracy.png",
+                                   f"{self.cfg.train.method.upper()}: zero-shot clean vs PGD-{self.cfg.eval.attack.steps}"
+                                   f" robust accuracy")
+            shutil.copy(tuned.path / ENCODER_FILE, out / ENCODER_FILE)
+            tracking.log_results(self.uri, run_id, rows,
+                                 [out / n for n in ("config.yaml", "zero_shot_accuracy.csv",
+                                                    "zero_shot_accuracy.png", ENCODER_FILE)])

@@ -1,0 +1,104 @@
+"""MLflow logging and the human-facing report: table, CSV and bar chart."""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+ROLES = ("original", "finetuned")
+
+
+def _flatten(prefix: str, value) -> dict[str, str]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(f"{prefix}.{k}" if prefix else k, v))
+        return out
+    return {prefix: str(value)}
+
+
+def start_run(uri: str, experiment: str, params: dict, tags: dict[str, str]) -> str:
+    # The experiment is created here, in the driver, before any worker logs to the store.
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, tags=tags)
+    flat = _flatten("", params)
+    items = list(flat.items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+    return run.info.run_id
+
+
+def log_epoch(uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    now, step = int(time.time() * 1000), int(metrics["epoch"])
+    MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                                 if k != "epoch"])
+
+
+def accuracy_rows(results: list[dict]) -> list[dict]:
+    """One row per dataset plus the unweighted mean, as in the paper's table."""
+    rows = [{"dataset": r["dataset"], **{f"{role}_{kind}": r[role][kind] for role in ROLES if role in r
+                                          for kind in ("clean", "robust")}} for r in results]
+    columns = [c for c in rows[0] if c != "dataset"]
+    rows.append({"dataset": "mean", **{c: sum(r[c] for r in rows) / len(rows) for c in columns}})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    header = ["dataset"] + [c.replace("_", " ") for c in columns[1:]]
+    body = [[r["dataset"]] + [f"{100 * r[c]:6.2f}" for c in columns[1:]] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = [c for c in rows[0] if c != "dataset"]
+    x = np.arange(len(rows))
+    width = 0.8 / len(columns)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    for i, column in enumerate(columns):
+        values = [100 * r[column] for r in rows]
+        hatch = "//" if column.endswith("robust") else None
+        ax.bar(x + (i - (len(columns) - 1) / 2) * width, values, width, label=column.replace("_", " "), hatch=hatch)
+    ax.set_xticks(x, [r["dataset"] for r in rows], rotation=20)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_results(uri: str, run_id: str, rows: list[dict], artifacts: list[Path]) -> None:
+    client = MlflowClient(uri)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{column}/{row['dataset']}", float(value), now, 0)
+               for row in rows for column, value in row.items() if column != "dataset"]
+    client.log_batch(run_id, metrics=metrics)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(uri).set_terminated(run_id, status)

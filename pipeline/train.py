@@ -1,0 +1,171 @@
+"""The Ray Train step: distributed adversarial fine-tuning of the image encoder (AGFT or TeCoA)."""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device, prepare_model
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from agft_core.attacks import pgd
+from agft_core.cache import embeddings_of, read_parquet
+from agft_core.datasets import load_dataset
+from agft_core.losses import agft_loss, calibrated_targets, tecoa_loss
+from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
+from pipeline.config import Config
+from pipeline.tracking import log_epoch
+
+ENCODER_FILE = "image_encoder.safetensors"
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """Everything a worker needs besides the config: where the caches and the teacher are."""
+
+    cfg: Config
+    teacher_weights: str | None
+    image_size: int
+    text_files: list[str]
+    teacher_files: list[str]
+    tracking_uri: str
+    run_id: str
+
+
+class _Indexed(Dataset):
+    """Yields (pixels, label, index) so a batch can look up its rows of the teacher cache."""
+
+    def __init__(self, images: Dataset):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x, y = self.images[i]
+        return x, y, i
+
+
+def _lr_lambda(warmup: int, total: int):
+    return lambda step: (step + 1) / warmup if step < warmup else \
+        0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _autocast(amp: str, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_loop(inputs: TrainInputs) -> None:
+    cfg = inputs.cfg
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    torch.manual_seed(cfg.seed + rank)
+    device = get_device()
+
+    clip = create_clip(cfg.model.arch, inputs.teacher_weights)
+    scale = logit_scale(clip)
+    encoder = ImageEncoder.from_clip(clip).to(device)
+    del clip  # the text tower is frozen and its embeddings come from the cache
+    text_emb = torch.from_numpy(embeddings_of(read_parquet([Path(f) for f in inputs.text_files]))).to(device)
+    teacher = read_parquet([Path(f) for f in inputs.teacher_files]).sort_by("index")
+    teacher_emb = torch.from_numpy(embeddings_of(teacher)).to(device)
+
+    data = load_dataset(cfg.data.train.spec(cfg.data.world_seed), inputs.image_size)
+    sampler = DistributedSampler(_Indexed(data.images), num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(_Indexed(data.images), batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True)
+    steps_per_epoch = len(loader)
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(min(cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs),
+                              steps_per_epoch * cfg.train.epochs))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        encoder.load_state_dict(state["encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
+
+    model = prepare_model(encoder)
+    raw = model.module if hasattr(model, "module") else model  # attacks bypass DDP's gradient hooks
+    calib, attack = cfg.calibration, cfg.train.attack
+
+    def objective(student_emb, targets, labels):
+        if cfg.train.method == "agft":
+            return agft_loss(student_emb, targets, text_emb, calib.inv_tau)
+        return tecoa_loss(student_emb, labels, text_emb, scale)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, robust correct, images
+        for x, y, idx in loader:
+            x, y = x.to(device), y.to(device)
+            targets = calibrated_targets(teacher_emb[idx.to(device)], text_emb, calib.gamma, calib.inv_tau)
+            x_adv = pgd(lambda z: objective(raw(z), targets, y), x, attack.eps, attack.alpha, attack.steps)
+            with _autocast(cfg.train.amp, device):
+                student_emb = model(x_adv)
+                loss = objective(student_emb.float(), targets, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            with torch.no_grad():
+                correct = ((student_emb.float() @ text_emb.T).argmax(-1) == y).sum()
+            totals += torch.tensor([loss.item() * len(y), float(correct), len(y)], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        metrics = {"epoch": epoch + 1, "loss": totals[0].item() / totals[2].item(),
+                   "train_robust_acc": totals[1].item() / totals[2].item(), "lr": schedule.get_last_lr()[0]}
+        history.append(metrics)
+        if rank == 0:
+            log_epoch(inputs.tracking_uri, inputs.run_id, metrics)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "epoch": epoch, "history": json.dumps(history)},
+                           Path(d) / STATE_FILE)
+                save_weights(encoder, Path(d) / ENCODER_FILE, metadata={"arch": cfg.model.arch})
+                (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def fit(inputs: TrainInputs, storage_path: str, name: str) -> Checkpoint:
+    """Runs (or resumes, when `name` already has checkpoints under `storage_path`) the fine-tune."""
+    cfg = inputs.cfg.train
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=inputs,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=RunConfig(storage_path=storage_path, name=name,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} produced no checkpoint")
+    return result.checkpoint
+
+
+def read_history(directory: Path) -> list[dict]:
+    return json.loads((directory / HISTORY_FILE).read_text())
+

@@ -1,0 +1,76 @@
+"""The remote steps of the DAG. Each loads what it needs from its arguments and writes files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from agft_core import world
+from agft_core.cache import describe_file, embedding_table, write_parquet
+from agft_core.datasets import DatasetSpec, load_dataset
+from agft_core.evaluate import embed_images, zero_shot_accuracy
+from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, logit_scale, save_weights, \
+    load_weights
+from agft_core.pretrain import pretrain_clip
+from tasks.common import use_assigned_cpus
+
+
+@ray.remote
+def pretrain_teacher(arch: str, corpus_size: int, world_seed: int, epochs: int, batch_size: int, lr: float,
+                     seed: int, out_dir: str) -> list[dict]:
+    use_assigned_cpus()
+    corpus = world.generate("corpus", "pretrain", corpus_size, world_seed)
+    model = create_clip(arch, None)
+    pretrain_clip(model, arch, corpus.images, corpus.captions, epochs=epochs, batch_size=batch_size, lr=lr,
+                  seed=seed, on_epoch=lambda e, loss: print(f"pretrain epoch {e + 1}/{epochs}: loss {loss:.3f}",
+                                                            flush=True))
+    path = Path(out_dir) / "clip.safetensors"
+    save_weights(model, path, metadata={"arch": arch})
+    return [describe_file(path)]
+
+
+@ray.remote
+def embed_class_prompts(arch: str, weights: str | None, spec: DatasetSpec, image_size: int, out_path: str) -> dict:
+    use_assigned_cpus()
+    data = load_dataset(spec, image_size)
+    model = create_clip(arch, weights)
+    emb = class_text_embeddings(model, arch, data.classnames, data.templates).numpy()
+    columns = {"class_index": np.arange(len(data.classnames)), "classname": data.classnames,
+               "templates": [data.templates] * len(data.classnames)}
+    return write_parquet(embedding_table(columns, emb), Path(out_path))
+
+
+@ray.remote
+def teacher_shard(arch: str, weights: str | None, spec: DatasetSpec, image_size: int, start: int, stop: int,
+                  batch_size: int, out_path: str) -> dict:
+    use_assigned_cpus()
+    data = load_dataset(spec, image_size)
+    encoder = ImageEncoder.from_clip(create_clip(arch, weights))
+    labels, emb = embed_images(encoder, data.images, range(start, stop), batch_size)
+    table = embedding_table({"index": np.arange(start, stop), "label": labels.numpy()}, emb.numpy())
+    return write_parquet(table, Path(out_path))
+
+
+@ray.remote
+def evaluate_zero_shot(arch: str, weights: str | None, finetuned_visual: str | None, spec: DatasetSpec,
+                       image_size: int, text_emb: np.ndarray, eps: float, alpha: float, steps: int,
+                       batch_size: int, seed: int) -> dict:
+    """Clean and robust accuracy of the original and (if given) the fine-tuned image encoder."""
+    use_assigned_cpus()
+    data = load_dataset(spec, image_size)
+    clip = create_clip(arch, weights)
+    scale = logit_scale(clip)
+    text = torch.from_numpy(text_emb)
+    encoders = {"original": ImageEncoder.from_clip(clip)}
+    if finetuned_visual:
+        student = ImageEncoder.from_clip(create_clip(arch, weights))
+        load_weights(student, finetuned_visual)
+        encoders["finetuned"] = student
+    results = {}
+    for role, encoder in encoders.items():
+        generator = torch.Generator().manual_seed(seed)
+        results[role] = zero_shot_accuracy(encoder, text, scale, data.images, eps=eps, alpha=alpha,
+                                           steps=steps, batch_size=batch_size, generator=generator)
+    return {"dataset": spec.name, "classes": len(data.classnames), **results}

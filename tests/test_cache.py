@@ -1,0 +1,71 @@
+import numpy as np
+import pyarrow as pa
+
+from agft_core.cache import CacheEntry, embedding_table, embeddings_of, read_parquet, write_parquet
+
+
+def _build(entry: CacheEntry, shards: list[np.ndarray]) -> None:
+    staging = entry.staging()
+    files, start = [], 0
+    for i, emb in enumerate(shards):
+        table = embedding_table({"index": np.arange(start, start + len(emb))}, emb)
+        files.append(write_parquet(table, staging / f"part-{i:05d}.parquet"))
+        start += len(emb)
+    entry.commit(staging, files)
+
+
+def _entry(tmp_path, **inputs):
+    return CacheEntry(tmp_path, "teacher", {"weights": "w1", "dataset": "d1", "preprocess": "p1",
+                                            "prompts": ["a photo of a {}."], **inputs})
+
+
+def test_round_trip_preserves_rows_and_fixed_size_list_type(tmp_path):
+    rng = np.random.default_rng(0)
+    shards = [rng.standard_normal((7, 4)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)]
+    entry = _entry(tmp_path)
+    _build(entry, shards)
+    assert entry.problem(expected_rows=12) is None
+    table = read_parquet(entry.files())
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 4)
+    np.testing.assert_array_equal(embeddings_of(table), np.concatenate(shards))
+    np.testing.assert_array_equal(table.column("index").to_numpy(), np.arange(12))
+
+
+def test_fingerprint_covers_prompts_and_weights(tmp_path):
+    base = _entry(tmp_path)
+    _build(base, [np.ones((3, 2), np.float32)])
+    changed_prompt = _entry(tmp_path, prompts=["a picture of a {}."])
+    changed_weights = CacheEntry(tmp_path, "teacher", {**base.inputs, "weights": "w2"})
+    assert len({base.fingerprint, changed_prompt.fingerprint, changed_weights.fingerprint}) == 3
+    assert changed_prompt.problem() == "missing" and changed_weights.problem() == "missing"
+    assert base.problem() is None
+
+
+def test_truncated_shard_is_detected(tmp_path):
+    entry = _entry(tmp_path)
+    _build(entry, [np.ones((50, 8), np.float32), np.ones((50, 8), np.float32)])
+    shard = entry.files()[1]
+    shard.write_bytes(shard.read_bytes()[:-40])
+    assert entry.problem(expected_rows=100) == f"corrupt file {shard.name}"
+
+
+def test_missing_shard_wrong_rows_and_bad_manifest_are_detected(tmp_path):
+    entry = _entry(tmp_path)
+    _build(entry, [np.ones((4, 2), np.float32), np.ones((4, 2), np.float32)])
+    assert entry.problem(expected_rows=9) == "row count 8 != expected 9"
+    entry.files()[0].unlink()
+    assert entry.problem(expected_rows=8).startswith("missing file")
+    (entry.path / "manifest.json").write_text("{not json")
+    assert entry.problem().startswith("unreadable manifest")
+
+
+def test_rebuild_replaces_a_corrupt_cache(tmp_path):
+    entry = _entry(tmp_path)
+    _build(entry, [np.zeros((3, 2), np.float32)])
+    entry.files()[0].write_bytes(b"garbage")
+    assert entry.problem() is not None
+    _build(entry, [np.full((3, 2), 2.0, np.float32)])
+    assert entry.problem(expected_rows=3) is None
+    assert embeddings_of(read_parquet(entry.files())).tolist() == [[2.0, 2.0]] * 3
+    leftovers = [p.name for p in (tmp_path / "teacher").iterdir() if p.name.startswith(".")]
+    assert leftovers == []

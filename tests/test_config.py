@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_paper_config_validates_with_the_paper_setting():
+    cfg = load_config(REPO / "configs" / "vitb32_imagenet.yaml")
+    assert (cfg.model.arch, cfg.model.weights) == ("ViT-B-32", "openai")
+    assert (cfg.calibration.gamma, cfg.calibration.inv_tau) == (0.4, 180)
+    assert cfg.train.attack.eps == pytest.approx(1 / 255) and cfg.train.attack.alpha == pytest.approx(1 / 255)
+    assert (cfg.train.attack.steps, cfg.train.lr, cfg.train.epochs) == (2, 4e-4, 10)
+
+
+def test_set_overrides_one_field_and_parses_fractions():
+    cfg = load_config(None, ["train.epochs=7", "eval.attack.eps=4/255"])
+    assert cfg.train.epochs == 7
+    assert cfg.eval.attack.eps == pytest.approx(4 / 255)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.nonsense=1", "train.nonsense"),
+    ("train.attack.eps=1.5", "train.attack.eps"),
+    ("train.attack.eps=-0.1", "train.attack.eps"),
+    ("calibration.gamma=0", "calibration.gamma"),
+    ("calibration.gamma=1.2", "calibration.gamma"),
+    ("calibration.inv_tau=0", "calibration.inv_tau"),
+    ("model.arch=ViT-Q-99", "model.arch"),
+])
+def test_bad_values_are_rejected_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["calibration.inv_tau=-1"], "calibration.inv_tau"),
+    (["model.arch=RN50", "model.weights=/nowhere/rn50.pt"], "/nowhere/rn50.pt does not exist"),
+    (["data.train={kind: cifar10, name: cifar10, split: train, root: /nowhere}"], "cifar-10-batches-py"),
+])
+def test_run_rejects_bad_input_with_one_line_before_any_work(tmp_path, monkeypatch, capsys, overrides, needle):
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--set", f"cache_dir={tmp_path / 'cache'}"]
+    for o in overrides:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
+    assert list(tmp_path.iterdir()) == []  # no cache, no mlflow.db: nothing was started or written
+
+
+def test_unknown_config_file_is_one_line(capsys):
+    assert main(["validate", "--config", "/nowhere/cfg.yaml"]) == 2
+    assert "/nowhere/cfg.yaml" in capsys.readouterr().err
