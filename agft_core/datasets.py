@@ -9,7 +9,6 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets as tvd
@@ -44,6 +43,7 @@ class DatasetSpec:
     root: str | None = None
     limit: int | None = None
     world_seed: int = 0
+    templates: tuple[str, ...] | None = None  # overrides the dataset's own prompt templates
 
 
 @dataclass
@@ -150,11 +150,7 @@ def load_dataset(spec: DatasetSpec, size: int) -> ClassificationData:
     if problem:
         raise FileNotFoundError(problem)
     data = _embedded(spec, size) if spec.kind == "embedded" else _from_root(spec, size)
+    if spec.templates:
+        data.templates = list(spec.templates)
     return _limited(data, spec.limit)
 
-
-def stack(data: ClassificationData, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (or the given) items as one pixel tensor and one label tensor."""
-    idx = range(len(data.images)) if indices is None else indices
-    items = [data.images[i] for i in idx]
-    return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import open_clip
@@ -37,7 +38,11 @@ def create_clip(arch: str, weights: str | None) -> nn.Module:
     """
     register_embedded_architectures()
     if weights is None or is_weights_file(weights):
-        model = open_clip.create_model(arch, pretrained=None)
+        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" before we load the file
+        try:
+            model = open_clip.create_model(arch, pretrained=None)
+        finally:
+            logging.disable(logging.NOTSET)
         if weights is not None:
             load_weights(model, weights)
     else:
@@ -67,7 +72,7 @@ def state_digest(module: nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

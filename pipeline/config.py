@@ -83,14 +83,19 @@ class DatasetConfig(Section):
     split: str = "test"
     root: str | None = None
     limit: int | None = Field(None, gt=0)
+    templates: list[str] | None = Field(None, min_length=1, description="prompt templates with one {}")
 
     @model_validator(mode="after")
     def _known_dataset(self) -> "DatasetConfig":
         datasets.check_spec(self.kind, self.name, self.split, self.root)
+        for template in self.templates or ():
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} must contain exactly one {{}} for the class name")
         return self
 
     def spec(self, world_seed: int) -> datasets.DatasetSpec:
-        return datasets.DatasetSpec(self.kind, self.name, self.split, self.root, self.limit, world_seed)
+        templates = tuple(self.templates) if self.templates else None
+        return datasets.DatasetSpec(self.kind, self.name, self.split, self.root, self.limit, world_seed, templates)
 
 
 class DataConfig(Section):
