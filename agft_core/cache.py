@@ -117,4 +117,4 @@ def read_parquet(paths: list[Path]) -> pa.Table:
 def embeddings_of(table: pa.Table) -> np.ndarray:
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).copy()  # writable for torch

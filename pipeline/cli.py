@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 from pipeline.config import ConfigError, dump_yaml, load_config, preflight, tracking_uri
 
@@ -26,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                                             "sqlite:///mlflow.db)")
     run.add_argument("--rerun", action="append", default=[], choices=STEPS,
                      help="recompute this step even if its cache is valid (repeatable)")
+    run.add_argument("--summary", metavar="PATH", help="also write the results, step times and cache hits as JSON")
     with_config(commands.add_parser("validate", help="check a config and print it fully resolved"))
     return parser
 
@@ -35,7 +39,7 @@ def _start_ray(address: str | None) -> None:
 
     import ray
 
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(address=address, logging_level=logging.WARNING, ignore_reinit_error=True,
              log_to_driver=True, configure_logging=True)
 
 
@@ -64,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
           f"eps={cfg.eval.attack.eps:.5f}: original teacher vs {cfg.train.method.upper()} fine-tuned")
     print(format_table(result.rows))
     print()
-    print(f"step seconds: {result.seconds}   total: {time.perf_counter() - start:.1f}s")
+    total = round(time.perf_counter() - start, 2)
+    print(f"step seconds: {result.seconds}   total: {total}s")
+    if args.summary:
+        Path(args.summary).write_text(json.dumps({**asdict(result), "total_seconds": total}, indent=2))
     print(f"MLflow run: {result.run_id}")
     print(f"Browse it:  mlflow ui --backend-store-uri {uri}")
     return 0

@@ -37,6 +37,8 @@ class RunResult:
 
 def _wait(refs: list, label: str) -> list:
     """ray.get with a progress bar over task completions."""
+    if not refs:
+        return []
     pending = list(refs)
     with tqdm(total=len(refs), desc=label, unit="task", leave=False) as bar:
         while pending:
@@ -91,8 +93,9 @@ class Pipeline:
         for key, (spec, d) in data.items():
             entry = CacheEntry(self.root, "text", {"weights": digest, "arch": self.cfg.model.arch, "dataset": d.name,
                                                    "classnames": d.classnames, "templates": d.templates})
+            seen = any(e.fingerprint == entry.fingerprint for e in entries.values())  # one task, two splits
             entries[key] = entry
-            if entry.fingerprint not in pending and not self._cached("text", entry, d.name, len(d.classnames)):
+            if not seen and not self._cached("text", entry, d.name, len(d.classnames)):
                 staging = entry.staging()
                 pending[entry.fingerprint] = (entry, staging, steps.embed_class_prompts.remote(
                     self.cfg.model.arch, weights, spec, size, str(staging / "part-00000.parquet")))

@@ -1,9 +1,14 @@
 """A tiny but complete `agft run`: real local Ray, real Ray Train (2 gloo workers), real MLflow store."""
+import json
 import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.dag import Pipeline
 
@@ -29,9 +34,28 @@ def _run(store, *extra, rerun=()):
     return Pipeline(cfg, uri, set(rerun), log=lines.append).run(), lines
 
 
+@dataclass
+class CliResult:
+    run_id: str
+    rows: list
+    cache_hits: dict
+
+
 @pytest.fixture(scope="module")
 def first(ray_local, store):
-    return _run(store)
+    """The first run goes through the CLI, from the store's directory, with the default tracking URI."""
+    root, uri = store
+    summary = root / "summary.json"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        code = main(["run", "--set", f"cache_dir={root / 'cache'}", "--summary", str(summary)]
+                    + [a for o in TINY for a in ("--set", o)])
+    finally:
+        os.chdir(cwd)
+    assert code == 0 and (root / "mlflow.db").is_file()
+    data = json.loads(summary.read_text())
+    return CliResult(data["run_id"], data["rows"], data["cache_hits"]), []
 
 
 def test_run_logs_metrics_artifacts_and_epochs(first, store):
@@ -90,3 +114,31 @@ def test_truncated_teacher_shard_is_rebuilt(first, store):
     assert result.cache_hits["teacher shapes"] is False
     assert any("corrupt file part-00000.parquet" in line for line in lines)
     assert result.rows == first[0].rows
+
+
+def test_restarted_training_resumes_from_the_latest_checkpoint(first, store):
+    from pipeline import tracking
+    from pipeline.train import TrainInputs, fit, read_history
+
+    root, uri = store
+    cache = root / "cache"
+    pick = lambda kind, **match: next(
+        e for e in (cache / kind).iterdir() if not e.name.startswith(".") and all(
+            json.loads((e / "manifest.json").read_text())["inputs"].get(k) == v for k, v in match.items()))
+    text, teacher = pick("text", dataset="shapes"), pick("teacher")
+    weights = str(next(pick("pretrain").glob("*.safetensors")))
+    parquet = lambda entry: [str(p) for p in sorted(entry.glob("*.parquet"))]
+
+    def train(epochs):
+        cfg = load_config(None, TINY + [f"cache_dir={cache}", f"train.epochs={epochs}"])
+        run_id = tracking.start_run(uri, "resume-test", {}, {})
+        checkpoint = fit(TrainInputs(cfg, weights, 32, parquet(text), parquet(teacher), uri, run_id),
+                         str(root / "resume"), "same-name")
+        with checkpoint.as_directory() as d:
+            return run_id, read_history(Path(d))
+
+    _, one = train(1)
+    run_id, two = train(2)  # same storage path and name: a restarted driver
+    assert len(one) == 1 and len(two) == 2 and two[0] == one[0]
+    steps_trained = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+    assert steps_trained == [2]  # epoch 1 came from the checkpoint, not from training again
