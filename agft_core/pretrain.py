@@ -11,14 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from agft_core.data import to_pixels
-from agft_core.model import ImageEncoder
+from agft_core.model import ImageEncoder, create_clip
+
+RECIPE = "clip-pretrain-v2"  # bump when pretrain_clip changes what it produces: invalidates cached teachers
 
 
-def pretrain_clip(model: nn.Module, arch: str, images: np.ndarray, captions: list[str], *, epochs: int,
-                  batch_size: int, lr: float, seed: int,
-                  on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
-    """Train image and text towers together with open_clip's ClipLoss; returns the model in eval mode."""
+def pretrain_clip(arch: str, images: np.ndarray, captions: list[str], *, epochs: int, batch_size: int, lr: float,
+                  seed: int, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+    """A randomly initialised `arch` whose image and text towers are trained together with
+    open_clip's ClipLoss; the seed fixes the init and the data order. Returns it in eval mode."""
     torch.manual_seed(seed)
+    model = create_clip(arch, None)
     tokens = open_clip.get_tokenizer(arch)(captions)
     pixels = to_pixels(images)
     encoder = ImageEncoder.from_clip(model)

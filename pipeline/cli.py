@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import ConfigError, dump_yaml, load_config, preflight, tracking_uri
+from pipeline.config import ConfigError, check_sweep, dump_yaml, load_config, preflight, tracking_uri
 
 STEPS = ("pretrain", "text", "teacher", "train")
 
@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rerun", action="append", default=[], choices=STEPS,
                      help="recompute this step even if its cache is valid (repeatable)")
     run.add_argument("--summary", metavar="PATH", help="also write the results, step times and cache hits as JSON")
+    sweep = with_config(commands.add_parser("sweep", help="Ray Tune search over the config's sweep.space"))
+    sweep.add_argument("--address", help="attach to a running Ray cluster (default: start a local one)")
+    sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                              "sqlite:///mlflow.db)")
+    sweep.add_argument("--best-out", default="best.yaml", help="where to write the best trial's config")
     with_config(commands.add_parser("validate", help="check a config and print it fully resolved"))
     return parser
 
@@ -51,15 +56,19 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_yaml(cfg), end="")
             return 0
         preflight(cfg)
+        if args.command == "sweep":
+            check_sweep(cfg)
     except ConfigError as exc:
         print(f"agft: error: {exc}", file=sys.stderr)
         return 2
 
-    from pipeline.dag import Pipeline  # heavy imports only once the input is known to be good
-
     uri = tracking_uri(args.tracking_uri)
     start = time.perf_counter()
     _start_ray(args.address)
+    if args.command == "sweep":
+        return _sweep(cfg, uri, Path(args.best_out))
+    from pipeline.dag import Pipeline  # heavy imports only once the input is known to be good
+
     result = Pipeline(cfg, uri, set(args.rerun)).run()
     from pipeline.tracking import format_table
 
@@ -73,6 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         Path(args.summary).write_text(json.dumps({**asdict(result), "total_seconds": total}, indent=2))
     print(f"MLflow run: {result.run_id}")
+    print(f"Browse it:  mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _sweep(cfg, uri: str, best_out: Path) -> int:
+    from pipeline.sweep import sweep
+    from pipeline.tracking import markdown_table
+
+    result = sweep(cfg, uri, best_out)
+    print()
+    print(markdown_table(result.trials), end="")
+    print(f"best: {result.best_params}  ->  {result.best_config_path}")
+    print(f"reproduce it: agft run --config {result.best_config_path}")
+    print(f"MLflow parent run: {result.parent_run_id}")
     print(f"Browse it:  mlflow ui --backend-store-uri {uri}")
     return 0
 

@@ -1,6 +1,7 @@
 """The one typed config: loaded from YAML, overridden with --set, validated before any Ray work."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -116,6 +117,13 @@ class AttackConfig(Section):
     steps: int = Field(2, ge=0)
 
 
+class ValidationConfig(Section):
+    """A held-out set scored every epoch (clean and robust), e.g. for ASHA in a sweep."""
+
+    dataset: DatasetConfig
+    attack: AttackConfig = AttackConfig(eps=2 / 255, alpha=1 / 255, steps=3)
+
+
 class TrainConfig(Section):
     method: Literal["agft", "tecoa"] = "agft"
     epochs: int = Field(10, gt=0)
@@ -129,11 +137,50 @@ class TrainConfig(Section):
     amp: Literal["off", "bf16", "fp16"] = "off"
     max_failures: int = Field(2, ge=0)
     attack: AttackConfig = AttackConfig()
+    validation: ValidationConfig | None = None
 
 
 class EvalConfig(Section):
     batch_size: int = Field(256, gt=0)
     attack: AttackConfig = AttackConfig(steps=20)
+
+
+class Domain(Section):
+    """One search axis: exactly one of choice, grid, uniform [low, high], loguniform [low, high]."""
+
+    choice: list[Any] | None = Field(None, min_length=1)
+    grid: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_valid_kind(self) -> "Domain":
+        kinds = [k for k in ("choice", "grid", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice: [..], grid: [..], uniform: [low, high], "
+                             "loguniform: [low, high]")
+        bounds = self.uniform or self.loguniform
+        if bounds and bounds[0] > bounds[1]:
+            raise ValueError(f"low > high in {list(bounds)}")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.loguniform[0]}")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """Values that, if valid, make every value of the axis valid for a bounded field."""
+        return list(self.choice or self.grid or self.uniform or self.loguniform)
+
+
+class SweepConfig(Section):
+    space: dict[str, Domain] = {}
+    metric: Literal["val_robust_acc", "val_clean_acc", "train_robust_acc", "loss"] = "val_robust_acc"
+    mode: Literal["max", "min"] = "max"
+    search: Literal["random", "optuna"] = "random"  # grid axes (grid: [..]) are expanded by either
+    num_samples: int = Field(4, gt=0, description="samples of the random axes, per grid point")
+    max_concurrent_trials: int = Field(1, gt=0)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, gt=0, description="epochs before ASHA may stop a trial")
+    reduction_factor: float = Field(2, gt=1)
 
 
 class Config(Section):
@@ -147,23 +194,56 @@ class Config(Section):
     cache_dir: str = ".agft-cache"
     experiment: str = "agft"
     teacher_cache_shards: int = Field(2, gt=0)
+    sweep: SweepConfig = SweepConfig()
+
+    @model_validator(mode="after")
+    def _sweep_fields_exist(self) -> "Config":
+        if self.sweep.search == "optuna" and any(d.grid for d in self.sweep.space.values()):
+            raise ValueError("sweep.search optuna cannot expand grid axes; use choice instead")
+        base = self.model_dump(mode="json")
+        base["sweep"]["space"] = {}
+        for key, domain in self.sweep.space.items():
+            for value in domain.extremes():
+                raw = copy.deepcopy(base)
+                try:
+                    _set_path(raw, key, value)
+                    Config.model_validate(raw)
+                except (ConfigError, ValidationError) as exc:
+                    detail = _format(exc) if isinstance(exc, ValidationError) else str(exc)
+                    raise ValueError(f"sweep.space.{key}: value {value!r} is not valid here ({detail})") from None
+        return self
 
 
 def _format(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+    def one(error) -> str:
+        where, msg = ".".join(str(p) for p in error["loc"]), error["msg"].removeprefix("Value error, ")
+        return f"{where}: {msg}" if where else msg
+    return "; ".join(one(e) for e in exc.errors())
+
+
+def _set_path(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[leaf] = value
 
 
 def _apply_override(raw: dict, assignment: str) -> None:
     key, sep, value = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. train.epochs=2")
-    *parents, leaf = key.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    _set_path(raw, key, yaml.safe_load(value))
+
+
+def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of cfg with dotted fields replaced, e.g. {"calibration.gamma": 0.5}."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        _set_path(raw, key, value)
+    return Config.model_validate(raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -196,6 +276,14 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"model.weights: weights file {weights} does not exist")
 
 
+def check_sweep(cfg: Config) -> None:
+    if not cfg.sweep.space:
+        raise ConfigError("sweep.space: empty; add axes such as calibration.gamma: {choice: [0.2, 0.4, 0.7]}")
+    if cfg.sweep.metric.startswith("val_") and cfg.train.validation is None:
+        raise ConfigError(f"train.validation: required for sweep.metric {cfg.sweep.metric}; "
+                          "set a held-out dataset, e.g. {dataset: {name: colours, split: train, limit: 256}}")
+
+
 def tracking_uri(flag: str | None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
 
@@ -209,4 +297,4 @@ def tracking_uri(flag: str | None) -> str:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -20,6 +20,7 @@ from agft_core import world
 from agft_core.cache import CacheEntry, describe_file, embeddings_of, read_parquet
 from agft_core.datasets import ClassificationData, load_dataset
 from agft_core.model import create_clip, preprocess_cfg, state_digest
+from agft_core.pretrain import RECIPE
 from pipeline import tracking
 from pipeline.config import Config, dump_yaml
 from pipeline.train import ENCODER_FILE, HISTORY_FILE, TrainInputs, fit, read_history
@@ -73,7 +74,7 @@ class Pipeline:
             return model.weights
         p = self.cfg.pretrain
         entry = CacheEntry(self.root, "pretrain", {
-            "arch": model.arch, "world": world.GENERATOR_VERSION, "world_seed": self.cfg.data.world_seed,
+            "arch": model.arch, "recipe": RECIPE, "world": world.GENERATOR_VERSION, "world_seed": self.cfg.data.world_seed,
             "corpus_size": p.corpus_size, "epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr,
             "seed": self.cfg.seed})
         if not self._cached("pretrain", entry):
@@ -95,7 +96,8 @@ class Pipeline:
                                                    "classnames": d.classnames, "templates": d.templates})
             seen = any(e.fingerprint == entry.fingerprint for e in entries.values())  # one task, two splits
             entries[key] = entry
-            if not seen and not self._cached("text", entry, d.name, len(d.classnames)):
+            label = d.name if key.startswith("zs") else f"{d.name} ({key})"
+            if not seen and not self._cached("text", entry, label, len(d.classnames)):
                 staging = entry.staging()
                 pending[entry.fingerprint] = (entry, staging, steps.embed_class_prompts.remote(
                     self.cfg.model.arch, weights, spec, size, str(staging / "part-00000.parquet")))
@@ -120,18 +122,18 @@ class Pipeline:
         return entry
 
     # -- train ---------------------------------------------------------------------------------
-    def finetune(self, weights, digest, text: CacheEntry, teacher: CacheEntry, size: int, run_id: str) -> CacheEntry:
+    def finetune(self, inputs: TrainInputs) -> CacheEntry:
         cfg = self.cfg
+        val_text = self.texts.get("val")
         entry = CacheEntry(self.root, "finetune", {
-            "weights": digest, "text": text.fingerprint, "teacher": teacher.fingerprint, "seed": cfg.seed,
+            "weights": self.digest, "text": self.texts["train"].fingerprint, "teacher": self.teacher.fingerprint,
+            "val_text": val_text.fingerprint if val_text else None, "seed": cfg.seed,
             "train": cfg.train.model_dump(mode="json", exclude={"num_workers", "use_gpu", "max_failures"}),
             "calibration": cfg.calibration.model_dump(mode="json"), "world_size": cfg.train.num_workers})
         if self._cached("train", entry):
             for metrics in read_history(entry.path):
-                tracking.log_epoch(self.uri, run_id, metrics)
+                tracking.log_epoch(self.uri, inputs.run_id, metrics)
             return entry
-        inputs = TrainInputs(cfg, weights, size, [str(p) for p in text.files()], [str(p) for p in teacher.files()],
-                             self.uri, run_id)
         name = f"finetune-{entry.fingerprint}"
         if "train" in self.rerun:
             shutil.rmtree(self.root / "ray_train" / name, ignore_errors=True)
@@ -158,23 +160,35 @@ class Pipeline:
         self.seconds[name] = round(time.perf_counter() - start, 2)
         return out
 
+    def prepare_training(self, run_id: str) -> TrainInputs:
+        """Everything before training: the teacher, the text caches and the teacher cache."""
+        cfg = self.cfg
+        self.weights = weights = self._timed("pretrain", self.teacher_weights)
+        teacher_model = create_clip(cfg.model.arch, weights)
+        self.digest, pre = state_digest(teacher_model), preprocess_cfg(teacher_model)
+        self.size = size = pre["size"][0]
+        datasets = {"train": cfg.data.train} | {f"zs{i}:{d.name}": d for i, d in enumerate(cfg.data.zero_shot)}
+        if cfg.train.validation:
+            datasets["val"] = cfg.train.validation.dataset
+        self.specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
+        data = {key: (spec, load_dataset(spec, size)) for key, spec in self.specs.items()}
+        self.texts = self._timed("text", self.text_caches, weights, self.digest, data, size)
+        self.teacher = self._timed("teacher", self.teacher_cache, weights, self.digest, *data["train"], pre)
+        files = lambda entry: [str(p) for p in entry.files()]
+        return TrainInputs(cfg, weights, size, files(self.texts["train"]), files(self.teacher), self.uri, run_id,
+                           files(self.texts["val"]) if "val" in self.texts else [])
+
     def run(self) -> RunResult:
         cfg = self.cfg
-        weights = self._timed("pretrain", self.teacher_weights)
-        teacher_model = create_clip(cfg.model.arch, weights)
-        digest, pre = state_digest(teacher_model), preprocess_cfg(teacher_model)
-        size = pre["size"][0]
-        specs = {"train": cfg.data.train.spec(cfg.data.world_seed)} | {
-            f"zs{i}:{d.name}": d.spec(cfg.data.world_seed) for i, d in enumerate(cfg.data.zero_shot)}
-        data = {key: (spec, load_dataset(spec, size)) for key, spec in specs.items()}
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
-                                    {"weights_digest": digest, "mlflow.runName": f"{cfg.train.method}-{digest[:8]}"})
+                                    {"mlflow.runName": f"{cfg.train.method}-{cfg.data.train.name}"})
         try:
-            texts = self._timed("text", self.text_caches, weights, digest, data, size)
-            teacher = self._timed("teacher", self.teacher_cache, weights, digest, *data["train"], pre)
-            tuned = self._timed("train", self.finetune, weights, digest, texts["train"], teacher, size, run_id)
-            results = self._timed("eval", self.evaluate, weights, str(tuned.path / ENCODER_FILE),
-                                  {k: s for k, s in specs.items() if k != "train"}, texts, size)
+            inputs = self.prepare_training(run_id)
+            tracking.tag_run(self.uri, run_id, {"weights_digest": self.digest})
+            tuned = self._timed("train", self.finetune, inputs)
+            zero_shot = {k: s for k, s in self.specs.items() if k.startswith("zs")}
+            results = self._timed("eval", self.evaluate, self.weights, str(tuned.path / ENCODER_FILE), zero_shot,
+                                  self.texts, self.size)
             rows = tracking.accuracy_rows(results)
             self._timed("report", self.report, run_id, rows, tuned)
         except BaseException:

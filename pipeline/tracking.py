@@ -34,6 +34,12 @@ def start_run(uri: str, experiment: str, params: dict, tags: dict[str, str]) -> 
     return run.info.run_id
 
 
+def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def log_epoch(uri: str, run_id: str, metrics: dict[str, float]) -> None:
     now, step = int(time.time() * 1000), int(metrics["epoch"])
     MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
@@ -102,3 +108,51 @@ def log_results(uri: str, run_id: str, rows: list[dict], artifacts: list[Path]) 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = list(rows[0]) if rows else []
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(trials: list[dict], axes: list[str], out: Path) -> None:
+    """frontier.png (validation clean vs robust, Pareto points joined) and robust_vs_<field>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t.get("val_robust_acc") is not None]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.scatter([100 * t["val_clean_acc"] for t in done], [100 * t["val_robust_acc"] for t in done])
+    for t in done:
+        ax.annotate(str(t["trial_id"])[-5:], (100 * t["val_clean_acc"], 100 * t["val_robust_acc"]), fontsize=7)
+    frontier, best_robust = [], -1.0
+    for t in sorted(done, key=lambda t: -t["val_clean_acc"]):
+        if t["val_robust_acc"] > best_robust:
+            frontier.append(t)
+            best_robust = t["val_robust_acc"]
+    ax.plot([100 * t["val_clean_acc"] for t in frontier], [100 * t["val_robust_acc"] for t in frontier], "r--",
+            label="Pareto frontier")
+    ax.set_xlabel("validation clean accuracy (%)")
+    ax.set_ylabel("validation robust accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    plt.close(fig)
+    for axis in axes:
+        points = [(t[axis], 100 * t["val_robust_acc"]) for t in done if isinstance(t.get(axis), (int, float))]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.8))
+        ax.scatter(*zip(*points))
+        ax.set_xlabel(axis)
+        ax.set_ylabel("validation robust accuracy (%)")
+        if axis == "calibration.inv_tau" or "lr" in axis:
+            ax.set_xscale("log")
+        fig.tight_layout()
+        fig.savefig(out / f"robust_vs_{axis}.png", dpi=120)
+        plt.close(fig)

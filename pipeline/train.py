@@ -12,12 +12,13 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from agft_core.attacks import pgd
 from agft_core.cache import embeddings_of, read_parquet
 from agft_core.datasets import load_dataset
+from agft_core.evaluate import zero_shot_accuracy
 from agft_core.losses import agft_loss, calibrated_targets, tecoa_loss
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from pipeline.config import Config
@@ -39,6 +40,7 @@ class TrainInputs:
     teacher_files: list[str]
     tracking_uri: str
     run_id: str
+    val_text_files: list[str] = ()
 
 
 class _Indexed(Dataset):
@@ -112,6 +114,12 @@ def train_loop(inputs: TrainInputs) -> None:
             return agft_loss(student_emb, targets, text_emb, calib.inv_tau)
         return tecoa_loss(student_emb, labels, text_emb, scale)
 
+    validation = cfg.train.validation
+    if validation:
+        val_data = load_dataset(validation.dataset.spec(cfg.data.world_seed), inputs.image_size)
+        val_shard = Subset(val_data.images, range(rank, len(val_data.images), world_size))
+        val_text = torch.from_numpy(embeddings_of(read_parquet([Path(f) for f in inputs.val_text_files]))).to(device)
+
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         model.train()
@@ -131,10 +139,20 @@ def train_loop(inputs: TrainInputs) -> None:
             with torch.no_grad():
                 correct = ((student_emb.float() @ text_emb.T).argmax(-1) == y).sum()
             totals += torch.tensor([loss.item() * len(y), float(correct), len(y)], dtype=torch.float64)
+        if validation:
+            v = validation.attack
+            scores = zero_shot_accuracy(raw, val_text, scale, val_shard, eps=v.eps, alpha=v.alpha, steps=v.steps,
+                                        batch_size=cfg.eval.batch_size, device=device,
+                                        generator=torch.Generator(device).manual_seed(cfg.seed + rank))
+            totals = torch.cat([totals, torch.tensor([scores["clean"] * scores["n"], scores["robust"] * scores["n"],
+                                                      scores["n"]], dtype=torch.float64)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         metrics = {"epoch": epoch + 1, "loss": totals[0].item() / totals[2].item(),
                    "train_robust_acc": totals[1].item() / totals[2].item(), "lr": schedule.get_last_lr()[0]}
+        if validation:
+            metrics |= {"val_clean_acc": totals[3].item() / totals[5].item(),
+                        "val_robust_acc": totals[4].item() / totals[5].item()}
         history.append(metrics)
         if rank == 0:
             log_epoch(inputs.tracking_uri, inputs.run_id, metrics)
@@ -149,15 +167,18 @@ def train_loop(inputs: TrainInputs) -> None:
             ray.train.report(metrics)
 
 
-def fit(inputs: TrainInputs, storage_path: str, name: str) -> Checkpoint:
-    """Runs (or resumes, when `name` already has checkpoints under `storage_path`) the fine-tune."""
+def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | None = None) -> Checkpoint:
+    """Runs (or resumes, when `name` already has checkpoints under `storage_path`) the fine-tune.
+
+    callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback when this runs inside a trial.
+    """
     cfg = inputs.cfg.train
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=inputs,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
-        run_config=RunConfig(storage_path=storage_path, name=name,
+        run_config=RunConfig(storage_path=storage_path, name=name, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     result = trainer.fit()

@@ -22,9 +22,8 @@ def pretrain_teacher(arch: str, corpus_size: int, world_seed: int, epochs: int, 
                      seed: int, out_dir: str) -> list[dict]:
     use_assigned_cpus()
     corpus = world.generate("corpus", "pretrain", corpus_size, world_seed)
-    model = create_clip(arch, None)
-    pretrain_clip(model, arch, corpus.images, corpus.captions, epochs=epochs, batch_size=batch_size, lr=lr,
-                  seed=seed, on_epoch=lambda e, loss: print(f"pretrain epoch {e + 1}/{epochs}: loss {loss:.3f}",
+    model = pretrain_clip(arch, corpus.images, corpus.captions, epochs=epochs, batch_size=batch_size, lr=lr,
+                          seed=seed, on_epoch=lambda e, loss: print(f"pretrain epoch {e + 1}/{epochs}: loss {loss:.3f}",
                                                             flush=True))
     path = Path(out_dir) / "clip.safetensors"
     save_weights(model, path, metadata={"arch": arch})

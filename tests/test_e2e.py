@@ -102,7 +102,7 @@ def test_changed_prompt_rebuilds_only_its_text_cache(first, store):
                             " {name: shapes, limit: 64}]")
     hits = result.cache_hits
     assert hits["text colours"] is False
-    assert hits["text shapes"] and hits["teacher shapes"] and hits["pretrain"] and hits["train"]
+    assert hits["text shapes (train)"] and hits["text colours (val)"] and hits["teacher shapes"] and hits["pretrain"] and hits["train"]
 
 
 def test_truncated_teacher_shard_is_rebuilt(first, store):
@@ -118,27 +118,21 @@ def test_truncated_teacher_shard_is_rebuilt(first, store):
 
 def test_restarted_training_resumes_from_the_latest_checkpoint(first, store):
     from pipeline import tracking
-    from pipeline.train import TrainInputs, fit, read_history
+    from pipeline.train import fit, read_history
 
     root, uri = store
-    cache = root / "cache"
-    pick = lambda kind, **match: next(
-        e for e in (cache / kind).iterdir() if not e.name.startswith(".") and all(
-            json.loads((e / "manifest.json").read_text())["inputs"].get(k) == v for k, v in match.items()))
-    text, teacher = pick("text", dataset="shapes"), pick("teacher")
-    weights = str(next(pick("pretrain").glob("*.safetensors")))
-    parquet = lambda entry: [str(p) for p in sorted(entry.glob("*.parquet"))]
 
     def train(epochs):
-        cfg = load_config(None, TINY + [f"cache_dir={cache}", f"train.epochs={epochs}"])
+        cfg = load_config(None, TINY + [f"cache_dir={root / 'cache'}", f"train.epochs={epochs}"])
         run_id = tracking.start_run(uri, "resume-test", {}, {})
-        checkpoint = fit(TrainInputs(cfg, weights, 32, parquet(text), parquet(teacher), uri, run_id),
-                         str(root / "resume"), "same-name")
+        inputs = Pipeline(cfg, uri, log=lambda line: None).prepare_training(run_id)
+        checkpoint = fit(inputs, str(root / "resume"), "same-name")
         with checkpoint.as_directory() as d:
             return run_id, read_history(Path(d))
 
     _, one = train(1)
     run_id, two = train(2)  # same storage path and name: a restarted driver
     assert len(one) == 1 and len(two) == 2 and two[0] == one[0]
+    assert "val_robust_acc" in two[1]
     steps_trained = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
     assert steps_trained == [2]  # epoch 1 came from the checkpoint, not from training again

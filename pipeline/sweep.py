@@ -1,0 +1,160 @@
+"""`agft sweep`: Ray Tune over Ray Train. The caches are built once; every trial reads them.
+
+Each trial is a function that builds a TorchTrainer reporting to Tune through
+TuneReportCallback (Ray 2.60's pattern for Train inside Tune), logs into its own nested
+MLflow run, and is scheduled by ASHA on the per-epoch validation metric.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from agft_core.cache import fingerprint
+from pipeline import tracking
+from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
+from pipeline.dag import Pipeline
+from pipeline.train import TrainInputs, fit
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+def search_space(sweep: SweepConfig) -> dict:
+    space = {}
+    for key, domain in sweep.space.items():
+        if domain.choice is not None:
+            space[key] = tune.choice(domain.choice)
+        elif domain.grid is not None:
+            space[key] = tune.grid_search(domain.grid)
+        elif domain.uniform is not None:
+            space[key] = tune.uniform(*domain.uniform)
+        else:
+            space[key] = tune.loguniform(*domain.loguniform)
+    return space
+
+
+def _search_algorithm(sweep: SweepConfig):
+    if sweep.search != "optuna":
+        return None  # Tune's default: random sampling, with grid_search axes expanded
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=0)
+
+
+def _scheduler(sweep: SweepConfig, max_epochs: int):
+    if sweep.scheduler == "fifo":
+        return None
+    return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
+                                         grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+
+
+def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage: str) -> None:
+    """One trial: a full Ray Train fine-tune of the base config with `params` applied."""
+    cfg = with_overrides(inputs.cfg, params)
+    trial_id = tune.get_context().get_trial_id()
+    run_id = tracking.start_run(inputs.tracking_uri, cfg.experiment, cfg.model_dump(mode="json"),
+                                {"mlflow.parentRunId": parent_run_id, "mlflow.runName": f"trial-{trial_id}",
+                                 "trial_id": trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()}})
+    fit(replace(inputs, cfg=cfg, run_id=run_id), storage, f"trial-{trial_id}", callbacks=[TuneReportCallback()])
+    tracking.finish_run(inputs.tracking_uri, run_id)
+
+
+class _Progress(tune.Callback):
+    """One line per trial event, and the best trial so far."""
+
+    def __init__(self, metric: str, mode: str, max_epochs: int, log):
+        self.metric, self.sign, self.max_epochs, self.log = metric, 1 if mode == "max" else -1, max_epochs, log
+        self.best = None
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.log(f"[sweep] trial {trial.trial_id} running {trial.config}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is not None and (self.best is None or self.sign * value > self.sign * self.best[1]):
+            self.best = (trial.trial_id, value)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        state = "done" if last.get("training_iteration", 0) >= self.max_epochs else "stopped early by ASHA"
+        best = f"best so far: {self.best[0]} {self.metric}={self.best[1]:.4f}" if self.best else ""
+        self.log(f"[sweep] trial {trial.trial_id} {state} after {last.get('training_iteration')} epochs; {best}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log(f"[sweep] trial {trial.trial_id} failed")
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    trials: list[dict]
+    best_params: dict
+    best_config_path: Path
+    cache_hits: dict[str, bool]
+
+
+def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepResult:
+    spec = cfg.sweep
+    pipeline = Pipeline(cfg, tracking_uri, log=log)
+    inputs = pipeline.prepare_training(run_id="")
+    storage = str(pipeline.root / "ray_tune")
+    name = f"sweep-{fingerprint(cfg.model_dump(mode='json'))}"
+    sweep_dir = Path(storage) / name
+    parent_file = sweep_dir / PARENT_RUN_FILE
+    resumed = tune.Tuner.can_restore(str(sweep_dir)) and parent_file.is_file()
+    if resumed:
+        parent_run_id = parent_file.read_text().strip()
+        log(f"[sweep] resuming {sweep_dir} (finished trials are kept)")
+    else:
+        parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.model_dump(mode="json"),
+                                           {"mlflow.runName": name, "sweep": "parent"})
+    trainable = tune.with_parameters(run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage)
+    trainable = tune.with_resources(trainable, {"CPU": 0})  # the trial driver; its trainer asks for the workers
+    if resumed:
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(spec),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                        max_concurrent_trials=spec.max_concurrent_trials,
+                                        search_alg=_search_algorithm(spec),
+                                        scheduler=_scheduler(spec, cfg.train.epochs)),
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      callbacks=[_Progress(spec.metric, spec.mode, cfg.train.epochs, log)]))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    parent_file.write_text(parent_run_id)
+    grid = tuner.fit()
+    trials = [_trial_row(r, cfg, spec.metric) for r in grid]
+    best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
+    best_params = dict(best.config)
+    best_out.write_text(dump_yaml(with_overrides(cfg, best_params)))
+    _report(tracking_uri, parent_run_id, cfg, trials, best_params, best_out)
+    return SweepResult(parent_run_id, trials, best_params, best_out, pipeline.hits)
+
+
+def _trial_row(result, cfg: Config, metric: str) -> dict:
+    m = result.metrics or {}
+    trial_cfg = with_overrides(cfg, result.config)
+    return {"trial_id": m.get("trial_id"), **result.config,
+            "calibration.gamma": trial_cfg.calibration.gamma, "calibration.inv_tau": trial_cfg.calibration.inv_tau,
+            "epochs": m.get("training_iteration"), "val_clean_acc": m.get("val_clean_acc"),
+            "val_robust_acc": m.get("val_robust_acc"), metric: m.get(metric), "error": bool(result.error)}
+
+
+def _report(uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best: dict, best_out: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        tracking.write_csv(trials, out / "trials.csv")
+        (out / "trials.md").write_text(tracking.markdown_table(trials))
+        tracking.plot_sweep(trials, sorted({"calibration.gamma", "calibration.inv_tau", *cfg.sweep.space}), out)
+        (out / "best_params.json").write_text(json.dumps(best, indent=2))
+        files = [out / "trials.csv", out / "trials.md", out / "best_params.json", best_out,
+                 *sorted(out.glob("*.png"))]
+        tracking.log_results(uri, parent_run_id, [], files)
+    tracking.finish_run(uri, parent_run_id)
+
+
