@@ -21,6 +21,7 @@ from pipeline.dag import Pipeline
 from pipeline.train import TrainInputs, fit
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+TRIAL_DRIVER_MEMORY = 256 * 1024**2
 
 
 def search_space(sweep: SweepConfig) -> dict:
@@ -48,7 +49,7 @@ def _search_algorithm(sweep: SweepConfig):
 def _scheduler(sweep: SweepConfig, max_epochs: int):
     if sweep.scheduler == "fifo":
         return None
-    return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
+    return tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=max_epochs,
                                          grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
 
 
@@ -56,9 +57,8 @@ def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage:
     """One trial: a full Ray Train fine-tune of the base config with `params` applied."""
     cfg = with_overrides(inputs.cfg, params)
     trial_id = tune.get_context().get_trial_id()
-    run_id = tracking.start_run(inputs.tracking_uri, cfg.experiment, cfg.model_dump(mode="json"),
-                                {"mlflow.parentRunId": parent_run_id, "mlflow.runName": f"trial-{trial_id}",
-                                 "trial_id": trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()}})
+    run_id = tracking.trial_run(inputs.tracking_uri, cfg.experiment, parent_run_id, trial_id,
+                                cfg.model_dump(mode="json"), {f"sweep.{k}": str(v) for k, v in params.items()})
     fit(replace(inputs, cfg=cfg, run_id=run_id), storage, f"trial-{trial_id}", callbacks=[TuneReportCallback()])
     tracking.finish_run(inputs.tracking_uri, run_id)
 
@@ -66,9 +66,13 @@ def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage:
 class _Progress(tune.Callback):
     """One line per trial event, and the best trial so far."""
 
-    def __init__(self, metric: str, mode: str, max_epochs: int, log):
-        self.metric, self.sign, self.max_epochs, self.log = metric, 1 if mode == "max" else -1, max_epochs, log
+    def __init__(self, metric: str, mode: str, max_epochs: int):
+        self.metric, self.sign, self.max_epochs = metric, 1 if mode == "max" else -1, max_epochs
         self.best = None
+
+    @staticmethod
+    def log(line: str) -> None:  # not a stored callable: the Tuner pickles its callbacks
+        print(line, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.log(f"[sweep] trial {trial.trial_id} running {trial.config}")
@@ -80,9 +84,9 @@ class _Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        state = "done" if last.get("training_iteration", 0) >= self.max_epochs else "stopped early by ASHA"
+        state = "done" if last.get("epoch", 0) >= self.max_epochs else "stopped early by ASHA"
         best = f"best so far: {self.best[0]} {self.metric}={self.best[1]:.4f}" if self.best else ""
-        self.log(f"[sweep] trial {trial.trial_id} {state} after {last.get('training_iteration')} epochs; {best}")
+        self.log(f"[sweep] trial {trial.trial_id} {state} after {last.get('epoch')} epochs; {best}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.log(f"[sweep] trial {trial.trial_id} failed")
@@ -113,7 +117,9 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
         parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.model_dump(mode="json"),
                                            {"mlflow.runName": name, "sweep": "parent"})
     trainable = tune.with_parameters(run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage)
-    trainable = tune.with_resources(trainable, {"CPU": 0})  # the trial driver; its trainer asks for the workers
+    # The trial driver only waits on its trainer, whose workers hold the CPUs/GPUs; Ray refuses an
+    # empty request, so the driver asks for the memory it actually uses.
+    trainable = tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY})
     if resumed:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True)
     else:
@@ -124,7 +130,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
                                         search_alg=_search_algorithm(spec),
                                         scheduler=_scheduler(spec, cfg.train.epochs)),
             run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      callbacks=[_Progress(spec.metric, spec.mode, cfg.train.epochs, log)]))
+                                      callbacks=[_Progress(spec.metric, spec.mode, cfg.train.epochs)]))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     parent_file.write_text(parent_run_id)
     grid = tuner.fit()
@@ -141,11 +147,16 @@ def _trial_row(result, cfg: Config, metric: str) -> dict:
     trial_cfg = with_overrides(cfg, result.config)
     return {"trial_id": m.get("trial_id"), **result.config,
             "calibration.gamma": trial_cfg.calibration.gamma, "calibration.inv_tau": trial_cfg.calibration.inv_tau,
-            "epochs": m.get("training_iteration"), "val_clean_acc": m.get("val_clean_acc"),
+            "epochs": m.get("epoch"), "val_clean_acc": m.get("val_clean_acc"),
             "val_robust_acc": m.get("val_robust_acc"), metric: m.get(metric), "error": bool(result.error)}
 
 
 def _report(uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best: dict, best_out: Path) -> None:
+    for trial in trials:  # trials ASHA stopped were killed mid-run and could not close their own runs
+        run_id = tracking.find_trial_run(uri, cfg.experiment, parent_run_id, trial["trial_id"])
+        if run_id:
+            status = "FAILED" if trial["error"] else "FINISHED" if trial["epochs"] == cfg.train.epochs else "KILLED"
+            tracking.finish_run(uri, run_id, status)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         tracking.write_csv(trials, out / "trials.csv")

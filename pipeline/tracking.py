@@ -34,6 +34,24 @@ def start_run(uri: str, experiment: str, params: dict, tags: dict[str, str]) -> 
     return run.info.run_id
 
 
+def find_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
+    client = MlflowClient(uri)
+    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                               f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return found[0].info.run_id if found else None
+
+
+def trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, params: dict,
+              tags: dict[str, str]) -> str:
+    """The nested run of one sweep trial; a trial restarted by a resumed sweep keeps its run."""
+    found = find_trial_run(uri, experiment, parent_run_id, trial_id)
+    if found:
+        MlflowClient(uri).update_run(found, status="RUNNING")
+        return found
+    return start_run(uri, experiment, params, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id,
+                                               "mlflow.runName": f"trial-{trial_id}", **tags})
+
+
 def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
     client = MlflowClient(uri)
     for key, value in tags.items():

@@ -120,6 +120,12 @@ def train_loop(inputs: TrainInputs) -> None:
         val_shard = Subset(val_data.images, range(rank, len(val_data.images), world_size))
         val_text = torch.from_numpy(embeddings_of(read_parquet([Path(f) for f in inputs.val_text_files]))).to(device)
 
+    if start_epoch >= cfg.train.epochs:
+        # Restarted after the last epoch (e.g. a resumed sweep re-launching a trial that had finished
+        # training): report the final result again instead of training, so Tune and fit() see it.
+        ray.train.report(history[-1], checkpoint=checkpoint if rank == 0 else None)
+        return
+
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         model.train()

@@ -1,0 +1,133 @@
+"""`agft sweep` on tiny sizes: real local Ray Tune over Ray Train, real MLflow store."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.util.state import list_tasks
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, check_sweep, load_config
+from pipeline.sweep import sweep
+
+TINY = [
+    "pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64",
+    "data.train.limit=128", "data.zero_shot=[{name: colours, limit: 32}]",
+    "train.epochs=2", "train.batch_size=32", "train.validation.dataset.limit=32",
+    "sweep.space={calibration.gamma: {grid: [0.3, 0.6, 0.9]}, calibration.inv_tau: {loguniform: [15, 40]}}",
+    "sweep.num_samples=1", "sweep.scheduler=fifo",
+]
+
+
+def _task_count(name: str) -> int:
+    return sum(1 for t in list_tasks(filters=[("func_or_class_name", "=", name)], limit=10000)
+               if t.state == "FINISHED")
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = load_config(None, TINY + [f"cache_dir={root / 'cache'}", "experiment=sweep-test"])
+    before = {n: _task_count(n) for n in ("pretrain_teacher", "teacher_shard", "embed_class_prompts")}
+    result = sweep(cfg, uri, root / "best.yaml", log=lambda line: None)
+    time.sleep(2)  # the state API lags task completion by a moment
+    after = {n: _task_count(n) for n in before}
+    return cfg, uri, result, {n: after[n] - before[n] for n in before}
+
+
+def test_sweep_builds_each_cache_exactly_once(swept):
+    cfg, _, result, built = swept
+    assert len(result.trials) == 3
+    assert built == {"pretrain_teacher": 1, "teacher_shard": cfg.teacher_cache_shards, "embed_class_prompts": 2}
+    assert not any(result.cache_hits.values())
+
+
+def test_sweep_logs_nested_runs_and_summary(swept):
+    cfg, uri, result, _ = swept
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-test").experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_robust_acc")] == [1, 2]
+    assert sorted(float(c.data.params["calibration.gamma"]) for c in children) == [0.3, 0.6, 0.9]
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"trials.csv", "trials.md", "best_params.json", "best.yaml", "frontier.png",
+            "robust_vs_calibration.gamma.png", "robust_vs_calibration.inv_tau.png"} <= artifacts
+
+
+def test_best_config_is_valid_and_is_the_best_trial(swept):
+    cfg, _, result, _ = swept
+    best_cfg = load_config(result.best_config_path)
+    best_row = max(result.trials, key=lambda t: t["val_robust_acc"])
+    assert best_cfg.calibration.gamma == best_row["calibration.gamma"]
+    assert best_cfg.calibration.inv_tau == pytest.approx(best_row["calibration.inv_tau"])
+    assert best_cfg.train == cfg.train and best_cfg.data == cfg.data
+    assert 15 <= best_cfg.calibration.inv_tau <= 40
+
+
+@pytest.mark.parametrize("space, needle", [
+    ("{calibration.gamm: {choice: [0.3]}}", "sweep.space.calibration.gamm"),
+    ("{calibration.gamma: {choice: []}}", "choice"),
+    ("{train.lr: {uniform: [0.1, 0.01]}}", "low > high"),
+    ("{calibration.gamma: {uniform: [0.5, 1.5]}}", "calibration.gamma"),
+])
+def test_bad_search_space_is_one_clear_error_before_any_trial(tmp_path, monkeypatch, capsys, space, needle):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--set", f"sweep.space={space}", "--set", f"cache_dir={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_needs_a_space_and_a_validation_set():
+    with pytest.raises(ConfigError, match="sweep.space"):
+        check_sweep(load_config(None, ["sweep.space={}"]))
+    with pytest.raises(ConfigError, match="train.validation"):
+        check_sweep(load_config(None, ["train.validation=null"]))
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [str(Path(sys.executable).with_name("agft")), "sweep", "--tracking-uri", uri,
+           "--best-out", str(tmp_path / "best.yaml")]
+    for o in TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=resume-test"]:
+        cmd += ["--set", o]
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, not the test session's
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    finished = []
+    try:
+        while time.time() < deadline and not finished and proc.poll() is None:
+            time.sleep(1)
+            if (tmp_path / "mlflow.db").exists():
+                finished = _finished_trials(uri)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(finished) == 1, "the first trial should finish before the sweep is killed"
+    first_trial, first_run = finished[0]
+    subprocess.run(cmd, env=env, cwd=tmp_path, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=400)
+    client = MlflowClient(uri)
+    runs = _finished_trials(uri)
+    assert len(runs) == 3 and len({t for t, _ in runs}) == 3
+    history = client.get_metric_history(first_run, "loss")
+    assert [m.step for m in history] == [1, 2]  # logged once: the finished trial did not train again
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["calibration"]["gamma"] in (0.3, 0.6, 0.9)
+
+
+def _finished_trials(uri: str) -> list[tuple[str, str]]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("resume-test")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], "tags.trial_id != '' and attributes.status = 'FINISHED'")
+    return [(r.data.tags["trial_id"], r.info.run_id) for r in runs]
