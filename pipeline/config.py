@@ -133,6 +133,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(1000, ge=0)
     num_workers: int = Field(2, gt=0)
+    cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
     amp: Literal["off", "bf16", "fp16"] = "off"
     max_failures: int = Field(2, ge=0)

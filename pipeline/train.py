@@ -182,8 +182,9 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=inputs,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(storage_path=storage_path, name=name, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )

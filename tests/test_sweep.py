@@ -99,6 +99,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
            "--best-out", str(tmp_path / "best.yaml")]
     for o in TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=resume-test"]:
         cmd += ["--set", o]
+    MlflowClient(uri).search_experiments()  # create the store's schema now: two first users of one SQLite file race
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, not the test session's
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,8 +108,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     try:
         while time.time() < deadline and not finished and proc.poll() is None:
             time.sleep(1)
-            if (tmp_path / "mlflow.db").exists():
-                finished = _finished_trials(uri)
+            finished = _finished_trials(uri)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
