@@ -36,3 +36,20 @@ def test_pgd_on_a_linear_loss_reaches_the_closed_form_worst_case():
     eps = 2 / 255
     x_adv = pgd(lambda z: (z * w).sum(), x, eps, eps / 2, steps=4, random_start=False)
     assert torch.allclose(x_adv, (x + eps * w.sign()).clamp(0, 1), atol=1e-6)
+
+
+def test_pgd_runs_in_fp32_even_under_autocast():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 5))
+    x, y = _batch(), torch.arange(16) % 5
+    seen = []
+
+    def loss(z):
+        logits = model(z)
+        seen.append(logits.dtype)
+        return F.cross_entropy(logits, y)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16  # autocast is really on out here
+        x_adv = pgd(loss, x, 4 / 255, 1 / 255, steps=3)
+    assert seen == [torch.float32] * 3 and x_adv.dtype == torch.float32

@@ -131,3 +131,23 @@ def _finished_trials(uri: str) -> list[tuple[str, str]]:
         return []
     runs = client.search_runs([experiment.experiment_id], "tags.trial_id != '' and attributes.status = 'FINISHED'")
     return [(r.data.tags["trial_id"], r.info.run_id) for r in runs]
+
+
+def test_search_space_maps_every_domain_and_optuna_is_available():
+    from ray import tune
+
+    from pipeline.sweep import _search_algorithm, search_space
+
+    cfg = load_config(None, ["sweep.space={calibration.gamma: {choice: [0.2, 0.4]}, train.lr: {grid: [0.1, 0.2]},"
+                             " calibration.inv_tau: {loguniform: [10, 100]}, train.momentum: {uniform: [0.5, 0.9]}}"])
+    space = search_space(cfg.sweep)
+    assert space["train.lr"] == tune.grid_search([0.1, 0.2])
+    assert isinstance(space["calibration.gamma"], tune.search.sample.Categorical)
+    assert (space["calibration.inv_tau"].lower, space["calibration.inv_tau"].upper) == (10, 100)
+    assert isinstance(space["calibration.inv_tau"].get_sampler(), tune.search.sample.LogUniform)
+    assert isinstance(space["train.momentum"].get_sampler(), tune.search.sample.Uniform)
+    assert _search_algorithm(cfg.sweep) is None
+    optuna_cfg = load_config(None, ["sweep.search=optuna"])
+    assert type(_search_algorithm(optuna_cfg.sweep)).__name__ == "OptunaSearch"
+    with pytest.raises(ConfigError, match="optuna"):
+        load_config(None, ["sweep.search=optuna", "sweep.space={train.lr: {grid: [0.1]}}"])

@@ -1,0 +1,113 @@
+"""`ray job submit` round trip against a real head started here, with token authentication on."""
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64", "data.train.limit=128",
+        "data.zero_shot=[{name: colours, limit: 32}]", "train.epochs=1", "train.batch_size=32",
+        "train.validation=null", "eval.attack.steps=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args, env, check=False, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, check=check,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def head():
+    token = secrets.token_hex(32)
+    temp = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's unix sockets live under it
+    dashboard = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{env['PATH']}"}
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                             f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 90
+        while _ray("job", "list", "--address", address, env=env).returncode != 0:
+            assert time.time() < deadline and proc.poll() is None, "the Ray head did not come up"
+            time.sleep(2)
+        yield address, env, temp
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the head this test started, and only it
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _submit(address, env, tmp_path, *overrides) -> str:
+    submission = f"agft-{secrets.token_hex(4)}"
+    args = ["run", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", f"cache_dir={tmp_path / 'c'}"]
+    for o in TINY + list(overrides):
+        args += ["--set", o]
+    _ray("job", "submit", "--address", address, "--submission-id", submission, "--working-dir", str(REPO),
+         "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"), "--no-wait", "--", "agft", *args,
+         env=env, check=True)
+    return submission
+
+
+def _wait(address, env, submission, timeout=300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = _ray("job", "status", "--address", address, submission, env=env).stdout
+        status = re.search(r"(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)", out)
+        if status and status.group(1) in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status.group(1)
+        time.sleep(3)
+    raise AssertionError(f"job {submission} did not finish in {timeout}s")
+
+
+def test_job_submission_runs_agft_and_writes_mlflow(head, tmp_path):
+    address, env, temp = head
+    submission = _submit(address, env, tmp_path)
+    status = _wait(address, env, submission)
+    logs = _ray("job", "logs", "--address", address, submission, env=env).stdout
+    assert status == "SUCCEEDED", logs[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id])
+    assert run.info.status == "FINISHED" and "finetuned_robust/colours" in run.data.metrics
+    assert f"MLflow run: {run.info.run_id}" in logs
+    packages = list(Path(temp).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
+    size = sum(f.stat().st_size for p in packages for f in p.rglob("*") if f.is_file())
+    print(f"uploaded working_dir package: {size / 1024:.0f} KiB")
+    assert 0 < size < 5 * 1024**2  # sources only: no venv, caches, checkpoints or MLflow stores
+
+
+def test_invalid_config_fails_at_once_with_the_error_in_the_logs(head, tmp_path):
+    address, env, _ = head
+    submission = _submit(address, env, tmp_path, "calibration.gamma=2")
+    assert _wait(address, env, submission, timeout=120) == "FAILED"
+    logs = _ray("job", "logs", "--address", address, submission, env=env).stdout
+    assert "agft: error:" in logs and "calibration.gamma" in logs
+
+
+def test_submission_without_the_token_is_refused(head):
+    address, env, _ = head
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    result = _ray("job", "list", "--address", address, env=no_token)
+    assert result.returncode != 0
+    assert re.search(r"401|[Uu]nauthori[sz]ed|token", result.stdout + result.stderr)
