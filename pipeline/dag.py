@@ -74,9 +74,9 @@ class Pipeline:
             return model.weights
         p = self.cfg.pretrain
         entry = CacheEntry(self.root, "pretrain", {
-            "arch": model.arch, "recipe": RECIPE, "world": world.GENERATOR_VERSION, "world_seed": self.cfg.data.world_seed,
-            "corpus_size": p.corpus_size, "epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr,
-            "seed": self.cfg.seed})
+            "arch": model.arch, "recipe": RECIPE, "world": world.GENERATOR_VERSION,
+            "world_seed": self.cfg.data.world_seed, "corpus_size": p.corpus_size, "epochs": p.epochs,
+            "batch_size": p.batch_size, "lr": p.lr, "seed": self.cfg.seed})
         if not self._cached("pretrain", entry):
             staging = entry.staging()
             files = ray.get(steps.pretrain_teacher.options(num_cpus=self._cpus()).remote(
@@ -85,8 +85,11 @@ class Pipeline:
             entry.commit(staging, files)
         return str(entry.files()[0])
 
-    def _cpus(self) -> int:
-        return max(1, int(ray.available_resources().get("CPU", 1)))
+    @staticmethod
+    def _cpus() -> int:
+        """All the CPUs of the biggest node: pretraining is one process and cannot span nodes."""
+        per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+        return max(1, int(min(max(per_node, default=1), ray.available_resources().get("CPU", 1))))
 
     # -- text cache: one Parquet per dataset ---------------------------------------------------
     def text_caches(self, weights, digest, data: dict[str, tuple], size) -> dict[str, CacheEntry]:
