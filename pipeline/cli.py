@@ -93,6 +93,7 @@ def _sweep(cfg, uri: str, best_out: Path) -> int:
     result = sweep(cfg, uri, best_out)
     print()
     print(markdown_table(result.trials), end="")
+    print(f"seconds: {result.seconds}")
     print(f"best: {result.best_params}  ->  {result.best_config_path}")
     print(f"reproduce it: agft run --config {result.best_config_path}")
     print(f"MLflow parent run: {result.parent_run_id}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -99,12 +100,15 @@ class SweepResult:
     best_params: dict
     best_config_path: Path
     cache_hits: dict[str, bool]
+    seconds: dict[str, float]
 
 
 def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepResult:
     spec = cfg.sweep
+    clock = time.perf_counter()
     pipeline = Pipeline(cfg, tracking_uri, log=log)
     inputs = pipeline.prepare_training(run_id="")
+    seconds = {"caches": time.perf_counter() - clock}
     storage = str(pipeline.root / "ray_tune")
     name = f"sweep-{fingerprint(cfg.model_dump(mode='json'))}"
     sweep_dir = Path(storage) / name
@@ -127,19 +131,25 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
             trainable, param_space=search_space(spec),
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent_trials,
+                                        reuse_actors=True,  # one trial-driver process: imports paid once
                                         search_alg=_search_algorithm(spec),
                                         scheduler=_scheduler(spec, cfg.train.epochs)),
             run_config=tune.RunConfig(name=name, storage_path=storage,
                                       callbacks=[_Progress(spec.metric, spec.mode, cfg.train.epochs)]))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     parent_file.write_text(parent_run_id)
+    clock = time.perf_counter()
     grid = tuner.fit()
+    seconds["trials"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     trials = [_trial_row(r, cfg, spec.metric) for r in grid]
     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
     best_params = dict(best.config)
     best_out.write_text(dump_yaml(with_overrides(cfg, best_params)))
     _report(tracking_uri, parent_run_id, cfg, trials, best_params, best_out)
-    return SweepResult(parent_run_id, trials, best_params, best_out, pipeline.hits)
+    seconds["report"] = time.perf_counter() - clock
+    return SweepResult(parent_run_id, trials, best_params, best_out, pipeline.hits,
+                       {k: round(v, 2) for k, v in seconds.items()})
 
 
 def _trial_row(result, cfg: Config, metric: str) -> dict:
