@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from agft_core.cache import local_path
+
 EMBEDDED_ARCH_DIR = Path(__file__).parent / "model_configs"
 EMBEDDED_ARCH = "agft-tiny-vit"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -50,7 +52,9 @@ def create_clip(arch: str, weights: str | None) -> nn.Module:
     return model.eval()
 
 
-def load_weights(model: nn.Module, path: str) -> None:
+def load_weights(model: nn.Module, location: str) -> None:
+    """Loads a local weights file, or one at a URI (e.g. a fine-tuned encoder in a shared cache)."""
+    path = local_path(location)
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.endswith(".safetensors"):

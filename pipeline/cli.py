@@ -65,11 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking_uri(args.tracking_uri)
     start = time.perf_counter()
     _start_ray(args.address)
-    if args.command == "sweep":
-        return _sweep(cfg, uri, Path(args.best_out))
     from pipeline.dag import Pipeline  # heavy imports only once the input is known to be good
 
-    result = Pipeline(cfg, uri, set(args.rerun)).run()
+    try:
+        if args.command == "sweep":
+            return _sweep(cfg, uri, Path(args.best_out))
+        result = Pipeline(cfg, uri, set(args.rerun)).run()
+    except ConfigError as exc:  # found once the data is loaded, before training starts
+        print(f"agft: error: {exc}", file=sys.stderr)
+        return 2
     from pipeline.tracking import format_table
 
     print()

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agft_core import datasets
+from agft_core.cache import check_location
 from agft_core.model import EMBEDDED_ARCH, architectures, is_weights_file
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -192,10 +193,20 @@ class Config(Section):
     calibration: CalibrationConfig = CalibrationConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    cache_dir: str = ".agft-cache"
+    cache_dir: str = Field(".agft-cache", description="local path or URI (file://, s3://, gs://...) shared by all nodes")
+    storage_path: str | None = Field(None, description="Ray Train/Tune checkpoints; default: under cache_dir")
+    artifact_location: str | None = Field(None, description="MLflow artifact root of a new experiment")
     experiment: str = "agft"
     teacher_cache_shards: int = Field(2, gt=0)
     sweep: SweepConfig = SweepConfig()
+
+    @field_validator("cache_dir", "storage_path", "artifact_location")
+    @classmethod
+    def _storable(cls, location: str | None) -> str | None:
+        problem = location and check_location(location)
+        if problem:
+            raise ValueError(problem)
+        return location
 
     @model_validator(mode="after")
     def _sweep_fields_exist(self) -> "Config":

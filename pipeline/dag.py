@@ -6,7 +6,6 @@ first, says whether it hit, and rebuilds anything stale or corrupt.
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,12 +16,13 @@ import ray
 from tqdm import tqdm
 
 from agft_core import world
-from agft_core.cache import CacheEntry, describe_file, embeddings_of, read_parquet
+from agft_core.cache import CacheEntry, absolute, describe_file, embeddings_of, filesystem, join, local_path, \
+    read_parquet, upload
 from agft_core.datasets import ClassificationData, load_dataset
 from agft_core.model import create_clip, preprocess_cfg, state_digest
 from agft_core.pretrain import RECIPE
 from pipeline import tracking
-from pipeline.config import Config, dump_yaml
+from pipeline.config import Config, ConfigError, dump_yaml
 from pipeline.train import ENCODER_FILE, HISTORY_FILE, TrainInputs, fit, read_history
 from tasks import steps
 
@@ -52,7 +52,8 @@ class Pipeline:
     def __init__(self, cfg: Config, tracking_uri: str, rerun: set[str] = frozenset(),
                  log: Callable[[str], None] = print):
         self.cfg, self.uri, self.rerun, self.log = cfg, tracking_uri, rerun, log
-        self.root = Path(cfg.cache_dir).resolve()
+        self.root = absolute(cfg.cache_dir)
+        self.checkpoints = absolute(cfg.storage_path) if cfg.storage_path else join(self.root, "ray_train")
         self.hits: dict[str, bool] = {}
         self.seconds: dict[str, float] = {}
 
@@ -78,12 +79,11 @@ class Pipeline:
             "world_seed": self.cfg.data.world_seed, "corpus_size": p.corpus_size, "epochs": p.epochs,
             "batch_size": p.batch_size, "lr": p.lr, "seed": self.cfg.seed})
         if not self._cached("pretrain", entry):
-            staging = entry.staging()
             files = ray.get(steps.pretrain_teacher.options(num_cpus=self._cpus()).remote(
                 model.arch, p.corpus_size, self.cfg.data.world_seed, p.epochs, p.batch_size, p.lr, self.cfg.seed,
-                str(staging)))
-            entry.commit(staging, files)
-        return str(entry.files()[0])
+                entry.begin()))
+            entry.commit(files)
+        return entry.files()[0]
 
     @staticmethod
     def _cpus() -> int:
@@ -101,12 +101,11 @@ class Pipeline:
             entries[key] = entry
             label = d.name if key.startswith("zs") else f"{d.name} ({key})"
             if not seen and not self._cached("text", entry, label, len(d.classnames)):
-                staging = entry.staging()
-                pending[entry.fingerprint] = (entry, staging, steps.embed_class_prompts.remote(
-                    self.cfg.model.arch, weights, spec, size, str(staging / "part-00000.parquet")))
-        files = _wait([ref for _, _, ref in pending.values()], "text cache")
-        for (entry, staging, _), file in zip(pending.values(), files):
-            entry.commit(staging, [file])
+                pending[entry.fingerprint] = (entry, steps.embed_class_prompts.remote(
+                    self.cfg.model.arch, weights, spec, size, join(entry.begin(), "part-00000.parquet")))
+        files = _wait([ref for _, ref in pending.values()], "text cache")
+        for (entry, _), file in zip(pending.values(), files):
+            entry.commit([file])
         return entries
 
     # -- teacher cache: sharded Parquet of the frozen teacher's image embeddings -----------
@@ -115,13 +114,13 @@ class Pipeline:
                                                   "preprocess": model_pre})
         n = len(data)
         if not self._cached("teacher", entry, data.name, n):
-            staging = entry.staging()
+            directory = entry.begin()
             shards = self.cfg.teacher_cache_shards
             bounds = [(n * i // shards, n * (i + 1) // shards) for i in range(shards)]
             refs = [steps.teacher_shard.remote(self.cfg.model.arch, weights, spec, model_pre["size"][0], a, b,
-                                               self.cfg.eval.batch_size, str(staging / f"part-{i:05d}.parquet"))
+                                               self.cfg.eval.batch_size, join(directory, f"part-{i:05d}.parquet"))
                     for i, (a, b) in enumerate(bounds)]
-            entry.commit(staging, _wait(refs, "teacher cache"))
+            entry.commit(_wait(refs, "teacher cache"))
         return entry
 
     # -- train ---------------------------------------------------------------------------------
@@ -135,18 +134,19 @@ class Pipeline:
                                                                 "max_failures"}),
             "calibration": cfg.calibration.model_dump(mode="json"), "world_size": cfg.train.num_workers})
         if self._cached("train", entry):
-            for metrics in read_history(entry.path):
+            for metrics in read_history(entry.location):
                 tracking.log_epoch(self.uri, inputs.run_id, metrics)
             return entry
         name = f"finetune-{entry.fingerprint}"
         if "train" in self.rerun:
-            shutil.rmtree(self.root / "ray_train" / name, ignore_errors=True)
-        checkpoint = fit(inputs, str(self.root / "ray_train"), name)
-        staging = entry.staging()
+            fs, path = filesystem(join(self.checkpoints, name))
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+        checkpoint = fit(inputs, self.checkpoints, name)
+        directory = entry.begin()
         with checkpoint.as_directory() as d:
             for file in (ENCODER_FILE, HISTORY_FILE):
-                shutil.copy(Path(d) / file, staging / file)
-        entry.commit(staging, [describe_file(staging / ENCODER_FILE), describe_file(staging / HISTORY_FILE)])
+                upload(Path(d) / file, join(directory, file))
+        entry.commit([describe_file(entry.file(ENCODER_FILE)), describe_file(entry.file(HISTORY_FILE))])
         return entry
 
     # -- eval ----------------------------------------------------------------------------------
@@ -176,22 +176,27 @@ class Pipeline:
             datasets["val"] = cfg.train.validation.dataset
         self.specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
         data = {key: (spec, load_dataset(spec, size)) for key, spec in self.specs.items()}
+        per_worker = len(data["train"][1]) // cfg.train.num_workers
+        if per_worker < cfg.train.batch_size:
+            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {per_worker} images each of "
+                              f"the {cfg.train.num_workers} workers gets from data.train; lower it or raise "
+                              f"data.train.limit")
         self.texts = self._timed("text", self.text_caches, weights, self.digest, data, size)
         self.teacher = self._timed("teacher", self.teacher_cache, weights, self.digest, *data["train"], pre)
-        files = lambda entry: [str(p) for p in entry.files()]
-        return TrainInputs(cfg, weights, size, files(self.texts["train"]), files(self.teacher), self.uri, run_id,
-                           files(self.texts["val"]) if "val" in self.texts else [])
+        return TrainInputs(cfg, weights, size, self.texts["train"].files(), self.teacher.files(), self.uri, run_id,
+                           self.texts["val"].files() if "val" in self.texts else [])
 
     def run(self) -> RunResult:
         cfg = self.cfg
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
-                                    {"mlflow.runName": f"{cfg.train.method}-{cfg.data.train.name}"})
+                                    {"mlflow.runName": f"{cfg.train.method}-{cfg.data.train.name}"},
+                                    cfg.artifact_location)
         try:
             inputs = self.prepare_training(run_id)
             tracking.tag_run(self.uri, run_id, {"weights_digest": self.digest})
             tuned = self._timed("train", self.finetune, inputs)
             zero_shot = {k: s for k, s in self.specs.items() if k.startswith("zs")}
-            results = self._timed("eval", self.evaluate, self.weights, str(tuned.path / ENCODER_FILE), zero_shot,
+            results = self._timed("eval", self.evaluate, self.weights, tuned.file(ENCODER_FILE), zero_shot,
                                   self.texts, self.size)
             rows = tracking.accuracy_rows(results)
             self._timed("report", self.report, run_id, rows, tuned)
@@ -209,7 +214,6 @@ class Pipeline:
             tracking.plot_accuracy(rows, out / "zero_shot_accuracy.png",
                                    f"{self.cfg.train.method.upper()}: zero-shot clean vs PGD-{self.cfg.eval.attack.steps}"
                                    f" robust accuracy")
-            shutil.copy(tuned.path / ENCODER_FILE, out / ENCODER_FILE)
             tracking.log_results(self.uri, run_id, rows,
-                                 [out / n for n in ("config.yaml", "zero_shot_accuracy.csv",
-                                                    "zero_shot_accuracy.png", ENCODER_FILE)])
+                                 [out / n for n in ("config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png")]
+                                 + [Path(local_path(tuned.file(ENCODER_FILE)))])

@@ -15,7 +15,7 @@ from pathlib import Path
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from agft_core.cache import fingerprint
+from agft_core.cache import absolute, exists, filesystem, fingerprint, join, read_bytes, write_bytes
 from pipeline import tracking
 from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
 from pipeline.dag import Pipeline
@@ -109,23 +109,23 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     pipeline = Pipeline(cfg, tracking_uri, log=log)
     inputs = pipeline.prepare_training(run_id="")
     seconds = {"caches": time.perf_counter() - clock}
-    storage = str(pipeline.root / "ray_tune")
+    storage = absolute(cfg.storage_path) if cfg.storage_path else join(pipeline.root, "ray_tune")
     name = f"sweep-{fingerprint(cfg.model_dump(mode='json'))}"
-    sweep_dir = Path(storage) / name
-    parent_file = sweep_dir / PARENT_RUN_FILE
-    resumed = tune.Tuner.can_restore(str(sweep_dir)) and parent_file.is_file()
+    sweep_dir = join(storage, name)
+    parent_file = join(sweep_dir, PARENT_RUN_FILE)
+    resumed = tune.Tuner.can_restore(sweep_dir) and exists(parent_file)
     if resumed:
-        parent_run_id = parent_file.read_text().strip()
+        parent_run_id = read_bytes(parent_file).decode().strip()
         log(f"[sweep] resuming {sweep_dir} (finished trials are kept)")
     else:
         parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.model_dump(mode="json"),
-                                           {"mlflow.runName": name, "sweep": "parent"})
+                                           {"mlflow.runName": name, "sweep": "parent"}, cfg.artifact_location)
     trainable = tune.with_parameters(run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage)
     # The trial driver only waits on its trainer, whose workers hold the CPUs/GPUs; Ray refuses an
     # empty request, so the driver asks for the memory it actually uses.
     trainable = tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY})
     if resumed:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable, param_space=search_space(spec),
@@ -136,8 +136,9 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
                                         scheduler=_scheduler(spec, cfg.train.epochs)),
             run_config=tune.RunConfig(name=name, storage_path=storage,
                                       callbacks=[_Progress(spec.metric, spec.mode, cfg.train.epochs)]))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    parent_file.write_text(parent_run_id)
+    fs, path = filesystem(sweep_dir)
+    fs.create_dir(path, recursive=True)
+    write_bytes(parent_file, parent_run_id.encode())
     clock = time.perf_counter()
     grid = tuner.fit()
     seconds["trials"] = time.perf_counter() - clock

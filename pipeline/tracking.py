@@ -9,6 +9,9 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from agft_core.cache import is_uri
+from pipeline.config import ConfigError
+
 ROLES = ("original", "finetuned")
 
 
@@ -21,11 +24,26 @@ def _flatten(prefix: str, value) -> dict[str, str]:
     return {prefix: str(value)}
 
 
-def start_run(uri: str, experiment: str, params: dict, tags: dict[str, str]) -> str:
+def _default_artifact_location(uri: str, experiment: str) -> str | None:
+    """Next to a SQLite store, not MLflow's ./mlruns: a job's working directory is deleted after it."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None  # a tracking server decides
+    return (Path(uri[len(prefix):]).resolve().parent / "mlruns" / experiment).as_uri()
+
+
+def start_run(uri: str, experiment: str, params: dict, tags: dict[str, str],
+              artifact_location: str | None = None) -> str:
     # The experiment is created here, in the driver, before any worker logs to the store.
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    if artifact_location and not is_uri(artifact_location):
+        artifact_location = Path(artifact_location).resolve().as_uri()
+    if found and artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        raise ConfigError(f"artifact_location: experiment {experiment!r} already keeps its artifacts at "
+                          f"{found.artifact_location}; set a new experiment name to use {artifact_location}")
+    experiment_id = found.experiment_id if found else \
+        client.create_experiment(experiment, artifact_location or _default_artifact_location(uri, experiment))
     run = client.create_run(experiment_id, tags=tags)
     flat = _flatten("", params)
     items = list(flat.items())

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from agft_core.attacks import pgd
-from agft_core.cache import embeddings_of, read_parquet
+from agft_core.cache import embeddings_of, join, read_bytes, read_parquet
 from agft_core.datasets import load_dataset
 from agft_core.evaluate import zero_shot_accuracy
 from agft_core.losses import agft_loss, calibrated_targets, tecoa_loss
@@ -79,8 +79,8 @@ def train_loop(inputs: TrainInputs) -> None:
     scale = logit_scale(clip)
     encoder = ImageEncoder.from_clip(clip).to(device)
     del clip  # the text tower is frozen and its embeddings come from the cache
-    text_emb = torch.from_numpy(embeddings_of(read_parquet([Path(f) for f in inputs.text_files]))).to(device)
-    teacher = read_parquet([Path(f) for f in inputs.teacher_files]).sort_by("index")
+    text_emb = torch.from_numpy(embeddings_of(read_parquet(inputs.text_files))).to(device)
+    teacher = read_parquet(inputs.teacher_files).sort_by("index")
     teacher_emb = torch.from_numpy(embeddings_of(teacher)).to(device)
 
     data = load_dataset(cfg.data.train.spec(cfg.data.world_seed), inputs.image_size)
@@ -118,7 +118,7 @@ def train_loop(inputs: TrainInputs) -> None:
     if validation:
         val_data = load_dataset(validation.dataset.spec(cfg.data.world_seed), inputs.image_size)
         val_shard = Subset(val_data.images, range(rank, len(val_data.images), world_size))
-        val_text = torch.from_numpy(embeddings_of(read_parquet([Path(f) for f in inputs.val_text_files]))).to(device)
+        val_text = torch.from_numpy(embeddings_of(read_parquet(inputs.val_text_files))).to(device)
 
     if start_epoch >= cfg.train.epochs:
         # Restarted after the last epoch (e.g. a resumed sweep re-launching a trial that had finished
@@ -194,6 +194,6 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     return result.checkpoint
 
 
-def read_history(directory: Path) -> list[dict]:
-    return json.loads((directory / HISTORY_FILE).read_text())
+def read_history(directory: str) -> list[dict]:
+    return json.loads(read_bytes(join(directory, HISTORY_FILE)))
 

@@ -1,6 +1,7 @@
 """The remote steps of the DAG. Each loads what it needs from its arguments and writes files."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import ray
 import torch
 
 from agft_core import world
-from agft_core.cache import describe_file, embedding_table, write_parquet
+from agft_core.cache import describe_file, embedding_table, join, upload, write_parquet
 from agft_core.datasets import DatasetSpec, load_dataset
 from agft_core.evaluate import embed_images, zero_shot_accuracy
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, logit_scale, save_weights, \
@@ -25,9 +26,11 @@ def pretrain_teacher(arch: str, corpus_size: int, world_seed: int, epochs: int, 
     model = pretrain_clip(arch, corpus.images, corpus.captions, epochs=epochs, batch_size=batch_size, lr=lr,
                           seed=seed, on_epoch=lambda e, loss: print(f"pretrain epoch {e + 1}/{epochs}: loss {loss:.3f}",
                                                             flush=True))
-    path = Path(out_dir) / "clip.safetensors"
-    save_weights(model, path, metadata={"arch": arch})
-    return [describe_file(path)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "clip.safetensors"
+        save_weights(model, path, metadata={"arch": arch})
+        upload(path, join(out_dir, path.name))
+    return [describe_file(join(out_dir, path.name))]
 
 
 @ray.remote
@@ -38,7 +41,7 @@ def embed_class_prompts(arch: str, weights: str | None, spec: DatasetSpec, image
     emb = class_text_embeddings(model, arch, data.classnames, data.templates).numpy()
     columns = {"class_index": np.arange(len(data.classnames)), "classname": data.classnames,
                "templates": [data.templates] * len(data.classnames)}
-    return write_parquet(embedding_table(columns, emb), Path(out_path))
+    return write_parquet(embedding_table(columns, emb), out_path)
 
 
 @ray.remote
@@ -49,7 +52,7 @@ def teacher_shard(arch: str, weights: str | None, spec: DatasetSpec, image_size:
     encoder = ImageEncoder.from_clip(create_clip(arch, weights))
     labels, emb = embed_images(encoder, data.images, range(start, stop), batch_size)
     table = embedding_table({"index": np.arange(start, stop), "label": labels.numpy()}, emb.numpy())
-    return write_parquet(table, Path(out_path))
+    return write_parquet(table, out_path)
 
 
 @ray.remote

@@ -1,34 +1,42 @@
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pytest
 
-from agft_core.cache import CacheEntry, embedding_table, embeddings_of, read_parquet, write_parquet
+from agft_core.cache import CacheEntry, check_location, embedding_table, embeddings_of, join, read_parquet, \
+    write_parquet
 
 
 def _build(entry: CacheEntry, shards: list[np.ndarray]) -> None:
-    staging = entry.staging()
+    directory = entry.begin()
     files, start = [], 0
     for i, emb in enumerate(shards):
         table = embedding_table({"index": np.arange(start, start + len(emb))}, emb)
-        files.append(write_parquet(table, staging / f"part-{i:05d}.parquet"))
+        files.append(write_parquet(table, join(directory, f"part-{i:05d}.parquet")))
         start += len(emb)
-    entry.commit(staging, files)
+    entry.commit(files)
 
 
-def _entry(tmp_path, **inputs):
-    return CacheEntry(tmp_path, "teacher", {"weights": "w1", "dataset": "d1", "preprocess": "p1",
-                                            "prompts": ["a photo of a {}."], **inputs})
+def _entry(root, **inputs):
+    return CacheEntry(root, "teacher", {"weights": "w1", "dataset": "d1", "preprocess": "p1",
+                                        "prompts": ["a photo of a {}."], **inputs})
 
 
-def test_round_trip_preserves_rows_and_fixed_size_list_type(tmp_path):
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
+def test_round_trip_preserves_rows_and_fixed_size_list_type(tmp_path, as_uri):
     rng = np.random.default_rng(0)
     shards = [rng.standard_normal((7, 4)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)]
-    entry = _entry(tmp_path)
+    entry = _entry(tmp_path.as_uri() if as_uri else tmp_path)
     _build(entry, shards)
     assert entry.problem(expected_rows=12) is None
+    assert all(f.startswith("file://" if as_uri else "/") for f in entry.files())
     table = read_parquet(entry.files())
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 4)
     np.testing.assert_array_equal(embeddings_of(table), np.concatenate(shards))
     np.testing.assert_array_equal(table.column("index").to_numpy(), np.arange(12))
+    assert sorted(p.name for p in (tmp_path / "teacher" / entry.fingerprint).iterdir()) == \
+        ["manifest.json", "part-00000.parquet", "part-00001.parquet"]
 
 
 def test_fingerprint_covers_prompts_and_weights(tmp_path):
@@ -44,28 +52,51 @@ def test_fingerprint_covers_prompts_and_weights(tmp_path):
 def test_truncated_shard_is_detected(tmp_path):
     entry = _entry(tmp_path)
     _build(entry, [np.ones((50, 8), np.float32), np.ones((50, 8), np.float32)])
-    shard = entry.files()[1]
+    shard = Path(entry.files()[1])
     shard.write_bytes(shard.read_bytes()[:-40])
     assert entry.problem(expected_rows=100) == f"corrupt file {shard.name}"
+
+
+def test_same_size_corruption_is_detected_by_the_checksum(tmp_path):
+    entry = _entry(tmp_path)
+    _build(entry, [np.ones((50, 8), np.float32)])
+    shard = Path(entry.files()[0])
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert entry.problem() == f"corrupt file {shard.name}"
 
 
 def test_missing_shard_wrong_rows_and_bad_manifest_are_detected(tmp_path):
     entry = _entry(tmp_path)
     _build(entry, [np.ones((4, 2), np.float32), np.ones((4, 2), np.float32)])
     assert entry.problem(expected_rows=9) == "row count 8 != expected 9"
-    entry.files()[0].unlink()
+    Path(entry.files()[0]).unlink()
     assert entry.problem(expected_rows=8).startswith("missing file")
-    (entry.path / "manifest.json").write_text("{not json")
+    Path(entry.file("manifest.json")).write_text("{not json")
     assert entry.problem().startswith("unreadable manifest")
+
+
+def test_a_build_that_dies_before_its_manifest_is_not_trusted(tmp_path):
+    entry = _entry(tmp_path)
+    directory = entry.begin()
+    write_parquet(embedding_table({"index": np.arange(3)}, np.ones((3, 2), np.float32)),
+                  join(directory, "part-00000.parquet"))
+    assert entry.problem() == "missing"
 
 
 def test_rebuild_replaces_a_corrupt_cache(tmp_path):
     entry = _entry(tmp_path)
-    _build(entry, [np.zeros((3, 2), np.float32)])
-    entry.files()[0].write_bytes(b"garbage")
+    _build(entry, [np.zeros((3, 2), np.float32), np.zeros((3, 2), np.float32)])
+    Path(entry.files()[0]).write_bytes(b"garbage")
     assert entry.problem() is not None
     _build(entry, [np.full((3, 2), 2.0, np.float32)])
     assert entry.problem(expected_rows=3) is None
     assert embeddings_of(read_parquet(entry.files())).tolist() == [[2.0, 2.0]] * 3
-    leftovers = [p.name for p in (tmp_path / "teacher").iterdir() if p.name.startswith(".")]
-    assert leftovers == []
+    assert sorted(p.name for p in Path(entry.location).iterdir()) == ["manifest.json", "part-00000.parquet"]
+
+
+def test_locations_accept_paths_and_pyarrow_uris_only():
+    assert check_location("relative/cache") is None
+    assert check_location("file:///tmp/cache") is None and check_location("s3://bucket/agft") is None
+    assert "unsupported URI scheme ftp://" in check_location("ftp://host/cache")

@@ -128,7 +128,7 @@ def test_restarted_training_resumes_from_the_latest_checkpoint(first, store):
         inputs = Pipeline(cfg, uri, log=lambda line: None).prepare_training(run_id)
         checkpoint = fit(inputs, str(root / "resume"), "same-name")
         with checkpoint.as_directory() as d:
-            return run_id, read_history(Path(d))
+            return run_id, read_history(d)
 
     _, one = train(1)
     run_id, two = train(2)  # same storage path and name: a restarted driver
@@ -136,3 +136,30 @@ def test_restarted_training_resumes_from_the_latest_checkpoint(first, store):
     assert "val_robust_acc" in two[1]
     steps_trained = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
     assert steps_trained == [2]  # epoch 1 came from the checkpoint, not from training again
+
+
+def test_cache_checkpoints_and_artifacts_on_file_uris(first, store, tmp_path):
+    """Shared storage is named by URI: here a second local path, through pyarrow's file:// filesystem."""
+    shared = tmp_path / "shared"
+    uris = [f"cache_dir={(shared / 'cache').as_uri()}", f"storage_path={(shared / 'checkpoints').as_uri()}",
+            f"artifact_location={(shared / 'artifacts').as_uri()}", "experiment=shared-storage"]
+    result, _ = _run(store, *uris)
+    assert not any(result.cache_hits.values()), result.cache_hits
+    assert result.rows == first[0].rows  # same seeds, same numbers, wherever the caches live
+    for kind in ("pretrain", "text", "teacher", "finetune"):
+        assert list((shared / "cache" / kind).glob("*/manifest.json")), kind
+    assert list((shared / "checkpoints").glob("finetune-*/checkpoint_*/image_encoder.safetensors"))
+    run = MlflowClient(store[1]).get_run(result.run_id)
+    assert run.info.artifact_uri.startswith((shared / "artifacts").as_uri())
+    assert list((shared / "artifacts").rglob("zero_shot_accuracy.csv"))
+    again, _ = _run(store, *uris)
+    assert all(again.cache_hits.values()), again.cache_hits
+
+
+def test_batch_larger_than_a_workers_share_is_one_clear_error(first, store, capsys):
+    root, uri = store
+    code = main(["run", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"]
+                + [a for o in TINY + ["train.batch_size=200"] for a in ("--set", o)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("agft: error: train.batch_size: 200 is more than the 128 images")

@@ -73,10 +73,10 @@ def _submit(address, env, tmp_path, *overrides) -> str:
 def _wait(address, env, submission, timeout=300) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        out = _ray("job", "status", "--address", address, submission, env=env).stdout
-        status = re.search(r"(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)", out)
-        if status and status.group(1) in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status.group(1)
+        result = _ray("job", "status", "--address", address, submission, env=env)
+        status = re.search(r"Job '[^']+' (succeeded|failed|stopped)", result.stdout + result.stderr)
+        if status:
+            return status.group(1).upper()
         time.sleep(3)
     raise AssertionError(f"job {submission} did not finish in {timeout}s")
 
@@ -91,10 +91,16 @@ def test_job_submission_runs_agft_and_writes_mlflow(head, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id])
     assert run.info.status == "FINISHED" and "finetuned_robust/colours" in run.data.metrics
     assert f"MLflow run: {run.info.run_id}" in logs
-    packages = list(Path(temp).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
-    size = sum(f.stat().st_size for p in packages for f in p.rglob("*") if f.is_file())
-    print(f"uploaded working_dir package: {size / 1024:.0f} KiB")
-    assert 0 < size < 5 * 1024**2  # sources only: no venv, caches, checkpoints or MLflow stores
+    # artifacts next to the store, not in the job's working directory, which Ray deletes later
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
+    assert "image_encoder.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    packages = list(Path(temp).glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*[0-9a-f]"))
+    files = {f: f.stat().st_size for p in packages for f in p.rglob("*")
+             if f.is_file() and "__pycache__" not in f.parts}
+    size = sum(files.values())
+    print(f"uploaded working_dir package {[p.name for p in packages]}: {len(files)} files, {size / 1024:.0f} KiB")
+    # sources only: no venv, caches, checkpoints or MLflow stores
+    assert 0 < size < 1024**2, sorted(files.items(), key=lambda kv: -kv[1])[:5]
 
 
 def test_invalid_config_fails_at_once_with_the_error_in_the_logs(head, tmp_path):
