@@ -136,7 +136,8 @@ class TrainConfig(Section):
     num_workers: int = Field(2, gt=0)
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="autocast on GPU (fp16 adds a grad scaler); "
+                                                                     "CPU trains in fp32; attacks always fp32")
     max_failures: int = Field(2, ge=0)
     attack: AttackConfig = AttackConfig()
     validation: ValidationConfig | None = None

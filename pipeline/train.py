@@ -11,7 +11,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer, get_device, prepare_model
+from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -63,8 +63,33 @@ def _lr_lambda(warmup: int, total: int):
 
 
 def _autocast(amp: str, device: torch.device):
+    # AMP is a GPU feature here; CPU training stays fp32 (CPU autocast is slower on most CPUs).
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
+
+
+def make_objective(method: str, text_emb: torch.Tensor, inv_tau: float, scale: float):
+    """The training loss on (student embeddings, calibrated targets, labels); PGD maximises the same one."""
+    if method == "agft":
+        return lambda emb, targets, labels: agft_loss(emb, targets, text_emb, inv_tau)
+    return lambda emb, targets, labels: tecoa_loss(emb, labels, text_emb, scale)
+
+
+def adversarial_step(model, raw, objective, x, targets, labels, attack, amp: str, optimizer, scaler):
+    """One update: fp32 PGD on the objective through the bare encoder `raw`, then the step on x_adv.
+
+    model is raw, or raw wrapped in DDP (the attack bypasses DDP's gradient hooks).
+    Returns the loss and the student's embeddings of x_adv, detached.
+    """
+    x_adv = pgd(lambda z: objective(raw(z), targets, labels), x, attack.eps, attack.alpha, attack.steps)
+    with _autocast(amp, x.device):
+        student_emb = model(x_adv)
+        loss = objective(student_emb.float(), targets, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), student_emb.detach().float()
 
 
 def train_loop(inputs: TrainInputs) -> None:
@@ -93,7 +118,7 @@ def train_loop(inputs: TrainInputs) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(min(cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs),
                               steps_per_epoch * cfg.train.epochs))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -107,12 +132,8 @@ def train_loop(inputs: TrainInputs) -> None:
 
     model = prepare_model(encoder)
     raw = model.module if hasattr(model, "module") else model  # attacks bypass DDP's gradient hooks
-    calib, attack = cfg.calibration, cfg.train.attack
-
-    def objective(student_emb, targets, labels):
-        if cfg.train.method == "agft":
-            return agft_loss(student_emb, targets, text_emb, calib.inv_tau)
-        return tecoa_loss(student_emb, labels, text_emb, scale)
+    calib = cfg.calibration
+    objective = make_objective(cfg.train.method, text_emb, calib.inv_tau, scale)
 
     validation = cfg.train.validation
     if validation:
@@ -133,17 +154,10 @@ def train_loop(inputs: TrainInputs) -> None:
         for x, y, idx in loader:
             x, y = x.to(device), y.to(device)
             targets = calibrated_targets(teacher_emb[idx.to(device)], text_emb, calib.gamma, calib.inv_tau)
-            x_adv = pgd(lambda z: objective(raw(z), targets, y), x, attack.eps, attack.alpha, attack.steps)
-            with _autocast(cfg.train.amp, device):
-                student_emb = model(x_adv)
-                loss = objective(student_emb.float(), targets, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, student_emb = adversarial_step(model, raw, objective, x, targets, y, cfg.train.attack,
+                                                 cfg.train.amp, optimizer, scaler)
             schedule.step()
-            with torch.no_grad():
-                correct = ((student_emb.float() @ text_emb.T).argmax(-1) == y).sum()
+            correct = ((student_emb @ text_emb.T).argmax(-1) == y).sum()
             totals += torch.tensor([loss.item() * len(y), float(correct), len(y)], dtype=torch.float64)
         if validation:
             v = validation.attack
@@ -182,6 +196,7 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=inputs,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
