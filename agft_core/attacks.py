@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from pyautoattack import AutoAttack
 
 
 def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, alpha: float,
@@ -23,4 +24,29 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: f
             (grad,) = torch.autograd.grad(loss_fn(x_adv), x_adv)
             x_adv = x_adv.detach() + alpha * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def cw_margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Carlini–Wagner margin, mean over the batch: the best wrong logit minus the true one.
+    PGD on it is the paper's "CW" attack under L∞."""
+    true = logits.gather(1, labels[:, None])[:, 0]
+    wrong = logits.masked_fill(torch.nn.functional.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+    return (wrong.amax(dim=1) - true).mean()
+
+
+def autoattack(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+               version: str = "standard", seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """AutoAttack (pyautoattack) under L∞: 'standard' (APGD-CE, APGD-T, FAB-T, Square) or 'rand'
+    (APGD-CE and APGD-DLR with EOT, for randomised models). classifier maps pixels to logits."""
+    with torch.no_grad():
+        classes = classifier(x[:1].float()).shape[1]
+    if classes < 4:
+        raise ValueError(f"AutoAttack's DLR losses need at least 4 classes, this task has {classes}")
+    adversary = AutoAttack(classifier, eps=eps, version=version, device=x.device, seed=seed)
+    targets = min(9, classes - 1)  # the standard 9 target classes need 10 classes
+    adversary.apgd_targeted.n_target_classes = targets
+    adversary.fab.n_target_classes = targets
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_adv, _ = adversary.run_standard_evaluation(x.detach().float(), y, batch_size=batch_size)
     return x_adv.detach()

@@ -27,3 +27,41 @@ def agft_loss(student_emb: torch.Tensor, targets: torch.Tensor, text_emb: torch.
 def tecoa_loss(student_emb: torch.Tensor, labels: torch.Tensor, text_emb: torch.Tensor, scale: float) -> torch.Tensor:
     """TeCoA: cross-entropy on hard labels at the zero-shot logit scale."""
     return F.cross_entropy(scale * student_emb @ text_emb.T, labels)
+
+
+def kl_divergence(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target_logits) ‖ softmax(logits)), summed over classes, mean over the batch."""
+    log_p, log_q = F.log_softmax(target_logits, dim=-1), F.log_softmax(logits, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+
+
+def pmg_aft_loss(adv_logits: torch.Tensor, orig_adv_logits: torch.Tensor, clean_logits: torch.Tensor,
+                 labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """PMG-AFT: CE on x_adv, plus KL to the frozen model on x_adv (α) and to the student on x (β)."""
+    return (F.cross_entropy(adv_logits, labels) + alpha * kl_divergence(orig_adv_logits, adv_logits)
+            + beta * kl_divergence(clean_logits, adv_logits))
+
+
+def fare_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """FARE: squared L2 distance of unnormalised embeddings, summed over the embedding, mean over the batch."""
+    return (student_features - teacher_features).pow(2).sum(dim=-1).mean()
+
+
+def attention_map(tokens: torch.Tensor, class_text: torch.Tensor, image_size: int) -> torch.Tensor:
+    """TGA-ZSR's text-guided attention: each patch token's similarity to its image's class text,
+    min-max normalised per image and upsampled to the image. tokens [B, N, D], class_text [B, D]."""
+    sim = torch.einsum("bnd,bd->bn", tokens, class_text)
+    low, high = sim.amin(dim=1, keepdim=True), sim.amax(dim=1, keepdim=True)
+    sim = (sim - low) / (high - low).clamp_min(1e-8)
+    grid = int(round(sim.shape[1] ** 0.5))
+    maps = sim.view(-1, 1, grid, grid)
+    return F.interpolate(maps, size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def tga_zsr_loss(adv_logits: torch.Tensor, labels: torch.Tensor, adv_map: torch.Tensor, clean_map: torch.Tensor,
+                 orig_map: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """TGA-ZSR: CE on x_adv + α‖A_θ(x_adv) − A_orig(x)‖ + β‖A_θ(x) − A_orig(x)‖, norms over the flattened map."""
+    def distance(a, b):
+        return (a - b).flatten(1).norm(dim=1).mean()
+    return (F.cross_entropy(adv_logits, labels) + alpha * distance(adv_map, orig_map)
+            + beta * distance(clean_map, orig_map))

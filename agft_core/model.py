@@ -28,6 +28,13 @@ def architectures() -> list[str]:
     return open_clip.list_models()
 
 
+def has_vit_tower(arch: str) -> bool:
+    """Whether the image tower is open_clip's own ViT (patch tokens and a projection), not a ResNet or timm."""
+    register_embedded_architectures()
+    vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
+    return isinstance(vision.get("layers"), int) and not vision.get("timm_model_name")
+
+
 def is_weights_file(weights: str) -> bool:
     return weights.endswith(WEIGHT_SUFFIXES) or "/" in weights
 
@@ -109,8 +116,22 @@ class ImageEncoder(nn.Module):
         cfg = model.visual.preprocess_cfg
         return cls(model.visual, cfg["mean"], cfg["std"])
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual((pixels - self.mean) / self.std), dim=-1)
+    def forward(self, pixels: torch.Tensor, output: str = "embedding"):
+        """output: "embedding" (L2-normalised), "features" (unnormalised, as FARE compares them), or
+        "tokens" (the normalised embedding and the normalised, projected patch tokens, for TGA-ZSR)."""
+        x = (pixels - self.mean) / self.std
+        if output == "tokens":
+            if getattr(self.visual, "proj", None) is None or not hasattr(self.visual, "output_tokens"):
+                raise ValueError(f"patch tokens need a ViT image tower with a projection, not "
+                                 f"{type(self.visual).__name__}")
+            self.visual.output_tokens = True
+            try:
+                pooled, tokens = self.visual(x)
+            finally:
+                self.visual.output_tokens = False
+            return F.normalize(pooled, dim=-1), F.normalize(tokens @ self.visual.proj, dim=-1)
+        features = self.visual(x)
+        return features if output == "features" else F.normalize(features, dim=-1)
 
 
 @torch.no_grad()

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from agft_core.losses import calibrated_targets
 from agft_core.model import ImageEncoder, create_clip, logit_scale, preprocess_cfg
 from pipeline.config import AttackConfig
-from pipeline.train import adversarial_step, make_objective
+from agft_core.methods import build_method
+from pipeline.train import adversarial_step
 
 
 class FlopCount(TorchDispatchMode):
@@ -86,7 +86,7 @@ def main() -> None:
     text = F.normalize(torch.randn(args.classes, dim, device=device), dim=-1)
     cache = F.normalize(torch.randn(args.batch * 4, dim, device=device), dim=-1)
     attack = AttackConfig(eps=1 / 255, alpha=1 / 255, steps=args.pgd_steps)
-    objective = make_objective("agft", text, 180.0, scale)
+    method = build_method("agft", text, scale, gamma=0.4, inv_tau=180.0)
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-5, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and device.type == "cuda")
     x = torch.rand(args.batch, 3, size, size, device=device)
@@ -100,8 +100,8 @@ def main() -> None:
             return teacher(x).float()
 
     def step(cached: bool) -> None:
-        targets = calibrated_targets(teacher_embeddings(cached), text, 0.4, 180.0)
-        adversarial_step(student, student, objective, x, targets, y, attack, args.amp, optimizer, scaler)
+        adversarial_step(student, student, method, x, y, teacher_embeddings(cached), attack, args.amp, optimizer,
+                         scaler)
 
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
               "torch": torch.__version__, "arch": args.arch, "image_size": size, "batch": args.batch,

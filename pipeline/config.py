@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from agft_core import datasets
 from agft_core.cache import check_location
-from agft_core.model import EMBEDDED_ARCH, architectures, is_weights_file
+from agft_core.model import EMBEDDED_ARCH, architectures, has_vit_tower, is_weights_file
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -125,8 +125,17 @@ class ValidationConfig(Section):
     attack: AttackConfig = AttackConfig(eps=2 / 255, alpha=1 / 255, steps=3)
 
 
+class LossWeights(Section):
+    alpha: float = Field(ge=0)
+    beta: float = Field(ge=0)
+
+
 class TrainConfig(Section):
-    method: Literal["agft", "tecoa"] = "agft"
+    method: Literal["agft", "tecoa", "pmg_aft", "fare", "tga_zsr"] = "agft"
+    pmg_aft: LossWeights = Field(LossWeights(alpha=1.0, beta=1.0),
+                                 description="α: KL to the frozen model on x_adv; β: KL to the student on x")
+    tga_zsr: LossWeights = Field(LossWeights(alpha=0.08, beta=0.05),
+                                 description="α: adversarial attention term; β: clean attention term")
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0, description="per worker")
     lr: float = Field(4e-4, gt=0)
@@ -208,6 +217,13 @@ class Config(Section):
         if problem:
             raise ValueError(problem)
         return location
+
+    @model_validator(mode="after")
+    def _method_fits_model(self) -> "Config":
+        if self.train.method == "tga_zsr" and not has_vit_tower(self.model.arch):
+            raise ValueError(f"train.method: tga_zsr needs a ViT image tower for its attention maps; "
+                             f"{self.model.arch} has none (use agft, tecoa, pmg_aft or fare)")
+        return self
 
     @model_validator(mode="after")
     def _sweep_fields_exist(self) -> "Config":

@@ -19,7 +19,7 @@ from agft_core.attacks import pgd
 from agft_core.cache import embeddings_of, join, read_bytes, read_parquet
 from agft_core.datasets import load_dataset
 from agft_core.evaluate import zero_shot_accuracy
-from agft_core.losses import agft_loss, calibrated_targets, tecoa_loss
+from agft_core.methods import NEEDS_TEACHER, Method, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from pipeline.config import Config
 from pipeline.tracking import log_epoch
@@ -68,23 +68,16 @@ def _autocast(amp: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
 
 
-def make_objective(method: str, text_emb: torch.Tensor, inv_tau: float, scale: float):
-    """The training loss on (student embeddings, calibrated targets, labels); PGD maximises the same one."""
-    if method == "agft":
-        return lambda emb, targets, labels: agft_loss(emb, targets, text_emb, inv_tau)
-    return lambda emb, targets, labels: tecoa_loss(emb, labels, text_emb, scale)
-
-
-def adversarial_step(model, raw, objective, x, targets, labels, attack, amp: str, optimizer, scaler):
-    """One update: fp32 PGD on the objective through the bare encoder `raw`, then the step on x_adv.
-
-    model is raw, or raw wrapped in DDP (the attack bypasses DDP's gradient hooks).
+def adversarial_step(model, raw, method: Method, x, labels, cached_teacher, attack, amp: str, optimizer, scaler):
+    """One update: fp32 PGD on the method's attack loss through the bare encoder `raw`, then its
+    loss on x and x_adv. model is raw, or raw wrapped in DDP (the attack bypasses DDP's hooks).
     Returns the loss and the student's embeddings of x_adv, detached.
     """
-    x_adv = pgd(lambda z: objective(raw(z), targets, labels), x, attack.eps, attack.alpha, attack.steps)
+    with torch.no_grad():
+        state = method.prepare(x, labels, cached_teacher)
+    x_adv = pgd(lambda z: method.attack_loss(raw, z, labels, state), x, attack.eps, attack.alpha, attack.steps)
     with _autocast(amp, x.device):
-        student_emb = model(x_adv)
-        loss = objective(student_emb.float(), targets, labels)
+        loss, student_emb = method.loss(model, x, x_adv, labels, state)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -132,8 +125,14 @@ def train_loop(inputs: TrainInputs) -> None:
 
     model = prepare_model(encoder)
     raw = model.module if hasattr(model, "module") else model  # attacks bypass DDP's gradient hooks
-    calib = cfg.calibration
-    objective = make_objective(cfg.train.method, text_emb, calib.inv_tau, scale)
+    frozen = None
+    if cfg.train.method in NEEDS_TEACHER:
+        frozen = ImageEncoder.from_clip(create_clip(cfg.model.arch, inputs.teacher_weights)).to(device)
+        frozen.eval().requires_grad_(False)
+    weights = {"pmg_aft": cfg.train.pmg_aft, "tga_zsr": cfg.train.tga_zsr}.get(cfg.train.method)
+    method = build_method(cfg.train.method, text_emb, scale, gamma=cfg.calibration.gamma,
+                          inv_tau=cfg.calibration.inv_tau, teacher=frozen,
+                          **(weights.model_dump() if weights else {}))
 
     validation = cfg.train.validation
     if validation:
@@ -153,9 +152,8 @@ def train_loop(inputs: TrainInputs) -> None:
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, robust correct, images
         for x, y, idx in loader:
             x, y = x.to(device), y.to(device)
-            targets = calibrated_targets(teacher_emb[idx.to(device)], text_emb, calib.gamma, calib.inv_tau)
-            loss, student_emb = adversarial_step(model, raw, objective, x, targets, y, cfg.train.attack,
-                                                 cfg.train.amp, optimizer, scaler)
+            loss, student_emb = adversarial_step(model, raw, method, x, y, teacher_emb[idx.to(device)],
+                                                 cfg.train.attack, cfg.train.amp, optimizer, scaler)
             schedule.step()
             correct = ((student_emb @ text_emb.T).argmax(-1) == y).sum()
             totals += torch.tensor([loss.item() * len(y), float(correct), len(y)], dtype=torch.float64)

@@ -163,3 +163,15 @@ def test_batch_larger_than_a_workers_share_is_one_clear_error(first, store, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("agft: error: train.batch_size: 200 is more than the 128 images")
+
+
+@pytest.mark.parametrize("method", ["tga_zsr", "fare"])
+def test_baselines_that_need_the_frozen_encoder_train_under_ddp(first, store, method):
+    """Attention maps (a tuple output) and unnormalised features (a keyword) through DDP's forward."""
+    result, _ = _run(store, f"train.method={method}", "train.epochs=1")
+    assert result.cache_hits["pretrain"] and result.cache_hits["teacher shapes"]
+    assert result.cache_hits["train"] is False
+    run = MlflowClient(store[1]).get_run(result.run_id)
+    assert run.data.params["train.method"] == method and math.isfinite(run.data.metrics["loss"])
+    for row in result.rows:
+        assert row["finetuned_robust"] <= row["finetuned_clean"]

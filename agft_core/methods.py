@@ -1,0 +1,133 @@
+"""Fine-tuning methods: what each one attacks and what each one minimises.
+
+The training loop is shared (pipeline/train.py): per batch it calls prepare() once without
+gradients, runs fp32 PGD that maximises attack_loss() through the bare student, then
+minimises loss() on the clean and adversarial images. `model` in loss() may be the student
+wrapped in DDP, so each method makes exactly one forward call through it per step.
+
+    method    attacks                          minimises
+    agft      soft-target CE at 1/τ            soft-target CE to the calibrated teacher p_cal (cached)
+    tecoa     CE on hard labels at the model's logit scale, for both
+    pmg_aft   CE                               CE + α·KL(orig(x_adv) ‖ adv) + β·KL(student(x) ‖ adv)
+    fare      ‖f_θ(x_adv) − f_orig(x)‖², for both (no labels)
+    tga_zsr   CE                               CE + α‖A_θ(x_adv) − A_orig(x)‖ + β‖A_θ(x) − A_orig(x)‖
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agft_core.losses import agft_loss, attention_map, calibrated_targets, fare_loss, pmg_aft_loss, tecoa_loss, \
+    tga_zsr_loss
+
+METHODS = ("agft", "tecoa", "pmg_aft", "fare", "tga_zsr")
+NEEDS_TEACHER = ("pmg_aft", "fare", "tga_zsr")  # a frozen encoder forward per step; AGFT reads the cache
+
+
+class Method:
+    def __init__(self, text: torch.Tensor, scale: float):
+        self.text, self.scale = text, scale
+
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.scale * emb.float() @ self.text.T
+
+    def prepare(self, x, labels, cached_teacher):
+        return None
+
+    def attack_loss(self, student: nn.Module, z, labels, state) -> torch.Tensor:
+        """What PGD maximises; by default the hard-label CE at the model's logit scale."""
+        return tecoa_loss(student(z), labels, self.text, self.scale)
+
+    def loss(self, model: nn.Module, x, x_adv, labels, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, the student's embeddings of x_adv)."""
+        raise NotImplementedError
+
+
+class TeCoA(Method):
+    def loss(self, model, x, x_adv, labels, state):
+        emb = model(x_adv).float()
+        return tecoa_loss(emb, labels, self.text, self.scale), emb
+
+
+class AGFT(Method):
+    def __init__(self, text, scale, gamma: float, inv_tau: float):
+        super().__init__(text, scale)
+        self.gamma, self.inv_tau = gamma, inv_tau
+
+    def prepare(self, x, labels, cached_teacher):
+        return calibrated_targets(cached_teacher, self.text, self.gamma, self.inv_tau)
+
+    def attack_loss(self, student, z, labels, targets):
+        return agft_loss(student(z), targets, self.text, self.inv_tau)
+
+    def loss(self, model, x, x_adv, labels, targets):
+        emb = model(x_adv).float()
+        return agft_loss(emb, targets, self.text, self.inv_tau), emb
+
+
+class PMGAFT(Method):
+    def __init__(self, text, scale, teacher: nn.Module, alpha: float, beta: float):
+        super().__init__(text, scale)
+        self.teacher, self.alpha, self.beta = teacher, alpha, beta
+
+    def loss(self, model, x, x_adv, labels, state):
+        adv, clean = model(torch.cat([x_adv, x])).float().chunk(2)
+        with torch.no_grad():
+            orig_adv = self.teacher(x_adv).float()
+        loss = pmg_aft_loss(self.logits(adv), self.logits(orig_adv), self.logits(clean), labels,
+                            self.alpha, self.beta)
+        return loss, adv
+
+
+class FARE(Method):
+    def __init__(self, text, scale, teacher: nn.Module):
+        super().__init__(text, scale)
+        self.teacher = teacher
+
+    def prepare(self, x, labels, cached_teacher):
+        return self.teacher(x, output="features").float()
+
+    def attack_loss(self, student, z, labels, teacher_features):
+        return fare_loss(student(z, output="features"), teacher_features)
+
+    def loss(self, model, x, x_adv, labels, teacher_features):
+        features = model(x_adv, output="features").float()
+        return fare_loss(features, teacher_features), F.normalize(features, dim=-1)
+
+
+class TGAZSR(Method):
+    def __init__(self, text, scale, teacher: nn.Module, alpha: float, beta: float):
+        super().__init__(text, scale)
+        self.teacher, self.alpha, self.beta = teacher, alpha, beta
+
+    def _maps(self, tokens, labels, size):
+        return attention_map(tokens.float(), self.text[labels], size)
+
+    def prepare(self, x, labels, cached_teacher):
+        _, tokens = self.teacher(x, output="tokens")
+        return self._maps(tokens, labels, x.shape[-1])
+
+    def loss(self, model, x, x_adv, labels, orig_map):
+        emb, tokens = model(torch.cat([x_adv, x]), output="tokens")
+        adv, _ = emb.float().chunk(2)
+        adv_map, clean_map = self._maps(tokens, torch.cat([labels, labels]), x.shape[-1]).chunk(2)
+        return tga_zsr_loss(self.logits(adv), labels, adv_map, clean_map, orig_map, self.alpha, self.beta), adv
+
+
+def build_method(name: str, text: torch.Tensor, scale: float, *, gamma: float, inv_tau: float,
+                 teacher: nn.Module | None = None, alpha: float = 1.0, beta: float = 1.0) -> Method:
+    """text: the training classes' prompt embeddings; scale: the model's own logit scale."""
+    if name in NEEDS_TEACHER and teacher is None:
+        raise ValueError(f"{name} needs the frozen teacher encoder")
+    if name == "agft":
+        return AGFT(text, scale, gamma, inv_tau)
+    if name == "tecoa":
+        return TeCoA(text, scale)
+    if name == "pmg_aft":
+        return PMGAFT(text, scale, teacher, alpha, beta)
+    if name == "fare":
+        return FARE(text, scale, teacher)
+    if name == "tga_zsr":
+        return TGAZSR(text, scale, teacher, alpha, beta)
+    raise ValueError(f"unknown method {name!r}; one of {', '.join(METHODS)}")
