@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -55,8 +58,33 @@ def create_clip(arch: str, weights: str | None) -> nn.Module:
         if weights is not None:
             load_weights(model, weights)
     else:
+        if cached_pretrained(arch, weights) is None:
+            raise FileNotFoundError(missing_pretrained_message(arch, weights))
         model = open_clip.create_model(arch, pretrained=weights, require_pretrained=True)
     return model.eval()
+
+
+def cached_pretrained(arch: str, tag: str) -> str | None:
+    """The local file open_clip would load for (arch, tag): from the Hugging Face cache, or from
+    open_clip's URL cache ~/.cache/clip. None when it is not there; nothing is downloaded."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    model_id, filename = os.path.split(cfg.get("hf_hub", ""))
+    if model_id:
+        for name in ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"):
+            found = try_to_load_from_cache(model_id, name)
+            if isinstance(found, str):
+                return found
+    if cfg.get("url"):
+        path = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def missing_pretrained_message(arch: str, tag: str) -> str:
+    return (f"pretrained weights {tag!r} for {arch} are not in the local Hugging Face cache ({hf_constants.HF_HUB_CACHE}) "
+            f"or ~/.cache/clip; fetch them once where there is network access, or set model.weights to a "
+            f"local weights file")
 
 
 def load_weights(model: nn.Module, location: str) -> None:
@@ -90,7 +118,8 @@ def state_digest(module: nn.Module) -> str:
 def preprocess_cfg(model: nn.Module) -> dict:
     """The model's own image size and normalisation, kept with anything derived from it."""
     cfg = model.visual.preprocess_cfg
-    return {"size": list(cfg["size"]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+    size = cfg["size"]  # open_clip gives ViTs a (h, w) pair and ResNets a single int
+    return {"size": [size, size] if isinstance(size, int) else list(size), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
             "interpolation": cfg["interpolation"], "resize_mode": cfg["resize_mode"]}
 
 

@@ -11,7 +11,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from agft_core import datasets
 from agft_core.cache import check_location
-from agft_core.model import EMBEDDED_ARCH, architectures, has_vit_tower, is_weights_file
+from agft_core.model import EMBEDDED_ARCH, architectures, cached_pretrained, has_vit_tower, is_weights_file, \
+    missing_pretrained_message
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -300,9 +301,12 @@ def preflight(cfg: Config) -> None:
         problem = datasets.check_root(dataset.spec(cfg.data.world_seed))
         if problem:
             raise ConfigError(f"{where}: {problem}")
-    weights = cfg.model.weights_file
-    if weights and not Path(weights).is_file():
-        raise ConfigError(f"model.weights: weights file {weights} does not exist")
+    model = cfg.model
+    if model.weights_file and not Path(model.weights_file).is_file():
+        raise ConfigError(f"model.weights: weights file {model.weights_file} does not exist")
+    if model.weights not in ("embedded", "random") and not model.weights_file \
+            and cached_pretrained(model.arch, model.weights) is None:
+        raise ConfigError(f"model.weights: {missing_pretrained_message(model.arch, model.weights)}")
 
 
 def check_sweep(cfg: Config) -> None:
