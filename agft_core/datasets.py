@@ -6,10 +6,15 @@ reading a local root. Every dataset yields pixels in [0, 1] at the model's image
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
+from open_clip import IMAGENET_CLASSNAMES
+from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
@@ -24,13 +29,23 @@ CLIP_TEMPLATE = "This is a photo of a {}."
 class Loader:
     splits: tuple[str, ...]
     layout: str  # what the root must contain, for error messages
+    marker: str  # the path under <root> whose absence means a wrong root ({split} is filled in)
+    template: str = CLIP_TEMPLATE  # the paper's single prompt for this dataset
 
 
 LOADERS = {
-    "imagenet": Loader(("train", "val"), "<root>/{train,val}/<wnid>/*.JPEG"),
-    "cifar10": Loader(("train", "test"), "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}"),
-    "cifar100": Loader(("train", "test"), "<root>/cifar-100-python/{train,test,meta}"),
-    "imagefolder": Loader(("train", "val", "test"), "<root>/<split>/<class name>/*.{jpg,png}"),
+    "imagenet": Loader(("train", "val"), "<root>/{train,val}/<wnid>/*.JPEG", "{split}"),
+    "cifar10": Loader(("train", "test"), "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+                      "cifar-10-batches-py"),
+    "cifar100": Loader(("train", "test"), "<root>/cifar-100-python/{train,test,meta}", "cifar-100-python"),
+    "stl10": Loader(("train", "test"), "<root>/stl10_binary/{train,test}_{X,y}.bin + class_names.txt",
+                    "stl10_binary"),
+    "dtd": Loader(("train", "val", "test"), "<root>/dtd/dtd/{images/<class>/*.jpg, labels/{train,val,test}1.txt}",
+                  "dtd/dtd/labels", "A surface with a {} texture."),
+    "imagefolder": Loader(("train", "val", "test"), "<root>/<split>/<class name>/*.{jpg,png}", "{split}"),
+    "parquet": Loader(("train", "val", "test"), "<root>/<split>.parquet with columns image (encoded bytes) and "
+                      "label (int), class names in the schema metadata key 'classnames' (JSON list)",
+                      "{split}.parquet"),
 }
 KINDS = ("embedded", *LOADERS)
 
@@ -44,6 +59,7 @@ class DatasetSpec:
     limit: int | None = None
     world_seed: int = 0
     templates: tuple[str, ...] | None = None  # overrides the dataset's own prompt templates
+    corrupt: str = "error"  # or "skip": leave out images that fail to decode, each one reported
 
 
 @dataclass
@@ -78,12 +94,10 @@ def check_root(spec: DatasetSpec) -> str | None:
     """Why the dataset's files can't be read, or None."""
     if spec.kind == "embedded":
         return None
-    layout = LOADERS[spec.kind].layout
-    root = Path(spec.root)
-    expected = {"imagenet": root / spec.split, "imagefolder": root / spec.split,
-                "cifar10": root / "cifar-10-batches-py", "cifar100": root / "cifar-100-python"}[spec.kind]
-    if not expected.is_dir():
-        return f"{spec.name}: {expected} not found; expected layout {layout}"
+    loader = LOADERS[spec.kind]
+    expected = Path(spec.root) / loader.marker.format(split=spec.split)
+    if not expected.exists():
+        return f"{spec.name}: {expected} not found; expected layout {loader.layout}"
     return None
 
 
@@ -121,28 +135,104 @@ def _listing_digest(paths) -> str:
     return h.hexdigest()
 
 
-def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
-    transform = pixel_transform(size)
+class ParquetImages(Dataset):
+    """A Parquet table of encoded images and integer labels: the user's own data in one file."""
+
+    def __init__(self, path: Path, transform):
+        table = pq.read_table(path)
+        missing = {"image", "label"} - set(table.column_names)
+        classnames = (table.schema.metadata or {}).get(b"classnames")
+        if missing or classnames is None:
+            raise ValueError(f"{path}: needs columns image and label and the schema metadata key 'classnames' "
+                             f"(missing: {sorted(missing) or ''}{' classnames' if classnames is None else ''})")
+        self.path, self.transform = path, transform
+        self.images = table.column("image").to_pylist()
+        self.labels = table.column("label").to_pylist()
+        self.classes = json.loads(classnames)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = Image.open(io.BytesIO(self.images[i])).convert("RGB")
+        return self.transform(image), self.labels[i]
+
+    def where(self, i) -> str:
+        return f"{self.path} row {i}"
+
+
+class Checked(Dataset):
+    """Names the file of an image that fails to decode, instead of a bare PIL traceback."""
+
+    def __init__(self, name: str, images: Dataset, where):
+        self.name, self.images, self.where = name, images, where
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        try:
+            return self.images[i]
+        except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for a truncated or foreign file
+            raise ValueError(f"{self.name}: corrupt image {self.where(i)} ({exc}); fix or remove it, or set "
+                             f"corrupt: skip on this dataset to leave such images out") from None
+
+
+def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path], object]:
+    """(images, class names, the files to fingerprint, index -> file description)."""
     root = Path(spec.root)
     if spec.kind in ("imagenet", "imagefolder"):
         images = tvd.ImageFolder(str(root / spec.split), transform=transform)
         if spec.kind == "imagenet":
-            from open_clip import IMAGENET_CLASSNAMES
-            classnames = list(IMAGENET_CLASSNAMES)
-            if len(images.classes) != len(classnames):
+            if len(images.classes) != len(IMAGENET_CLASSNAMES):
                 raise ValueError(f"{spec.name}: found {len(images.classes)} class folders under "
                                  f"{root / spec.split}, expected 1000 ({LOADERS['imagenet'].layout})")
+            classnames = list(IMAGENET_CLASSNAMES)
         else:
             classnames = [c.replace("_", " ") for c in images.classes]
-        files = [p for p, _ in images.samples]
+        files = [Path(p) for p, _ in images.samples]
+        return images, classnames, files, lambda i: files[i]
+    if spec.kind == "dtd":
+        images = tvd.DTD(str(root), split=spec.split, transform=transform)
+        files = list(images._image_files)
+        return images, [c.replace("_", " ") for c in images.classes], files, lambda i: files[i]
+    if spec.kind == "parquet":
+        images = ParquetImages(root / f"{spec.split}.parquet", transform)
+        return images, images.classes, [images.path], images.where
+    if spec.kind == "stl10":
+        images = tvd.STL10(str(root), split=spec.split, transform=transform)
+        folder = root / images.base_folder
     else:
-        cls = tvd.CIFAR10 if spec.kind == "cifar10" else tvd.CIFAR100
-        images = cls(str(root), train=spec.split == "train", transform=transform, download=False)
-        classnames = [c.replace("_", " ") for c in images.classes]
-        files = sorted(p for p in (root / cls.base_folder).iterdir() if p.is_file())
-    identity = {"kind": spec.kind, "split": spec.split, "root": str(root.resolve()),
+        images = (tvd.CIFAR10 if spec.kind == "cifar10" else tvd.CIFAR100)(
+            str(root), train=spec.split == "train", transform=transform, download=False)
+        folder = root / images.base_folder
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return images, [c.replace("_", " ") for c in images.classes], files, lambda i: f"{folder} item {i}"
+
+
+def _decodable(images: Dataset) -> tuple[list[int], list[int]]:
+    good, bad = [], []
+    for i in range(len(images)):
+        try:
+            images[i]
+            good.append(i)
+        except ValueError:
+            bad.append(i)
+    return good, bad
+
+
+def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
+    images, classnames, files, where = _open(spec, pixel_transform(size))
+    images = Checked(spec.name, images, where)
+    identity = {"kind": spec.kind, "split": spec.split, "root": str(Path(spec.root).resolve()),
                 "listing": _listing_digest(files), "size": size}
-    return ClassificationData(spec.name, images, classnames, [CLIP_TEMPLATE], identity)
+    if spec.corrupt == "skip":
+        good, bad = _decodable(images)
+        for i in bad:
+            print(f"{spec.name}: skipping corrupt image {where(i)}", flush=True)
+        if bad:
+            images, identity["skipped"] = Subset(images, good), [str(where(i)) for i in bad]
+    return ClassificationData(spec.name, images, classnames, [LOADERS[spec.kind].template], identity)
 
 
 def load_dataset(spec: DatasetSpec, size: int) -> ClassificationData:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from agft_core.attacks import pgd
+from agft_core.attacks import autoattack, cw_margin_loss, pgd
 
 
 def batches(images: Dataset, batch_size: int, indices=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -26,25 +26,44 @@ def embed_images(encoder: nn.Module, images: Dataset, indices: range, batch_size
     return torch.cat(labels), torch.cat(embeddings)
 
 
+ATTACKS = ("pgd", "cw", "autoattack", "autoattack-rand")
+
+
+class ZeroShotClassifier(nn.Module):
+    """Pixels to zero-shot logits at the model's own scale: what AutoAttack needs."""
+
+    def __init__(self, encoder: nn.Module, text_emb: torch.Tensor, scale: float):
+        super().__init__()
+        self.encoder, self.scale = encoder, scale
+        self.register_buffer("text", text_emb, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.encoder(pixels) @ self.text.T
+
+
 def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float, images: Dataset, *,
                        eps: float, alpha: float, steps: int, batch_size: int, device="cpu",
-                       generator: torch.Generator | None = None) -> dict[str, float]:
-    """Top-1 accuracy on clean images and under PGD on hard-label cross-entropy at `scale`.
+                       generator: torch.Generator | None = None, attack: str = "pgd") -> dict[str, float]:
+    """Top-1 accuracy on clean images and under an L∞ attack at the model's logit scale:
+    pgd (hard-label cross-entropy), cw (PGD on the margin loss), autoattack or autoattack-rand.
 
     An image counts as robust only if it is classified correctly both clean and attacked:
     the attacker may always leave the image alone, so robust accuracy never exceeds clean.
     """
-    encoder = encoder.float().eval()
-    text_emb = text_emb.to(device).float()
+    classifier = ZeroShotClassifier(encoder.float().eval(), text_emb.to(device).float(), scale)
     clean = robust = total = 0
     for x, y in batches(images, batch_size):
         x, y = x.to(device).float(), y.to(device)
         with torch.no_grad():
-            clean_ok = (encoder(x) @ text_emb.T).argmax(-1) == y
-        x_adv = pgd(lambda z: F.cross_entropy(scale * encoder(z) @ text_emb.T, y), x, eps, alpha, steps,
-                    generator=generator)
+            clean_ok = classifier(x).argmax(-1) == y
+        if attack.startswith("autoattack"):
+            x_adv = autoattack(classifier, x, y, eps, version=attack.partition("-")[2] or "standard",
+                               seed=int(torch.randint(0, 2**31, (1,), generator=generator)), batch_size=batch_size)
+        else:
+            loss = F.cross_entropy if attack == "pgd" else cw_margin_loss
+            x_adv = pgd(lambda z: loss(classifier(z), y), x, eps, alpha, steps, generator=generator)
         with torch.no_grad():
-            adv_ok = (encoder(x_adv) @ text_emb.T).argmax(-1) == y
+            adv_ok = classifier(x_adv).argmax(-1) == y
         clean += int(clean_ok.sum())
         robust += int((clean_ok & adv_ok).sum())
         total += len(y)

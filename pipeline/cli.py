@@ -23,18 +23,24 @@ def _parser() -> argparse.ArgumentParser:
                        help="override one config field, e.g. --set train.epochs=2 (repeatable)")
         return p
 
-    run = with_config(commands.add_parser("run", help="run the whole DAG: caches, fine-tune, eval, report"))
-    run.add_argument("--address", help="attach to a running Ray cluster (default: start a local one)")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                                            "sqlite:///mlflow.db)")
+    def with_cluster(p):
+        with_config(p)
+        p.add_argument("--address", help="attach to a running Ray cluster (default: start a local one)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                              "sqlite:///mlflow.db)")
+        return p
+
+    run = with_cluster(commands.add_parser("run", help="run the whole DAG: caches, fine-tune, eval, report"))
     run.add_argument("--rerun", action="append", default=[], choices=STEPS,
                      help="recompute this step even if its cache is valid (repeatable)")
     run.add_argument("--summary", metavar="PATH", help="also write the results, step times and cache hits as JSON")
-    sweep = with_config(commands.add_parser("sweep", help="Ray Tune search over the config's sweep.space"))
-    sweep.add_argument("--address", help="attach to a running Ray cluster (default: start a local one)")
-    sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                                              "sqlite:///mlflow.db)")
+    sweep = with_cluster(commands.add_parser("sweep", help="Ray Tune search over the config's sweep.space"))
     sweep.add_argument("--best-out", default="best.yaml", help="where to write the best trial's config")
+    evaluate = with_cluster(commands.add_parser(
+        "eval", help="the evaluation matrix (eval.matrix): datasets x attacks x eps, original and checkpoints"))
+    evaluate.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                          help="also evaluate this fine-tuned image encoder, e.g. agft=image_encoder.safetensors "
+                               "(repeatable; same as --set eval.matrix.checkpoints.NAME=PATH)")
     with_config(commands.add_parser("validate", help="check a config and print it fully resolved"))
     return parser
 
@@ -51,7 +57,8 @@ def _start_ray(address: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        checkpoints = [f"eval.matrix.checkpoints.{c}" for c in getattr(args, "checkpoint", [])]
+        cfg = load_config(args.config, args.overrides + checkpoints)
         if args.command == "validate":
             print(dump_yaml(cfg), end="")
             return 0
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sweep":
             return _sweep(cfg, uri, Path(args.best_out))
+        if args.command == "eval":
+            return _eval(Pipeline(cfg, uri), uri)
         result = Pipeline(cfg, uri, set(args.rerun)).run()
     except ConfigError as exc:  # found once the data is loaded, before training starts
         print(f"agft: error: {exc}", file=sys.stderr)
@@ -85,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"step seconds: {result.seconds}   total: {total}s")
     if args.summary:
         Path(args.summary).write_text(json.dumps({**asdict(result), "total_seconds": total}, indent=2))
+    print(f"MLflow run: {result.run_id}")
+    print(f"Browse it:  mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _eval(pipeline, uri: str) -> int:
+    from pipeline.tracking import markdown_table
+
+    result = pipeline.run_eval()
+    print()
+    print("Zero-shot top-1 accuracy (%): clean, and robust under each attack and eps")
+    print(markdown_table(result.rows, percent=True), end="")
+    print(f"step seconds: {result.seconds}")
     print(f"MLflow run: {result.run_id}")
     print(f"Browse it:  mlflow ui --backend-store-uri {uri}")
     return 0

@@ -87,6 +87,8 @@ class DatasetConfig(Section):
     root: str | None = None
     limit: int | None = Field(None, gt=0)
     templates: list[str] | None = Field(None, min_length=1, description="prompt templates with one {}")
+    corrupt: Literal["error", "skip"] = Field("error", description="images that fail to decode: stop naming the "
+                                                                   "file, or leave each out and report it")
 
     @model_validator(mode="after")
     def _known_dataset(self) -> "DatasetConfig":
@@ -98,7 +100,8 @@ class DatasetConfig(Section):
 
     def spec(self, world_seed: int) -> datasets.DatasetSpec:
         templates = tuple(self.templates) if self.templates else None
-        return datasets.DatasetSpec(self.kind, self.name, self.split, self.root, self.limit, world_seed, templates)
+        return datasets.DatasetSpec(self.kind, self.name, self.split, self.root, self.limit, world_seed, templates,
+                                    self.corrupt)
 
 
 class DataConfig(Section):
@@ -153,9 +156,28 @@ class TrainConfig(Section):
     validation: ValidationConfig | None = None
 
 
+class MatrixConfig(Section):
+    """`agft eval`: every zero-shot dataset × attack × ε, for the original encoder and each checkpoint."""
+
+    attacks: list[Literal["pgd", "cw", "autoattack", "autoattack-rand"]] = Field(["pgd"], min_length=1)
+    eps: list[PixelBudget] = Field([1 / 255], min_length=1)
+    steps: int = Field(20, gt=0, description="iterations of pgd and cw")
+    alpha: PixelBudget | None = Field(None, description="PGD/CW step; default α = ε as in the paper's protocol")
+    checkpoints: dict[str, str] = Field(default_factory=dict,
+                                        description="name -> fine-tuned image-encoder weights (image_encoder.safetensors)")
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _original_is_reserved(cls, checkpoints: dict[str, str]) -> dict[str, str]:
+        if "original" in checkpoints:
+            raise ValueError("'original' is the name of the un-tuned encoder, always evaluated; rename the checkpoint")
+        return checkpoints
+
+
 class EvalConfig(Section):
     batch_size: int = Field(256, gt=0)
     attack: AttackConfig = AttackConfig(steps=20)
+    matrix: MatrixConfig = MatrixConfig()
 
 
 class Domain(Section):
@@ -301,6 +323,9 @@ def preflight(cfg: Config) -> None:
         problem = datasets.check_root(dataset.spec(cfg.data.world_seed))
         if problem:
             raise ConfigError(f"{where}: {problem}")
+    for name, path in cfg.eval.matrix.checkpoints.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"eval.matrix.checkpoints.{name}: weights file {path} does not exist")
     model = cfg.model
     if model.weights_file and not Path(model.weights_file).is_file():
         raise ConfigError(f"model.weights: weights file {model.weights_file} does not exist")

@@ -150,13 +150,19 @@ class Pipeline:
         return entry
 
     # -- eval ----------------------------------------------------------------------------------
-    def evaluate(self, weights, finetuned: str | None, specs, texts: dict[str, CacheEntry], size) -> list[dict]:
-        attack = self.cfg.eval.attack
-        refs = [steps.evaluate_zero_shot.remote(
-            self.cfg.model.arch, weights, finetuned, spec, size,
-            embeddings_of(read_parquet(texts[key].files())), attack.eps, attack.alpha, attack.steps,
-            self.cfg.eval.batch_size, self.cfg.seed) for key, spec in specs.items()]
-        return _wait(refs, "zero-shot eval")
+    def evaluate(self, encoders: dict[str, str | None], attacks: list[tuple], per_cell: bool = False) -> list[dict]:
+        """Zero-shot accuracy of each encoder under each (attack, ε, α, steps) on every zero-shot dataset:
+        one Ray task per dataset, or with per_cell one per (dataset, encoder, attack, ε)."""
+        cells = [(dict([e]), [a]) for e in encoders.items() for a in attacks] if per_cell else [(encoders, attacks)]
+        refs = []
+        for key, spec in self.specs.items():
+            if not key.startswith("zs"):
+                continue
+            text = ray.put(embeddings_of(read_parquet(self.texts[key].files())))
+            refs += [steps.evaluate_zero_shot.remote(self.cfg.model.arch, self.weights, cell_encoders, spec, self.size,
+                                                     text, cell_attacks, self.cfg.eval.batch_size, self.cfg.seed)
+                     for cell_encoders, cell_attacks in cells]
+        return [row for rows in _wait(refs, "zero-shot eval") for row in rows]
 
     def _timed(self, name: str, fn, *args):
         start = time.perf_counter()
@@ -164,27 +170,37 @@ class Pipeline:
         self.seconds[name] = round(time.perf_counter() - start, 2)
         return out
 
+    def prepare_text(self, training: bool) -> dict[str, tuple]:
+        """The teacher and the text caches of the zero-shot datasets (and, for training, of the
+        training and validation sets). Returns the loaded datasets by key."""
+        cfg = self.cfg
+        self.weights = self._timed("pretrain", self.teacher_weights)
+        teacher_model = create_clip(cfg.model.arch, self.weights)
+        self.digest, self.preprocess = state_digest(teacher_model), preprocess_cfg(teacher_model)
+        self.size = self.preprocess["size"][0]
+        datasets = {f"zs{i}:{d.name}": d for i, d in enumerate(cfg.data.zero_shot)}
+        if training:
+            datasets = {"train": cfg.data.train} | datasets
+            if cfg.train.validation:
+                datasets["val"] = cfg.train.validation.dataset
+        self.specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
+        data = {key: (spec, load_dataset(spec, self.size)) for key, spec in self.specs.items()}
+        self.texts = self._timed("text", self.text_caches, self.weights, self.digest, data, self.size)
+        return data
+
     def prepare_training(self, run_id: str) -> TrainInputs:
         """Everything before training: the teacher, the text caches and the teacher cache."""
         cfg = self.cfg
-        self.weights = weights = self._timed("pretrain", self.teacher_weights)
-        teacher_model = create_clip(cfg.model.arch, weights)
-        self.digest, pre = state_digest(teacher_model), preprocess_cfg(teacher_model)
-        self.size = size = pre["size"][0]
-        datasets = {"train": cfg.data.train} | {f"zs{i}:{d.name}": d for i, d in enumerate(cfg.data.zero_shot)}
-        if cfg.train.validation:
-            datasets["val"] = cfg.train.validation.dataset
-        self.specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
-        data = {key: (spec, load_dataset(spec, size)) for key, spec in self.specs.items()}
+        data = self.prepare_text(training=True)
         per_worker = len(data["train"][1]) // cfg.train.num_workers
         if per_worker < cfg.train.batch_size:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {per_worker} images each of "
                               f"the {cfg.train.num_workers} workers gets from data.train; lower it or raise "
                               f"data.train.limit")
-        self.texts = self._timed("text", self.text_caches, weights, self.digest, data, size)
-        self.teacher = self._timed("teacher", self.teacher_cache, weights, self.digest, *data["train"], pre)
-        return TrainInputs(cfg, weights, size, self.texts["train"].files(), self.teacher.files(), self.uri, run_id,
-                           self.texts["val"].files() if "val" in self.texts else [])
+        self.teacher = self._timed("teacher", self.teacher_cache, self.weights, self.digest, *data["train"],
+                                   self.preprocess)
+        return TrainInputs(cfg, self.weights, self.size, self.texts["train"].files(), self.teacher.files(), self.uri,
+                           run_id, self.texts["val"].files() if "val" in self.texts else [])
 
     def run(self) -> RunResult:
         cfg = self.cfg
@@ -195,11 +211,37 @@ class Pipeline:
             inputs = self.prepare_training(run_id)
             tracking.tag_run(self.uri, run_id, {"weights_digest": self.digest})
             tuned = self._timed("train", self.finetune, inputs)
-            zero_shot = {k: s for k, s in self.specs.items() if k.startswith("zs")}
-            results = self._timed("eval", self.evaluate, self.weights, tuned.file(ENCODER_FILE), zero_shot,
-                                  self.texts, self.size)
+            attack = cfg.eval.attack
+            results = self._timed("eval", self.evaluate, {"original": None, "finetuned": tuned.file(ENCODER_FILE)},
+                                  [("pgd", attack.eps, attack.alpha, attack.steps)])
             rows = tracking.accuracy_rows(results)
             self._timed("report", self.report, run_id, rows, tuned)
+        except BaseException:
+            tracking.finish_run(self.uri, run_id, "FAILED")
+            raise
+        tracking.finish_run(self.uri, run_id)
+        return RunResult(run_id, rows, self.hits, self.seconds)
+
+    def run_eval(self) -> RunResult:
+        """`agft eval`: the evaluation matrix of eval.matrix, without training."""
+        cfg, matrix = self.cfg, self.cfg.eval.matrix
+        run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
+                                    {"mlflow.runName": "eval-matrix", "kind": "eval"}, cfg.artifact_location)
+        try:
+            self.prepare_text(training=False)
+            attacks = [(attack, eps, matrix.alpha or eps, matrix.steps) for attack in matrix.attacks
+                       for eps in matrix.eps]
+            results = self._timed("eval", self.evaluate, {"original": None, **matrix.checkpoints}, attacks, True)
+            rows = tracking.matrix_rows(results)
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp)
+                (out / "config.yaml").write_text(dump_yaml(cfg))
+                tracking.write_csv(rows, out / "eval_matrix.csv")
+                (out / "eval_matrix.md").write_text(tracking.markdown_table(rows, percent=True))
+                tracking.plot_matrix(rows, out / "eval_matrix.png")
+                tracking.log_results(self.uri, run_id, tracking.matrix_metrics(results),
+                                     [out / n for n in ("config.yaml", "eval_matrix.csv", "eval_matrix.md",
+                                                        "eval_matrix.png")])
         except BaseException:
             tracking.finish_run(self.uri, run_id, "FAILED")
             raise
@@ -214,6 +256,6 @@ class Pipeline:
             tracking.plot_accuracy(rows, out / "zero_shot_accuracy.png",
                                    f"{self.cfg.train.method.upper()}: zero-shot clean vs PGD-{self.cfg.eval.attack.steps}"
                                    f" robust accuracy")
-            tracking.log_results(self.uri, run_id, rows,
+            tracking.log_results(self.uri, run_id, tracking.dataset_metrics(rows),
                                  [out / n for n in ("config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png")]
                                  + [Path(local_path(tuned.file(ENCODER_FILE)))])

@@ -176,7 +176,7 @@ def _report(uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best:
         (out / "best_params.json").write_text(json.dumps(best, indent=2))
         files = [out / "trials.csv", out / "trials.md", out / "best_params.json", best_out,
                  *sorted(out.glob("*.png"))]
-        tracking.log_results(uri, parent_run_id, [], files)
+        tracking.log_results(uri, parent_run_id, {}, files)
     tracking.finish_run(uri, parent_run_id)
 
 

@@ -12,7 +12,6 @@ from mlflow.tracking import MlflowClient
 from agft_core.cache import is_uri
 from pipeline.config import ConfigError
 
-ROLES = ("original", "finetuned")
 
 
 def _flatten(prefix: str, value) -> dict[str, str]:
@@ -83,9 +82,13 @@ def log_epoch(uri: str, run_id: str, metrics: dict[str, float]) -> None:
 
 
 def accuracy_rows(results: list[dict]) -> list[dict]:
-    """One row per dataset plus the unweighted mean, as in the paper's table."""
-    rows = [{"dataset": r["dataset"], **{f"{role}_{kind}": r[role][kind] for role in ROLES if role in r
-                                          for kind in ("clean", "robust")}} for r in results]
+    """One row per dataset plus the unweighted mean, as in the paper's table; results hold one
+    attack's rows for the models "original" and "finetuned"."""
+    by_dataset: dict[str, dict] = {}
+    for r in results:
+        row = by_dataset.setdefault(r["dataset"], {"dataset": r["dataset"]})
+        row |= {f"{r['model']}_clean": r["clean"], f"{r['model']}_robust": r["robust"]}
+    rows = list(by_dataset.values())
     columns = [c for c in rows[0] if c != "dataset"]
     rows.append({"dataset": "mean", **{c: sum(r[c] for r in rows) / len(rows) for c in columns}})
     return rows
@@ -132,12 +135,17 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def log_results(uri: str, run_id: str, rows: list[dict], artifacts: list[Path]) -> None:
+def dataset_metrics(rows: list[dict]) -> dict[str, float]:
+    """{"<column>/<dataset>": value} for accuracy_rows' rows."""
+    return {f"{column}/{row['dataset']}": value for row in rows for column, value in row.items() if column != "dataset"}
+
+
+def log_results(uri: str, run_id: str, metrics: dict[str, float], artifacts: list[Path]) -> None:
     client = MlflowClient(uri)
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{column}/{row['dataset']}", float(value), now, 0)
-               for row in rows for column, value in row.items() if column != "dataset"]
-    client.log_batch(run_id, metrics=metrics)
+    items = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
 
@@ -146,9 +154,10 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status)
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], percent: bool = False) -> str:
+    """Floats as fractions to 4 places, or with percent as percentages to 2."""
     columns = list(rows[0]) if rows else []
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    cell = lambda v: (f"{100 * v:.2f}" if percent else f"{v:.4f}") if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -192,3 +201,56 @@ def plot_sweep(trials: list[dict], axes: list[str], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"robust_vs_{axis}.png", dpi=120)
         plt.close(fig)
+
+
+def matrix_rows(results: list[dict]) -> list[dict]:
+    """The evaluation matrix as a table: per model, a clean row and one row per (attack, ε), with one
+    column per dataset and the unweighted mean over datasets."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    cells: dict[tuple, dict] = {}
+    for r in results:
+        cells.setdefault((r["model"], "clean", ""), {})[r["dataset"]] = r["clean"]
+        cells.setdefault((r["model"], _attack_name(r), f"{r['eps'] * 255:g}"), {})[r["dataset"]] = r["robust"]
+    rows = []
+    for (model, attack, eps255), values in cells.items():
+        rows.append({"model": model, "attack": attack, "eps (/255)": eps255,
+                     **{d: values[d] for d in datasets}, "mean": sum(values[d] for d in datasets) / len(datasets)})
+    return rows
+
+
+def _attack_name(result: dict) -> str:
+    return f"{result['attack']}-{result['steps']}" if result["attack"] in ("pgd", "cw") else result["attack"]
+
+
+def matrix_metrics(results: list[dict]) -> dict[str, float]:
+    """MLflow metrics named by model, dataset, attack and ε, e.g. robust/finetuned/colours/pgd-20/eps_1."""
+    metrics = {}
+    for r in results:
+        metrics[f"clean/{r['model']}/{r['dataset']}"] = r["clean"]
+        metrics[f"robust/{r['model']}/{r['dataset']}/{_attack_name(r)}/eps_{r['eps'] * 255:g}"] = r["robust"]
+    return metrics
+
+
+def plot_matrix(rows: list[dict], path: Path) -> None:
+    """Mean zero-shot robust accuracy against ε, one line per (model, attack); clean as ε = 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clean = {r["model"]: r["mean"] for r in rows if r["attack"] == "clean"}
+    lines: dict[tuple, list] = {}
+    for r in rows:
+        if r["attack"] != "clean":
+            lines.setdefault((r["model"], r["attack"]), []).append((float(r["eps (/255)"]), r["mean"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (model, attack), points in lines.items():
+        xs, ys = zip(*sorted([(0.0, clean[model])] + points))
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=f"{model} / {attack}")
+    ax.set_xlabel("ε (/255)")
+    ax.set_ylabel("mean zero-shot accuracy (%)")
+    ax.set_title("Zero-shot robustness (ε = 0: clean)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -56,23 +56,25 @@ def teacher_shard(arch: str, weights: str | None, spec: DatasetSpec, image_size:
 
 
 @ray.remote
-def evaluate_zero_shot(arch: str, weights: str | None, finetuned_visual: str | None, spec: DatasetSpec,
-                       image_size: int, text_emb: np.ndarray, eps: float, alpha: float, steps: int,
-                       batch_size: int, seed: int) -> dict:
-    """Clean and robust accuracy of the original and (if given) the fine-tuned image encoder."""
+def evaluate_zero_shot(arch: str, weights: str | None, encoders: dict[str, str | None], spec: DatasetSpec,
+                       image_size: int, text_emb: np.ndarray, attacks: list[tuple[str, float, float, int]],
+                       batch_size: int, seed: int) -> list[dict]:
+    """Clean and robust accuracy of each encoder (None: the original one, else a fine-tuned image
+    encoder's weights) under each (attack, ε, α, steps): one row per pair."""
     use_assigned_cpus()
     data = load_dataset(spec, image_size)
     clip = create_clip(arch, weights)
     scale = logit_scale(clip)
-    text = torch.from_numpy(text_emb)
-    encoders = {"original": ImageEncoder.from_clip(clip)}
-    if finetuned_visual:
-        student = ImageEncoder.from_clip(create_clip(arch, weights))
-        load_weights(student, finetuned_visual)
-        encoders["finetuned"] = student
-    results = {}
-    for role, encoder in encoders.items():
-        generator = torch.Generator().manual_seed(seed)
-        results[role] = zero_shot_accuracy(encoder, text, scale, data.images, eps=eps, alpha=alpha,
-                                           steps=steps, batch_size=batch_size, generator=generator)
-    return {"dataset": spec.name, "classes": len(data.classnames), **results}
+    text = torch.from_numpy(np.array(text_emb))
+    rows = []
+    for name, encoder_weights in encoders.items():
+        encoder = ImageEncoder.from_clip(clip if encoder_weights is None else create_clip(arch, weights))
+        if encoder_weights is not None:
+            load_weights(encoder, encoder_weights)
+        for attack, eps, alpha, steps in attacks:
+            generator = torch.Generator().manual_seed(seed)
+            scores = zero_shot_accuracy(encoder, text, scale, data.images, eps=eps, alpha=alpha, steps=steps,
+                                        batch_size=batch_size, generator=generator, attack=attack)
+            rows.append({"model": name, "dataset": spec.name, "attack": attack, "eps": eps, "steps": steps,
+                         **scores})
+    return rows

@@ -175,3 +175,34 @@ def test_baselines_that_need_the_frozen_encoder_train_under_ddp(first, store, me
     assert run.data.params["train.method"] == method and math.isfinite(run.data.metrics["loss"])
     for row in result.rows:
         assert row["finetuned_robust"] <= row["finetuned_clean"]
+
+
+def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp_path):
+    root, uri = store
+    client = MlflowClient(uri)
+    checkpoint = client.download_artifacts(first[0].run_id, "image_encoder.safetensors", str(tmp_path))
+    code = main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}", "--checkpoint",
+                 f"agft={checkpoint}"] + [a for o in TINY + [
+                     "eval.matrix.attacks=[pgd, cw, autoattack]", "eval.matrix.eps=[2/255, 8/255]",
+                     "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2"] for a in ("--set", o)])
+    assert code == 0
+    (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "tags.kind = 'eval'")
+    metrics = run.data.metrics
+    robust = {k: v for k, v in metrics.items() if k.startswith("robust/")}
+    assert len(robust) == 2 * 2 * 3 * 2 and len([k for k in metrics if k.startswith("clean/")]) == 2 * 2
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "config.yaml", "eval_matrix.csv", "eval_matrix.md", "eval_matrix.png"}
+    for model in ("original", "agft"):
+        for dataset in ("colours", "shapes"):
+            clean = metrics[f"clean/{model}/{dataset}"]
+            for attack in ("pgd-2", "cw-2", "autoattack"):
+                weak, strong = (metrics[f"robust/{model}/{dataset}/{attack}/eps_{e}"] for e in (2, 8))
+                assert clean >= weak >= strong, (model, dataset, attack)
+            assert metrics[f"robust/{model}/{dataset}/autoattack/eps_2"] <= \
+                metrics[f"robust/{model}/{dataset}/pgd-2/eps_2"]
+    # The same PGD, ε, α, steps and seed as `agft run`'s evaluation: the same numbers.
+    run_metrics = client.get_run(first[0].run_id).data.metrics
+    for dataset in ("colours", "shapes"):
+        assert metrics[f"robust/original/{dataset}/pgd-2/eps_2"] == run_metrics[f"original_robust/{dataset}"]
+        assert metrics[f"robust/agft/{dataset}/pgd-2/eps_2"] == run_metrics[f"finetuned_robust/{dataset}"]
+        assert metrics[f"clean/agft/{dataset}"] == run_metrics[f"finetuned_clean/{dataset}"]

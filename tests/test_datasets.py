@@ -1,0 +1,128 @@
+"""Real dataset loaders on tiny files written in each dataset's own on-disk format."""
+import io
+import json
+import os
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torchvision import datasets as tvd
+
+from agft_core.datasets import DatasetSpec, LOADERS, check_root, load_dataset
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    """torchvision checks the published archives' MD5s; generated stand-ins cannot match them."""
+    for cls in (tvd.CIFAR10, tvd.CIFAR100, tvd.STL10):
+        monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tvd.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+def _pixels(n, side):
+    return RNG.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+
+
+def _jpeg(path, side=8, colour=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_pixels(1, side)[0] if colour is None else np.full((side, side, 3), colour, np.uint8)).save(path)
+
+
+def _check(data, n, classnames, template):
+    assert len(data) == n and data.classnames == classnames and data.templates == [template]
+    x, y = data.images[0]
+    assert x.shape == (3, 16, 16) and 0 <= x.min() and x.max() <= 1 and 0 <= int(y) < len(classnames)
+
+
+@pytest.mark.parametrize("kind, folder, labels_key, names_key, meta", [
+    ("cifar10", "cifar-10-batches-py", "labels", "label_names", "batches.meta"),
+    ("cifar100", "cifar-100-python", "fine_labels", "fine_label_names", "meta")])
+def test_cifar_pickles(tmp_path, no_md5, kind, folder, labels_key, names_key, meta):
+    base = tmp_path / folder
+    base.mkdir()
+    names = ["apple", "maple_tree", "bus"]
+    files = ["test_batch"] if kind == "cifar10" else ["test"]
+    for name in files:
+        labels = [0, 1, 2, 1, 0]
+        data = _pixels(5, 32).transpose(0, 3, 1, 2).reshape(5, -1)  # CIFAR's row layout: R plane, G, B
+        (base / name).write_bytes(pickle.dumps({"data": data, labels_key: labels}))
+    (base / meta).write_bytes(pickle.dumps({names_key: names}))
+    data = load_dataset(DatasetSpec(kind, kind, "test", str(tmp_path)), 16)
+    _check(data, 5, ["apple", "maple tree", "bus"], "This is a photo of a {}.")
+    assert [int(data.images[i][1]) for i in range(5)] == [0, 1, 2, 1, 0]
+
+
+def test_stl10_binaries(tmp_path, no_md5):
+    base = tmp_path / "stl10_binary"
+    base.mkdir()
+    pixels = RNG.integers(0, 256, (4, 3, 96, 96), dtype=np.uint8)
+    pixels.transpose(0, 1, 3, 2).tofile(base / "test_X.bin")  # STL10 stores each plane column-major
+    np.array([1, 3, 2, 3], np.uint8).tofile(base / "test_y.bin")  # labels are 1-based on disk
+    (base / "class_names.txt").write_text("airplane\nbird\ncar\n")
+    data = load_dataset(DatasetSpec("stl10", "stl10", "test", str(tmp_path)), 16)
+    _check(data, 4, ["airplane", "bird", "car"], "This is a photo of a {}.")
+    assert [int(data.images[i][1]) for i in range(4)] == [0, 2, 1, 2]
+
+
+def test_dtd_reads_its_split_file(tmp_path):
+    base = tmp_path / "dtd" / "dtd"
+    for cls in ("banded", "zigzagged"):
+        for i in range(3):
+            _jpeg(base / "images" / cls / f"{cls}_{i}.jpg")
+    (base / "labels").mkdir()
+    (base / "labels" / "test1.txt").write_text("banded/banded_0.jpg\nzigzagged/zigzagged_2.jpg\n")
+    data = load_dataset(DatasetSpec("dtd", "dtd", "test", str(tmp_path)), 16)
+    _check(data, 2, ["banded", "zigzagged"], "A surface with a {} texture.")
+
+
+def test_imagenet_folder_layout_uses_open_clip_class_names(tmp_path):
+    from open_clip import IMAGENET_CLASSNAMES
+
+    for i in range(1000):
+        _jpeg(tmp_path / "val" / f"n{i:08d}" / "a.JPEG", side=4)
+    data = load_dataset(DatasetSpec("imagenet", "imagenet", "val", str(tmp_path)), 16)
+    _check(data, 1000, list(IMAGENET_CLASSNAMES), "This is a photo of a {}.")
+    (tmp_path / "val" / "n00000000" / "a.JPEG").unlink()
+    (tmp_path / "val" / "n00000000").rmdir()
+    with pytest.raises(ValueError, match="found 999 class folders"):
+        load_dataset(DatasetSpec("imagenet", "imagenet", "val", str(tmp_path)), 16)
+
+
+def test_parquet_dataset_of_encoded_images(tmp_path):
+    encoded = []
+    for colour in ([255, 0, 0], [0, 0, 255], [255, 0, 0]):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), colour, np.uint8)).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    table = pa.table({"image": encoded, "label": [0, 1, 0]})
+    table = table.replace_schema_metadata({"classnames": json.dumps(["red", "blue"])})
+    pq.write_table(table, tmp_path / "test.parquet")
+    data = load_dataset(DatasetSpec("parquet", "mine", "test", str(tmp_path)), 16)
+    _check(data, 3, ["red", "blue"], "This is a photo of a {}.")
+    x, y = data.images[1]
+    assert int(y) == 1 and torch.allclose(x[2], torch.ones(16, 16)) and x[0].max() == 0
+
+
+def test_corrupt_image_is_named_and_skipped_only_when_asked(tmp_path, capsys):
+    for cls in ("cat", "dog"):
+        _jpeg(tmp_path / "test" / cls / "ok.png")
+    broken = tmp_path / "test" / "dog" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = load_dataset(DatasetSpec("imagefolder", "pets", "test", str(tmp_path)), 16)
+    with pytest.raises(ValueError, match=f"pets: corrupt image {broken}"):
+        [data.images[i] for i in range(len(data))]
+    skipped = load_dataset(DatasetSpec("imagefolder", "pets", "test", str(tmp_path), corrupt="skip"), 16)
+    assert len(skipped) == 2 and skipped.identity["skipped"] == [str(broken)]
+    assert f"pets: skipping corrupt image {broken}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", sorted(LOADERS))
+def test_missing_root_names_the_dataset_and_the_layout(tmp_path, kind):
+    problem = check_root(DatasetSpec(kind, f"my-{kind}", LOADERS[kind].splits[-1], str(tmp_path)))
+    assert problem.startswith(f"my-{kind}: ") and LOADERS[kind].layout in problem
