@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                           help="also evaluate this fine-tuned image encoder, e.g. agft=image_encoder.safetensors "
                                "(repeatable; same as --set eval.matrix.checkpoints.NAME=PATH)")
+    comparison = with_cluster(commands.add_parser(
+        "compare", help="the original teacher vs each of compare.methods, over compare.seeds"))
+    comparison.add_argument("--out", default="compare.md", help="where to write the markdown table")
+    show = with_config(commands.add_parser("world", help="draw the embedded world's images with their captions "
+                                                           "and labels into a PNG"))
+    show.add_argument("--out", default="world.png")
     with_config(commands.add_parser("validate", help="check a config and print it fully resolved"))
     return parser
 
@@ -62,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(dump_yaml(cfg), end="")
             return 0
+        if args.command == "world":
+            from pipeline.tracking import plot_world
+
+            plot_world(Path(args.out), cfg.data.world_seed)
+            print(f"wrote {args.out}")
+            return 0
         preflight(cfg)
         if args.command == "sweep":
             check_sweep(cfg)
@@ -77,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sweep":
             return _sweep(cfg, uri, Path(args.best_out))
+        if args.command == "compare":
+            return _compare(cfg, uri, Path(args.out))
         if args.command == "eval":
             return _eval(Pipeline(cfg, uri), uri)
         result = Pipeline(cfg, uri, set(args.rerun)).run()
@@ -94,9 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"step seconds: {result.seconds}   total: {total}s")
     if args.summary:
         Path(args.summary).write_text(json.dumps({**asdict(result), "total_seconds": total}, indent=2))
-    print(f"MLflow run: {result.run_id}")
+    return _browse("run", result.run_id, uri)
+
+
+def _browse(label: str, run_id: str, uri: str) -> int:
+    print(f"MLflow {label}: {run_id}")
     print(f"Browse it:  mlflow ui --backend-store-uri {uri}")
     return 0
+
+
+def _compare(cfg, uri: str, out: Path) -> int:
+    from pipeline.compare import compare
+
+    result = compare(cfg, uri, out)
+    print()
+    print(out.read_text(), end="")
+    print(f"wall time: {result.seconds}s   table: {out}")
+    return _browse("parent run", result.parent_run_id, uri)
 
 
 def _eval(pipeline, uri: str) -> int:
@@ -107,9 +135,7 @@ def _eval(pipeline, uri: str) -> int:
     print("Zero-shot top-1 accuracy (%): clean, and robust under each attack and eps")
     print(markdown_table(result.rows, percent=True), end="")
     print(f"step seconds: {result.seconds}")
-    print(f"MLflow run: {result.run_id}")
-    print(f"Browse it:  mlflow ui --backend-store-uri {uri}")
-    return 0
+    return _browse("run", result.run_id, uri)
 
 
 def _sweep(cfg, uri: str, best_out: Path) -> int:
@@ -122,9 +148,7 @@ def _sweep(cfg, uri: str, best_out: Path) -> int:
     print(f"seconds: {result.seconds}")
     print(f"best: {result.best_params}  ->  {result.best_config_path}")
     print(f"reproduce it: agft run --config {result.best_config_path}")
-    print(f"MLflow parent run: {result.parent_run_id}")
-    print(f"Browse it:  mlflow ui --backend-store-uri {uri}")
-    return 0
+    return _browse("parent run", result.parent_run_id, uri)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class PretrainConfig(Section):
     epochs: int = Field(8, gt=0)
     batch_size: int = Field(256, gt=1)
     lr: float = Field(2e-3, gt=0)
+    seed: int = Field(0, description="the teacher's own seed: `seed` varies the fine-tune, not the teacher")
 
 
 class DatasetConfig(Section):
@@ -206,6 +207,13 @@ class Domain(Section):
         return list(self.choice or self.grid or self.uniform or self.loguniform)
 
 
+class CompareConfig(Section):
+    """`agft compare`: the original teacher and each method fine-tuned from it, over several seeds."""
+
+    methods: list[Literal["agft", "tecoa", "pmg_aft", "fare", "tga_zsr"]] = Field(["tecoa", "agft"], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+
+
 class SweepConfig(Section):
     space: dict[str, Domain] = {}
     metric: Literal["val_robust_acc", "val_clean_acc", "train_robust_acc", "loss"] = "val_robust_acc"
@@ -232,6 +240,7 @@ class Config(Section):
     experiment: str = "agft"
     teacher_cache_shards: int = Field(2, gt=0)
     sweep: SweepConfig = SweepConfig()
+    compare: CompareConfig = CompareConfig()
 
     @field_validator("cache_dir", "storage_path", "artifact_location")
     @classmethod

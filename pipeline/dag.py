@@ -77,10 +77,10 @@ class Pipeline:
         entry = CacheEntry(self.root, "pretrain", {
             "arch": model.arch, "recipe": RECIPE, "world": world.GENERATOR_VERSION,
             "world_seed": self.cfg.data.world_seed, "corpus_size": p.corpus_size, "epochs": p.epochs,
-            "batch_size": p.batch_size, "lr": p.lr, "seed": self.cfg.seed})
+            "batch_size": p.batch_size, "lr": p.lr, "seed": p.seed})
         if not self._cached("pretrain", entry):
             files = ray.get(steps.pretrain_teacher.options(num_cpus=self._cpus()).remote(
-                model.arch, p.corpus_size, self.cfg.data.world_seed, p.epochs, p.batch_size, p.lr, self.cfg.seed,
+                model.arch, p.corpus_size, self.cfg.data.world_seed, p.epochs, p.batch_size, p.lr, p.seed,
                 entry.begin()))
             entry.commit(files)
         return entry.files()[0]
@@ -202,17 +202,22 @@ class Pipeline:
         return TrainInputs(cfg, self.weights, self.size, self.texts["train"].files(), self.teacher.files(), self.uri,
                            run_id, self.texts["val"].files() if "val" in self.texts else [])
 
-    def run(self) -> RunResult:
+    def run(self, parent_run_id: str | None = None, original: bool = True) -> RunResult:
+        """The whole DAG as one MLflow run (nested under parent_run_id if given). original: also
+        evaluate the un-tuned teacher, whose numbers do not depend on the fine-tune."""
         cfg = self.cfg
-        run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
-                                    {"mlflow.runName": f"{cfg.train.method}-{cfg.data.train.name}"},
+        tags = {"mlflow.runName": f"{cfg.train.method}-{cfg.data.train.name}"}
+        if parent_run_id:
+            tags |= {"mlflow.parentRunId": parent_run_id, "mlflow.runName": f"{cfg.train.method}-seed{cfg.seed}"}
+        run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"), tags,
                                     cfg.artifact_location)
         try:
             inputs = self.prepare_training(run_id)
             tracking.tag_run(self.uri, run_id, {"weights_digest": self.digest})
             tuned = self._timed("train", self.finetune, inputs)
             attack = cfg.eval.attack
-            results = self._timed("eval", self.evaluate, {"original": None, "finetuned": tuned.file(ENCODER_FILE)},
+            encoders = {"original": None} if original else {}
+            results = self._timed("eval", self.evaluate, encoders | {"finetuned": tuned.file(ENCODER_FILE)},
                                   [("pgd", attack.eps, attack.alpha, attack.steps)])
             rows = tracking.accuracy_rows(results)
             self._timed("report", self.report, run_id, rows, tuned)

@@ -254,3 +254,57 @@ def plot_matrix(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_compare(mean_row: dict, path: Path, title: str) -> None:
+    """Clean and robust bars per method, with the std over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(dict.fromkeys(column.rsplit(" ", 1)[0] for column in mean_row if column != "dataset"))
+    x = np.arange(len(methods))
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(methods)), 4))
+    for offset, kind in ((-0.2, "clean"), (0.2, "robust")):
+        means, stds = zip(*(mean_row[f"{m} {kind}"] for m in methods))
+        ax.bar(x + offset, [100 * v for v in means], 0.4, yerr=[100 * v for v in stds], capsize=3, label=kind)
+    ax.set_xticks(x, methods)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_world(path: Path, world_seed: int, per_row: int = 8) -> None:
+    """A grid of what the model sees: pretraining images with their captions, then each embedded
+    task's test images with their labels."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from agft_core import world
+
+    corpus = world.generate("corpus", "pretrain", per_row, world_seed)
+    rows = [("corpus", corpus.images, corpus.captions)]
+    for name, task in world.TASKS.items():
+        data = world.generate(name, "test", per_row, world_seed)
+        rows.append((name, data.images, [task.template.format(task.classnames[y]) for y in data.labels]))
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(1.9 * per_row, 2.3 * len(rows)))
+    for (name, images, labels), line in zip(rows, axes):
+        for k, (ax, image, label) in enumerate(zip(line, images, labels)):
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title("\n".join(textwrap.wrap(label, 22)), fontsize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.set_ylabel(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -41,3 +41,16 @@ def test_colour_label_is_the_colour_drawn():
         distance = np.abs(image.astype(np.float32) - rgb).sum(-1)
         # shapes are shaded to 85-100% of their colour
         assert (distance < 0.16 * rgb.sum() + 10).sum() >= 10
+
+
+def test_world_command_draws_every_task_into_a_png(tmp_path):
+    from PIL import Image
+
+    from pipeline.cli import main
+    from agft_core import world
+
+    out = tmp_path / "world.png"
+    assert main(["world", "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        width, height = image.size
+    assert image.format == "PNG" and height > width * (len(world.TASKS) + 1) / 8 * 0.8  # one row per task + corpus

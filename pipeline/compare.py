@@ -1,0 +1,108 @@
+"""`agft compare`: the original teacher against each method fine-tuned from it, over several seeds.
+
+Every run shares the teacher (pretrained once, from pretrain.seed), the data, the budget and ε;
+only the method and the fine-tune's seed change. The teacher, text and teacher caches are built
+by the first run and read by all others. Results: one MLflow parent run with a nested run per
+(method, seed), and a table of mean ± sample std over seeds, per dataset and over datasets.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.config import Config, dump_yaml, with_overrides
+from pipeline.dag import Pipeline
+
+ORIGINAL = "original"
+
+
+@dataclass
+class CompareResult:
+    parent_run_id: str
+    table: list[dict]  # one row per dataset (and the mean): "<method> clean" / "<method> robust" -> (mean, std)
+    per_seed: list[dict]  # method, seed, dataset, clean, robust
+    seconds: float
+
+
+def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
+    start = time.perf_counter()
+    spec = cfg.compare
+    parent = tracking.start_run(uri, cfg.experiment, cfg.model_dump(mode="json"),
+                                {"mlflow.runName": "compare", "kind": "compare"}, cfg.artifact_location)
+    per_seed = []
+    try:
+        total = len(spec.seeds) * len(spec.methods)
+        for i, seed in enumerate(spec.seeds):
+            for j, method in enumerate(spec.methods):
+                log(f"[compare] run {i * len(spec.methods) + j + 1}/{total}: {method}, seed {seed}")
+                run_cfg = with_overrides(cfg, {"seed": seed, "train.method": method})
+                result = Pipeline(run_cfg, uri, log=log).run(parent_run_id=parent, original=j == 0)
+                for row in result.rows:
+                    if row["dataset"] == "mean":
+                        continue
+                    if j == 0:  # the teacher's numbers, once per seed (the PGD start depends on it)
+                        per_seed.append({"method": ORIGINAL, "seed": seed, "dataset": row["dataset"],
+                                         "clean": row["original_clean"], "robust": row["original_robust"]})
+                    per_seed.append({"method": method, "seed": seed, "dataset": row["dataset"],
+                                     "clean": row["finetuned_clean"], "robust": row["finetuned_robust"]})
+        table = summary_table(per_seed)
+        _report(uri, parent, cfg, table, per_seed, out)
+    except BaseException:
+        tracking.finish_run(uri, parent, "FAILED")
+        raise
+    tracking.finish_run(uri, parent)
+    return CompareResult(parent, table, per_seed, round(time.perf_counter() - start, 1))
+
+
+def summary_table(per_seed: list[dict]) -> list[dict]:
+    """Mean and sample std over seeds; the "mean" row first averages over datasets within a seed."""
+    methods = list(dict.fromkeys(r["method"] for r in per_seed))
+    datasets = list(dict.fromkeys(r["dataset"] for r in per_seed))
+    seeds = list(dict.fromkeys(r["seed"] for r in per_seed))
+    value = {(r["method"], r["seed"], r["dataset"], k): r[k] for r in per_seed for k in ("clean", "robust")}
+
+    def stats(samples: list[float]) -> tuple[float, float]:
+        return statistics.fmean(samples), statistics.stdev(samples) if len(samples) > 1 else 0.0
+
+    rows = []
+    for dataset in datasets + ["mean"]:
+        row = {"dataset": dataset}
+        for method in methods:
+            for kind in ("clean", "robust"):
+                if dataset == "mean":
+                    samples = [statistics.fmean(value[method, s, d, kind] for d in datasets) for s in seeds]
+                else:
+                    samples = [value[method, s, dataset, kind] for s in seeds]
+                row[f"{method} {kind}"] = stats(samples)
+        rows.append(row)
+    return rows
+
+
+def markdown(table: list[dict], seeds: int) -> str:
+    columns = list(table[0])
+    lines = [f"Zero-shot top-1 accuracy (%), mean ± sample std over {seeds} seed(s)", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table:
+        cells = [row["dataset"]] + [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in list(row.values())[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _report(uri: str, parent: str, cfg: Config, table: list[dict], per_seed: list[dict], out: Path) -> None:
+    text = markdown(table, len(cfg.compare.seeds))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    metrics = {f"{column.replace(' ', '_')}/{row['dataset']}": mean
+               for row in table for column, (mean, _) in list(row.items())[1:]}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.yaml").write_text(dump_yaml(cfg))
+        tracking.write_csv(per_seed, folder / "compare_per_seed.csv")
+        tracking.plot_compare(table[-1], folder / "compare.png",
+                              f"Mean zero-shot accuracy over datasets, ± std over {len(cfg.compare.seeds)} seed(s)")
+        tracking.log_results(uri, parent, metrics, [out, folder / "config.yaml", folder / "compare_per_seed.csv",
+                                                   folder / "compare.png"])
