@@ -42,10 +42,27 @@ LOADERS = {
                     "stl10_binary"),
     "dtd": Loader(("train", "val", "test"), "<root>/dtd/dtd/{images/<class>/*.jpg, labels/{train,val,test}1.txt}",
                   "dtd/dtd/labels", "A surface with a {} texture."),
+    "food101": Loader(("train", "test"), "<root>/food-101/{images/<class>/<id>.jpg, meta/{train,test}.json}",
+                      "food-101/meta", "A photo of {}, a type of food."),
+    "pets": Loader(("trainval", "test"), "<root>/oxford-iiit-pet/{images/<Breed>_<n>.jpg, annotations/{trainval,"
+                   "test}.txt}", "oxford-iiit-pet/annotations", "A photo of a {}, a type of pet."),
+    "aircraft": Loader(("train", "val", "trainval", "test"), "<root>/fgvc-aircraft-2013b/data/{images/<id>.jpg, "
+                       "variants.txt, images_variant_<split>.txt}", "fgvc-aircraft-2013b/data",
+                       "A photo of a {}, a type of aircraft."),
+    "eurosat": Loader(("all",), "<root>/eurosat/2750/<Class>/*.jpg", "eurosat/2750", "A centered satellite photo of {}."),
+    "caltech101": Loader(("all",), "<root>/caltech101/101_ObjectCategories/<category>/*.jpg",
+                         "caltech101/101_ObjectCategories", "A photo of a {}."),
     "imagefolder": Loader(("train", "val", "test"), "<root>/<split>/<class name>/*.{jpg,png}", "{split}"),
     "parquet": Loader(("train", "val", "test"), "<root>/<split>.parquet with columns image (encoded bytes) and "
                       "label (int), class names in the schema metadata key 'classnames' (JSON list)",
                       "{split}.parquet"),
+}
+# CLIP's readable names for EuroSAT's folder names (its zero-shot prompts), as the paper evaluates it.
+EUROSAT_CLASSNAMES = {
+    "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
+    "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
+    "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
+    "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea",
 }
 KINDS = ("embedded", *LOADERS)
 
@@ -101,9 +118,14 @@ def check_root(spec: DatasetSpec) -> str | None:
     return None
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")  # some datasets (Caltech101) hand over greyscale images as they are
+
+
 def pixel_transform(size: int) -> T.Compose:
     # The paper's Resize + CenterCrop, without Normalize: the model normalises internally.
-    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()])
+    return T.Compose([_rgb, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor()])
 
 
 def _limited(data: ClassificationData, limit: int | None) -> ClassificationData:
@@ -192,10 +214,20 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
             classnames = [c.replace("_", " ") for c in images.classes]
         files = [Path(p) for p, _ in images.samples]
         return images, classnames, files, lambda i: files[i]
-    if spec.kind == "dtd":
-        images = tvd.DTD(str(root), split=spec.split, transform=transform)
-        files = list(images._image_files)
+    if spec.kind in ("dtd", "food101", "pets", "aircraft"):
+        images = {"dtd": tvd.DTD, "food101": tvd.Food101, "pets": tvd.OxfordIIITPet,
+                  "aircraft": tvd.FGVCAircraft}[spec.kind](str(root), split=spec.split, transform=transform)
+        files = [Path(f) for f in (images._images if spec.kind == "pets" else images._image_files)]
         return images, [c.replace("_", " ") for c in images.classes], files, lambda i: files[i]
+    if spec.kind == "eurosat":
+        images = tvd.ImageFolder(str(root / "eurosat" / "2750"), transform=transform)
+        files = [Path(p) for p, _ in images.samples]
+        return images, [EUROSAT_CLASSNAMES.get(c, c) for c in images.classes], files, lambda i: files[i]
+    if spec.kind == "caltech101":
+        images = tvd.Caltech101(str(root), target_type="category", transform=transform)
+        folder = root / "caltech101" / "101_ObjectCategories"
+        files = [folder / images.categories[y] / f"image_{n:04d}.jpg" for y, n in zip(images.y, images.index)]
+        return images, [c.replace("_", " ") for c in images.categories], files, lambda i: files[i]
     if spec.kind == "parquet":
         images = ParquetImages(root / f"{spec.split}.parquet", transform)
         return images, images.classes, [images.path], images.where

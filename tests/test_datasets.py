@@ -126,3 +126,55 @@ def test_corrupt_image_is_named_and_skipped_only_when_asked(tmp_path, capsys):
 def test_missing_root_names_the_dataset_and_the_layout(tmp_path, kind):
     problem = check_root(DatasetSpec(kind, f"my-{kind}", LOADERS[kind].splits[-1], str(tmp_path)))
     assert problem.startswith(f"my-{kind}: ") and LOADERS[kind].layout in problem
+
+
+def test_food101_reads_its_split_json(tmp_path):
+    base = tmp_path / "food-101"
+    for cls in ("apple_pie", "ramen"):
+        for i in range(2):
+            _jpeg(base / "images" / cls / f"{i}.jpg")
+    (base / "meta").mkdir()
+    (base / "meta" / "test.json").write_text(json.dumps({"apple_pie": ["apple_pie/1"], "ramen": ["ramen/0", "ramen/1"]}))
+    data = load_dataset(DatasetSpec("food101", "food101", "test", str(tmp_path)), 16)
+    _check(data, 3, ["apple pie", "ramen"], "A photo of {}, a type of food.")
+    assert [int(data.images[i][1]) for i in range(3)] == [0, 1, 1]
+
+
+def test_oxford_pets_reads_its_annotation_list(tmp_path):
+    base = tmp_path / "oxford-iiit-pet"
+    for image_id in ("Abyssinian_1", "great_pyrenees_7", "Abyssinian_2"):
+        _jpeg(base / "images" / f"{image_id}.jpg")
+    (base / "annotations").mkdir()
+    (base / "annotations" / "test.txt").write_text("Abyssinian_1 1 1 1\ngreat_pyrenees_7 2 2 1\nAbyssinian_2 1 1 1\n")
+    data = load_dataset(DatasetSpec("pets", "pets", "test", str(tmp_path)), 16)
+    _check(data, 3, ["Abyssinian", "Great Pyrenees"], "A photo of a {}, a type of pet.")
+    assert [int(data.images[i][1]) for i in range(3)] == [0, 1, 0]
+
+
+def test_fgvc_aircraft_reads_its_variant_lists(tmp_path):
+    base = tmp_path / "fgvc-aircraft-2013b" / "data"
+    for image_id in ("0001", "0002"):
+        _jpeg(base / "images" / f"{image_id}.jpg")
+    (base / "variants.txt").write_text("707-320\nA380\n")
+    (base / "images_variant_test.txt").write_text("0001 A380\n0002 707-320\n")
+    data = load_dataset(DatasetSpec("aircraft", "aircraft", "test", str(tmp_path)), 16)
+    _check(data, 2, ["707-320", "A380"], "A photo of a {}, a type of aircraft.")
+    assert [int(data.images[i][1]) for i in range(2)] == [1, 0]
+
+
+def test_eurosat_folders_get_clips_readable_class_names(tmp_path):
+    for cls in ("AnnualCrop", "SeaLake"):
+        _jpeg(tmp_path / "eurosat" / "2750" / cls / f"{cls}_1.jpg")
+    data = load_dataset(DatasetSpec("eurosat", "eurosat", "all", str(tmp_path)), 16)
+    _check(data, 2, ["annual crop land", "lake or sea"], "A centered satellite photo of {}.")
+
+
+def test_caltech101_ignores_the_background_class_and_converts_greyscale(tmp_path):
+    base = tmp_path / "caltech101" / "101_ObjectCategories"
+    _jpeg(base / "BACKGROUND_Google" / "image_0001.jpg")
+    _jpeg(base / "accordion" / "image_0001.jpg")
+    (base / "Faces_easy").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(base / "Faces_easy" / "image_0001.jpg")  # greyscale
+    data = load_dataset(DatasetSpec("caltech101", "caltech101", "all", str(tmp_path)), 16)
+    assert data.classnames == ["Faces easy", "accordion"] and len(data) == 2
+    assert all(data.images[i][0].shape == (3, 16, 16) for i in range(2))
