@@ -52,6 +52,10 @@ LOADERS = {
     "eurosat": Loader(("all",), "<root>/eurosat/2750/<Class>/*.jpg", "eurosat/2750", "A centered satellite photo of {}."),
     "caltech101": Loader(("all",), "<root>/caltech101/101_ObjectCategories/<category>/*.jpg",
                          "caltech101/101_ObjectCategories", "A photo of a {}."),
+    "caltech256": Loader(("all",), "<root>/caltech256/256_ObjectCategories/<NNN.category>/<NNN>_<nnnn>.jpg",
+                         "caltech256/256_ObjectCategories", "A photo of a {}."),
+    "sun397": Loader(("all",), "<root>/SUN397/{ClassName.txt, <letter>/<category>/sun_*.jpg}", "SUN397/ClassName.txt",
+                     "A photo of a {}."),
     "imagefolder": Loader(("train", "val", "test"), "<root>/<split>/<class name>/*.{jpg,png}", "{split}"),
     "parquet": Loader(("train", "val", "test"), "<root>/<split>.parquet with columns image (encoded bytes) and "
                       "label (int), class names in the schema metadata key 'classnames' (JSON list)",
@@ -214,6 +218,10 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
             classnames = [c.replace("_", " ") for c in images.classes]
         files = [Path(p) for p, _ in images.samples]
         return images, classnames, files, lambda i: files[i]
+    if spec.kind == "sun397":
+        images = tvd.SUN397(str(root), transform=transform)
+        files = list(images._image_files)
+        return images, [c.replace("_", " ").replace("/", " ") for c in images.classes], files, lambda i: files[i]
     if spec.kind in ("dtd", "food101", "pets", "aircraft"):
         images = {"dtd": tvd.DTD, "food101": tvd.Food101, "pets": tvd.OxfordIIITPet,
                   "aircraft": tvd.FGVCAircraft}[spec.kind](str(root), split=spec.split, transform=transform)
@@ -228,6 +236,13 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         folder = root / "caltech101" / "101_ObjectCategories"
         files = [folder / images.categories[y] / f"image_{n:04d}.jpg" for y, n in zip(images.y, images.index)]
         return images, [c.replace("_", " ") for c in images.categories], files, lambda i: files[i]
+    if spec.kind == "caltech256":
+        images = tvd.Caltech256(str(root), transform=transform)
+        folder = root / "caltech256" / "256_ObjectCategories"
+        files = [folder / images.categories[y] / f"{y + 1:03d}_{n:04d}.jpg" for y, n in zip(images.y, images.index)]
+        # "001.ak47" -> "ak47", "253.faces-easy-101" -> "faces easy"
+        names = [c.split(".", 1)[1].removesuffix("-101").replace("-", " ").replace("_", " ") for c in images.categories]
+        return images, names, files, lambda i: files[i]
     if spec.kind == "parquet":
         images = ParquetImages(root / f"{spec.split}.parquet", transform)
         return images, images.classes, [images.path], images.where

@@ -178,3 +178,22 @@ def test_caltech101_ignores_the_background_class_and_converts_greyscale(tmp_path
     data = load_dataset(DatasetSpec("caltech101", "caltech101", "all", str(tmp_path)), 16)
     assert data.classnames == ["Faces easy", "accordion"] and len(data) == 2
     assert all(data.images[i][0].shape == (3, 16, 16) for i in range(2))
+
+
+def test_caltech256_numbered_folders_become_plain_names(tmp_path):
+    base = tmp_path / "caltech256" / "256_ObjectCategories"
+    _jpeg(base / "001.ak47" / "001_0001.jpg")
+    _jpeg(base / "002.american-flag" / "002_0001.jpg")
+    _jpeg(base / "002.american-flag" / "002_0002.jpg")
+    data = load_dataset(DatasetSpec("caltech256", "caltech256", "all", str(tmp_path)), 16)
+    _check(data, 3, ["ak47", "american flag"], "A photo of a {}.")
+
+
+def test_sun397_reads_its_class_list(tmp_path):
+    base = tmp_path / "SUN397"
+    base.mkdir()
+    (base / "ClassName.txt").write_text("/a/abbey\n/a/apartment_building/outdoor\n")
+    _jpeg(base / "a" / "abbey" / "sun_aaa.jpg")
+    _jpeg(base / "a" / "apartment_building" / "outdoor" / "sun_bbb.jpg")
+    data = load_dataset(DatasetSpec("sun397", "sun397", "all", str(tmp_path)), 16)
+    _check(data, 2, ["abbey", "apartment building outdoor"], "A photo of a {}.")
