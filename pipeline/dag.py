@@ -233,7 +233,11 @@ class Pipeline:
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
                                     {"mlflow.runName": "eval-matrix", "kind": "eval"}, cfg.artifact_location)
         try:
-            self.prepare_text(training=False)
+            data = self.prepare_text(training=False)
+            few = [d.name for _, d in data.values() if len(d.classnames) < 4]
+            if few and any(a.startswith("autoattack") for a in matrix.attacks):
+                raise ConfigError(f"eval.matrix.attacks: AutoAttack's DLR losses need at least 4 classes; "
+                                  f"{', '.join(few)} have fewer (drop them from data.zero_shot or use pgd, cw)")
             attacks = [(attack, eps, matrix.alpha or eps, matrix.steps) for attack in matrix.attacks
                        for eps in matrix.eps]
             results = self._timed("eval", self.evaluate, {"original": None, **matrix.checkpoints}, attacks, True)

@@ -206,3 +206,14 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
         assert metrics[f"robust/original/{dataset}/pgd-2/eps_2"] == run_metrics[f"original_robust/{dataset}"]
         assert metrics[f"robust/agft/{dataset}/pgd-2/eps_2"] == run_metrics[f"finetuned_robust/{dataset}"]
         assert metrics[f"clean/agft/{dataset}"] == run_metrics[f"finetuned_clean/{dataset}"]
+
+
+def test_autoattack_on_a_two_class_dataset_is_one_clear_error(first, store, capsys):
+    root, uri = store
+    code = main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"]
+                + [a for o in TINY + ["data.zero_shot=[{name: sizes, limit: 16}]", "eval.matrix.attacks=[autoattack]"]
+                   for a in ("--set", o)])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "agft: error: eval.matrix.attacks: AutoAttack's DLR losses need at least 4 classes; sizes have fewer "
+        "(drop them from data.zero_shot or use pgd, cw)")
