@@ -45,8 +45,10 @@ def head():
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 90
-        while _ray("job", "list", "--address", address, env=env).returncode != 0:
+        deadline = time.time() + 120
+        # `job list` answers as soon as the dashboard does; a submission also needs the head's job
+        # agent, which can come up later on a loaded machine: probe with a job that does nothing.
+        while _ray("job", "submit", "--address", address, "--no-wait", "--", "true", env=env).returncode != 0:
             assert time.time() < deadline and proc.poll() is None, "the Ray head did not come up"
             time.sleep(2)
         yield address, env, temp
@@ -64,9 +66,9 @@ def _submit(address, env, tmp_path, *overrides) -> str:
     args = ["run", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", f"cache_dir={tmp_path / 'c'}"]
     for o in TINY + list(overrides):
         args += ["--set", o]
-    _ray("job", "submit", "--address", address, "--submission-id", submission, "--working-dir", str(REPO),
-         "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"), "--no-wait", "--", "agft", *args,
-         env=env, check=True)
+    result = _ray("job", "submit", "--address", address, "--submission-id", submission, "--working-dir", str(REPO),
+                  "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"), "--no-wait", "--", "agft", *args, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return submission
 
 
