@@ -3,7 +3,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
