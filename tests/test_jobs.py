@@ -39,7 +39,12 @@ def head():
     dashboard = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{env['PATH']}"}
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+    # Every port of its own: the session's local Ray (other tests) holds the defaults, e.g. the
+    # dashboard agent's 52365, and a head whose agent cannot bind accepts no jobs.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", *ports,
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
                              f"--temp-dir={temp}", "--disable-usage-stats"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -48,8 +53,9 @@ def head():
         deadline = time.time() + 120
         # `job list` answers as soon as the dashboard does; a submission also needs the head's job
         # agent, which can come up later on a loaded machine: probe with a job that does nothing.
-        while _ray("job", "submit", "--address", address, "--no-wait", "--", "true", env=env).returncode != 0:
-            assert time.time() < deadline and proc.poll() is None, "the Ray head did not come up"
+        while (probe := _ray("job", "submit", "--address", address, "--no-wait", "--", "true", env=env)).returncode:
+            assert time.time() < deadline and proc.poll() is None, \
+                f"the Ray head did not come up: {(probe.stdout + probe.stderr)[-2000:]}"
             time.sleep(2)
         yield address, env, temp
     finally:
