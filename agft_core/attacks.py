@@ -6,6 +6,8 @@ from typing import Callable
 import torch
 from pyautoattack import AutoAttack
 
+AUTOATTACK_MIN_CLASSES = 4  # its targeted DLR loss ranks the top three wrong classes
+
 
 def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, alpha: float,
         steps: int, random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -41,8 +43,9 @@ def autoattack(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     (APGD-CE and APGD-DLR with EOT, for randomised models). classifier maps pixels to logits."""
     with torch.no_grad():
         classes = classifier(x[:1].float()).shape[1]
-    if classes < 4:
-        raise ValueError(f"AutoAttack's DLR losses need at least 4 classes, this task has {classes}")
+    if classes < AUTOATTACK_MIN_CLASSES:
+        raise ValueError(f"AutoAttack's DLR losses need at least {AUTOATTACK_MIN_CLASSES} classes, "
+                         f"this task has {classes}")
     adversary = AutoAttack(classifier, eps=eps, version=version, device=x.device, seed=seed)
     targets = min(9, classes - 1)  # the standard 9 target classes need 10 classes
     adversary.apgd_targeted.n_target_classes = targets

@@ -165,9 +165,8 @@ class CacheEntry:
     def begin(self) -> str:
         """Clears a stale or corrupt predecessor, manifest first, and returns the directory to write into."""
         fs, directory = filesystem(self.location)
-        manifest = f"{directory}/{MANIFEST}"
-        if fs.get_file_info(manifest).type == pafs.FileType.File:
-            fs.delete_file(manifest)  # first: if the clean-up dies half-way, nothing left looks complete
+        if exists(self.file(MANIFEST)):
+            fs.delete_file(f"{directory}/{MANIFEST}")  # first: if the clean-up dies half-way, nothing looks complete
         fs.delete_dir_contents(directory, missing_dir_ok=True)
         fs.create_dir(directory, recursive=True)
         return self.location

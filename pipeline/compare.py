@@ -34,7 +34,7 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
     parent = tracking.start_run(uri, cfg.experiment, cfg.model_dump(mode="json"),
                                 {"mlflow.runName": "compare", "kind": "compare"}, cfg.artifact_location)
     per_seed = []
-    try:
+    with tracking.finishing(uri, parent):
         total = len(spec.seeds) * len(spec.methods)
         for i, seed in enumerate(spec.seeds):
             for j, method in enumerate(spec.methods):
@@ -51,10 +51,6 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
                                      "clean": row["finetuned_clean"], "robust": row["finetuned_robust"]})
         table = summary_table(per_seed)
         _report(uri, parent, cfg, table, per_seed, out)
-    except BaseException:
-        tracking.finish_run(uri, parent, "FAILED")
-        raise
-    tracking.finish_run(uri, parent)
     return CompareResult(parent, table, per_seed, round(time.perf_counter() - start, 1))
 
 

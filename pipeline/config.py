@@ -11,6 +11,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from agft_core import datasets
 from agft_core.cache import check_location
+from agft_core.evaluate import ATTACKS
+from agft_core.methods import METHODS
 from agft_core.model import EMBEDDED_ARCH, architectures, cached_pretrained, has_vit_tower, is_weights_file, \
     missing_pretrained_message
 
@@ -136,7 +138,7 @@ class LossWeights(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["agft", "tecoa", "pmg_aft", "fare", "tga_zsr"] = "agft"
+    method: Literal[METHODS] = "agft"
     pmg_aft: LossWeights = Field(LossWeights(alpha=1.0, beta=1.0),
                                  description="α: KL to the frozen model on x_adv; β: KL to the student on x")
     tga_zsr: LossWeights = Field(LossWeights(alpha=0.08, beta=0.05),
@@ -160,7 +162,7 @@ class TrainConfig(Section):
 class MatrixConfig(Section):
     """`agft eval`: every zero-shot dataset × attack × ε, for the original encoder and each checkpoint."""
 
-    attacks: list[Literal["pgd", "cw", "autoattack", "autoattack-rand"]] = Field(["pgd"], min_length=1)
+    attacks: list[Literal[ATTACKS]] = Field(["pgd"], min_length=1)
     eps: list[PixelBudget] = Field([1 / 255], min_length=1)
     steps: int = Field(20, gt=0, description="iterations of pgd and cw")
     alpha: PixelBudget | None = Field(None, description="PGD/CW step; default α = ε as in the paper's protocol")
@@ -210,7 +212,7 @@ class Domain(Section):
 class CompareConfig(Section):
     """`agft compare`: the original teacher and each method fine-tuned from it, over several seeds."""
 
-    methods: list[Literal["agft", "tecoa", "pmg_aft", "fare", "tga_zsr"]] = Field(["tecoa", "agft"], min_length=1)
+    methods: list[Literal[METHODS]] = Field(["tecoa", "agft"], min_length=1)
     seeds: list[int] = Field([0, 1, 2], min_length=1)
 
 

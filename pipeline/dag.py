@@ -16,6 +16,7 @@ import ray
 from tqdm import tqdm
 
 from agft_core import world
+from agft_core.attacks import AUTOATTACK_MIN_CLASSES
 from agft_core.cache import CacheEntry, absolute, describe_file, embeddings_of, filesystem, join, local_path, \
     read_parquet, upload
 from agft_core.datasets import ClassificationData, load_dataset
@@ -53,9 +54,13 @@ class Pipeline:
                  log: Callable[[str], None] = print):
         self.cfg, self.uri, self.rerun, self.log = cfg, tracking_uri, rerun, log
         self.root = absolute(cfg.cache_dir)
-        self.checkpoints = absolute(cfg.storage_path) if cfg.storage_path else join(self.root, "ray_train")
+        self.checkpoints = self.storage("ray_train")
         self.hits: dict[str, bool] = {}
         self.seconds: dict[str, float] = {}
+
+    def storage(self, default_folder: str) -> str:
+        """Where Ray Train/Tune keep their runs: storage_path, else a folder of the cache root."""
+        return absolute(self.cfg.storage_path) if self.cfg.storage_path else join(self.root, default_folder)
 
     def _cached(self, step: str, entry: CacheEntry, label: str = "", expected_rows: int | None = None) -> bool:
         problem = "rerun requested" if step in self.rerun else entry.problem(expected_rows)
@@ -211,7 +216,7 @@ class Pipeline:
             tags |= {"mlflow.parentRunId": parent_run_id, "mlflow.runName": f"{cfg.train.method}-seed{cfg.seed}"}
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"), tags,
                                     cfg.artifact_location)
-        try:
+        with tracking.finishing(self.uri, run_id):
             inputs = self.prepare_training(run_id)
             tracking.tag_run(self.uri, run_id, {"weights_digest": self.digest})
             tuned = self._timed("train", self.finetune, inputs)
@@ -221,10 +226,6 @@ class Pipeline:
                                   [("pgd", attack.eps, attack.alpha, attack.steps)])
             rows = tracking.accuracy_rows(results)
             self._timed("report", self.report, run_id, rows, tuned)
-        except BaseException:
-            tracking.finish_run(self.uri, run_id, "FAILED")
-            raise
-        tracking.finish_run(self.uri, run_id)
         return RunResult(run_id, rows, self.hits, self.seconds)
 
     def run_eval(self) -> RunResult:
@@ -232,11 +233,12 @@ class Pipeline:
         cfg, matrix = self.cfg, self.cfg.eval.matrix
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
                                     {"mlflow.runName": "eval-matrix", "kind": "eval"}, cfg.artifact_location)
-        try:
+        with tracking.finishing(self.uri, run_id):
             data = self.prepare_text(training=False)
-            few = [d.name for _, d in data.values() if len(d.classnames) < 4]
+            few = [d.name for _, d in data.values() if len(d.classnames) < AUTOATTACK_MIN_CLASSES]
             if few and any(a.startswith("autoattack") for a in matrix.attacks):
-                raise ConfigError(f"eval.matrix.attacks: AutoAttack's DLR losses need at least 4 classes; "
+                raise ConfigError(f"eval.matrix.attacks: AutoAttack's DLR losses need at least "
+                                  f"{AUTOATTACK_MIN_CLASSES} classes; "
                                   f"{', '.join(few)} have fewer (drop them from data.zero_shot or use pgd, cw)")
             attacks = [(attack, eps, matrix.alpha or eps, matrix.steps) for attack in matrix.attacks
                        for eps in matrix.eps]
@@ -251,10 +253,6 @@ class Pipeline:
                 tracking.log_results(self.uri, run_id, tracking.matrix_metrics(results),
                                      [out / n for n in ("config.yaml", "eval_matrix.csv", "eval_matrix.md",
                                                         "eval_matrix.png")])
-        except BaseException:
-            tracking.finish_run(self.uri, run_id, "FAILED")
-            raise
-        tracking.finish_run(self.uri, run_id)
         return RunResult(run_id, rows, self.hits, self.seconds)
 
     def report(self, run_id: str, rows: list[dict], tuned: CacheEntry) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from agft_core.cache import absolute, exists, filesystem, fingerprint, join, read_bytes, write_bytes
+from agft_core.cache import exists, filesystem, fingerprint, join, read_bytes, write_bytes
 from pipeline import tracking
 from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
 from pipeline.dag import Pipeline
@@ -109,7 +109,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     pipeline = Pipeline(cfg, tracking_uri, log=log)
     inputs = pipeline.prepare_training(run_id="")
     seconds = {"caches": time.perf_counter() - clock}
-    storage = absolute(cfg.storage_path) if cfg.storage_path else join(pipeline.root, "ray_tune")
+    storage = pipeline.storage("ray_tune")
     name = f"sweep-{fingerprint(cfg.model_dump(mode='json'))}"
     sweep_dir = join(storage, name)
     parent_file = join(sweep_dir, PARENT_RUN_FILE)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import csv
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 from mlflow.entities import Metric
@@ -11,7 +13,6 @@ from mlflow.tracking import MlflowClient
 
 from agft_core.cache import is_uri
 from pipeline.config import ConfigError
-
 
 
 def _flatten(prefix: str, value) -> dict[str, str]:
@@ -152,6 +153,17 @@ def log_results(uri: str, run_id: str, metrics: dict[str, float], artifacts: lis
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status)
+
+
+@contextmanager
+def finishing(uri: str, run_id: str) -> Iterator[None]:
+    """Ends the run FINISHED when the block completes, FAILED when it raises (the error goes on)."""
+    try:
+        yield
+    except BaseException:
+        finish_run(uri, run_id, "FAILED")
+        raise
+    finish_run(uri, run_id)
 
 
 def markdown_table(rows: list[dict], percent: bool = False) -> str:

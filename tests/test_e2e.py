@@ -20,6 +20,11 @@ TINY = [
 ]
 
 
+def _sets(overrides: list[str]) -> list[str]:
+    """--set FIELD=VALUE for each override, as the CLI takes them."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
@@ -49,7 +54,7 @@ def first(ray_local, store):
     os.chdir(root)
     try:
         code = main(["run", "--set", f"cache_dir={root / 'cache'}", "--summary", str(summary)]
-                    + [a for o in TINY for a in ("--set", o)])
+                    + _sets(TINY))
     finally:
         os.chdir(cwd)
     assert code == 0 and (root / "mlflow.db").is_file()
@@ -158,7 +163,7 @@ def test_cache_checkpoints_and_artifacts_on_file_uris(first, store, tmp_path):
 def test_batch_larger_than_a_workers_share_is_one_clear_error(first, store, capsys):
     root, uri = store
     code = main(["run", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"]
-                + [a for o in TINY + ["train.batch_size=200"] for a in ("--set", o)])
+                + _sets(TINY + ["train.batch_size=200"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("agft: error: train.batch_size: 200 is more than the 128 images")
@@ -181,9 +186,9 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
     client = MlflowClient(uri)
     checkpoint = client.download_artifacts(first[0].run_id, "image_encoder.safetensors", str(tmp_path))
     code = main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}", "--checkpoint",
-                 f"agft={checkpoint}"] + [a for o in TINY + [
+                 f"agft={checkpoint}"] + _sets(TINY + [
                      "eval.matrix.attacks=[pgd, cw, autoattack]", "eval.matrix.eps=[2/255, 8/255]",
-                     "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2"] for a in ("--set", o)])
+                     "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2"]))
     assert code == 0
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "tags.kind = 'eval'")
     metrics = run.data.metrics
@@ -210,8 +215,7 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
 def test_autoattack_on_a_two_class_dataset_is_one_clear_error(first, store, capsys):
     root, uri = store
     code = main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"]
-                + [a for o in TINY + ["data.zero_shot=[{name: sizes, limit: 16}]", "eval.matrix.attacks=[autoattack]"]
-                   for a in ("--set", o)])
+                + _sets(TINY + ["data.zero_shot=[{name: sizes, limit: 16}]", "eval.matrix.attacks=[autoattack]"]))
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "agft: error: eval.matrix.attacks: AutoAttack's DLR losses need at least 4 classes; sizes have fewer "
