@@ -56,6 +56,13 @@ LOADERS = {
                          "caltech256/256_ObjectCategories", "A photo of a {}."),
     "sun397": Loader(("all",), "<root>/SUN397/{ClassName.txt, <letter>/<category>/sun_*.jpg}", "SUN397/ClassName.txt",
                      "A photo of a {}."),
+    "flowers102": Loader(("train", "val", "test"), "<root>/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, "
+                         "setid.mat}", "flowers-102/setid.mat", "A photo of a {}, a type of flower."),
+    "cars": Loader(("train", "test"), "<root>/stanford_cars/{devkit/{cars_meta.mat,cars_train_annos.mat}, cars_train/, "
+                   "cars_test_annos_withlabels.mat, cars_test/}", "stanford_cars/devkit/cars_meta.mat",
+                   "A photo of a {}, a type of car."),
+    "pcam": Loader(("train", "val", "test"), "<root>/pcam/camelyonpatch_level_2_split_<split>_{x,y}.h5",
+                   "pcam/camelyonpatch_level_2_split_{split}_y.h5", "This is a photo of {}."),
     "imagefolder": Loader(("train", "val", "test"), "<root>/<split>/<class name>/*.{jpg,png}", "{split}"),
     "parquet": Loader(("train", "val", "test"), "<root>/<split>.parquet with columns image (encoded bytes) and "
                       "label (int), class names in the schema metadata key 'classnames' (JSON list)",
@@ -68,6 +75,11 @@ EUROSAT_CLASSNAMES = {
     "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
     "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea",
 }
+# CLIP's names for the Caltech101 folders that are not plain object names; the rest are used as they are.
+CALTECH101_CLASSNAMES = {"Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard",
+                         "Motorbikes": "motorbike"}
+# CLIP's readable names for PCAM's two labels (0: normal tissue, 1: metastasis).
+PCAM_CLASSNAMES = ["lymph node", "lymph node containing metastatic tumor tissue"]
 KINDS = ("embedded", *LOADERS)
 
 
@@ -222,11 +234,19 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         images = tvd.SUN397(str(root), transform=transform)
         files = list(images._image_files)
         return images, [c.replace("_", " ").replace("/", " ") for c in images.classes], files, lambda i: files[i]
-    if spec.kind in ("dtd", "food101", "pets", "aircraft"):
-        images = {"dtd": tvd.DTD, "food101": tvd.Food101, "pets": tvd.OxfordIIITPet,
-                  "aircraft": tvd.FGVCAircraft}[spec.kind](str(root), split=spec.split, transform=transform)
-        files = [Path(f) for f in (images._images if spec.kind == "pets" else images._image_files)]
+    if spec.kind in ("dtd", "food101", "pets", "aircraft", "flowers102", "cars"):
+        images = {"dtd": tvd.DTD, "food101": tvd.Food101, "pets": tvd.OxfordIIITPet, "aircraft": tvd.FGVCAircraft,
+                  "flowers102": tvd.Flowers102, "cars": tvd.StanfordCars}[spec.kind](
+            str(root), split=spec.split, transform=transform)
+        files = {"pets": lambda: images._images, "cars": lambda: [p for p, _ in images._samples]}.get(
+            spec.kind, lambda: images._image_files)()
+        files = [Path(f) for f in files]
         return images, [c.replace("_", " ") for c in images.classes], files, lambda i: files[i]
+    if spec.kind == "pcam":
+        images = tvd.PCAM(str(root), split=spec.split, transform=transform)
+        folder = root / "pcam"
+        files = sorted(folder.glob(f"camelyonpatch_level_2_split_{spec.split}_*.h5"))
+        return images, PCAM_CLASSNAMES, files, lambda i: f"{files[0]} item {i}"
     if spec.kind == "eurosat":
         images = tvd.ImageFolder(str(root / "eurosat" / "2750"), transform=transform)
         files = [Path(p) for p, _ in images.samples]
@@ -235,7 +255,8 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         images = tvd.Caltech101(str(root), target_type="category", transform=transform)
         folder = root / "caltech101" / "101_ObjectCategories"
         files = [folder / images.categories[y] / f"image_{n:04d}.jpg" for y, n in zip(images.y, images.index)]
-        return images, [c.replace("_", " ") for c in images.categories], files, lambda i: files[i]
+        names = [CALTECH101_CLASSNAMES.get(c, c.replace("_", " ")) for c in images.categories]
+        return images, names, files, lambda i: files[i]
     if spec.kind == "caltech256":
         images = tvd.Caltech256(str(root), transform=transform)
         folder = root / "caltech256" / "256_ObjectCategories"

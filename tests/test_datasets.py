@@ -176,7 +176,7 @@ def test_caltech101_ignores_the_background_class_and_converts_greyscale(tmp_path
     (base / "Faces_easy").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(base / "Faces_easy" / "image_0001.jpg")  # greyscale
     data = load_dataset(DatasetSpec("caltech101", "caltech101", "all", str(tmp_path)), 16)
-    assert data.classnames == ["Faces easy", "accordion"] and len(data) == 2
+    assert data.classnames == ["centered face", "accordion"] and len(data) == 2  # CLIP's name for Faces_easy
     assert all(data.images[i][0].shape == (3, 16, 16) for i in range(2))
 
 
@@ -197,3 +197,48 @@ def test_sun397_reads_its_class_list(tmp_path):
     _jpeg(base / "a" / "apartment_building" / "outdoor" / "sun_bbb.jpg")
     data = load_dataset(DatasetSpec("sun397", "sun397", "all", str(tmp_path)), 16)
     _check(data, 2, ["abbey", "apartment building outdoor"], "A photo of a {}.")
+
+
+def test_flowers102_reads_its_mat_label_and_split_files(tmp_path, monkeypatch):
+    from scipy.io import savemat
+
+    monkeypatch.setattr(tvd.flowers102, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    base = tmp_path / "flowers-102"
+    for image_id in (1, 2, 3):
+        _jpeg(base / "jpg" / f"image_{image_id:05d}.jpg")
+    savemat(base / "imagelabels.mat", {"labels": np.array([[3, 1, 2]])})  # 1-based labels of images 1..3
+    savemat(base / "setid.mat", {"trnid": np.array([[1]]), "valid": np.array([[2]]), "tstid": np.array([[3, 1]])})
+    data = load_dataset(DatasetSpec("flowers102", "flowers102", "test", str(tmp_path)), 16)
+    _check(data, 2, list(tvd.Flowers102.classes), "A photo of a {}, a type of flower.")
+    assert data.classnames[:2] == ["pink primrose", "hard-leaved pocket orchid"]
+    assert [int(data.images[i][1]) for i in range(2)] == [1, 2]  # image 3 is class 2, image 1 class 3 (0-based)
+
+
+def test_stanford_cars_reads_its_devkit_mat_files(tmp_path):
+    from scipy.io import savemat
+
+    base = tmp_path / "stanford_cars"
+    for name in ("00001.jpg", "00002.jpg"):
+        _jpeg(base / "cars_test" / name)
+    names = np.array(["AM General Hummer SUV 2000", "Acura RL Sedan 2012"], dtype=object)
+    (base / "devkit").mkdir()
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": names[None, :]})
+    annotations = np.array([("00001.jpg", 2), ("00002.jpg", 1)], dtype=[("fname", object), ("class", object)])
+    savemat(base / "cars_test_annos_withlabels.mat", {"annotations": annotations[None, :]})
+    data = load_dataset(DatasetSpec("cars", "cars", "test", str(tmp_path)), 16)
+    _check(data, 2, list(names), "A photo of a {}, a type of car.")
+    assert [int(data.images[i][1]) for i in range(2)] == [1, 0]
+
+
+def test_pcam_reads_its_h5_patches(tmp_path):
+    import h5py
+
+    base = tmp_path / "pcam"
+    base.mkdir()
+    with h5py.File(base / "camelyonpatch_level_2_split_test_x.h5", "w") as f:
+        f["x"] = _pixels(3, 96)
+    with h5py.File(base / "camelyonpatch_level_2_split_test_y.h5", "w") as f:
+        f["y"] = np.array([0, 1, 1], np.uint8).reshape(3, 1, 1, 1)
+    data = load_dataset(DatasetSpec("pcam", "pcam", "test", str(tmp_path)), 16)
+    _check(data, 3, ["lymph node", "lymph node containing metastatic tumor tissue"], "This is a photo of {}.")
+    assert [int(data.images[i][1]) for i in range(3)] == [0, 1, 1]
