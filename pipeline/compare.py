@@ -49,31 +49,32 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
                                          "clean": row["original_clean"], "robust": row["original_robust"]})
                     per_seed.append({"method": method, "seed": seed, "dataset": row["dataset"],
                                      "clean": row["finetuned_clean"], "robust": row["finetuned_robust"]})
-        table = summary_table(per_seed)
+        table = summary_table(per_seed, cfg.data.train.name)
         _report(uri, parent, cfg, table, per_seed, out)
     return CompareResult(parent, table, per_seed, round(time.perf_counter() - start, 1))
 
 
-def summary_table(per_seed: list[dict]) -> list[dict]:
-    """Mean and sample std over seeds; the "mean" row first averages over datasets within a seed."""
+def summary_table(per_seed: list[dict], fine_tuned: str | None = None) -> list[dict]:
+    """Mean and sample std over seeds, per dataset and for two averages that first average over
+    datasets within a seed: "mean" over every dataset (the paper's, which counts ImageNet val),
+    and, last, "zero-shot mean" over the datasets other than the `fine_tuned` one."""
     methods = list(dict.fromkeys(r["method"] for r in per_seed))
     datasets = list(dict.fromkeys(r["dataset"] for r in per_seed))
     seeds = list(dict.fromkeys(r["seed"] for r in per_seed))
     value = {(r["method"], r["seed"], r["dataset"], k): r[k] for r in per_seed for k in ("clean", "robust")}
+    averages = {"mean": datasets, "zero-shot mean": [d for d in datasets if d != fine_tuned]}
 
     def stats(samples: list[float]) -> tuple[float, float]:
         return statistics.fmean(samples), statistics.stdev(samples) if len(samples) > 1 else 0.0
 
     rows = []
-    for dataset in datasets + ["mean"]:
-        row = {"dataset": dataset}
+    for name in datasets + list(averages):
+        row = {"dataset": name}
         for method in methods:
             for kind in ("clean", "robust"):
-                if dataset == "mean":
-                    samples = [statistics.fmean(value[method, s, d, kind] for d in datasets) for s in seeds]
-                else:
-                    samples = [value[method, s, dataset, kind] for s in seeds]
-                row[f"{method} {kind}"] = stats(samples)
+                over = averages.get(name, [name])
+                row[f"{method} {kind}"] = stats([statistics.fmean(value[method, s, d, kind] for d in over)
+                                                 for s in seeds])
         rows.append(row)
     return rows
 
@@ -92,13 +93,13 @@ def _report(uri: str, parent: str, cfg: Config, table: list[dict], per_seed: lis
     text = markdown(table, len(cfg.compare.seeds))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    metrics = {f"{column.replace(' ', '_')}/{row['dataset']}": mean
+    metrics = {f"{column.replace(' ', '_')}/{row['dataset'].replace(' ', '_')}": mean
                for row in table for column, (mean, _) in list(row.items())[1:]}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "config.yaml").write_text(dump_yaml(cfg))
         tracking.write_csv(per_seed, folder / "compare_per_seed.csv")
         tracking.plot_compare(table[-1], folder / "compare.png",
-                              f"Mean zero-shot accuracy over datasets, ± std over {len(cfg.compare.seeds)} seed(s)")
+                              f"Zero-shot mean over datasets not fine-tuned on, ± std over {len(cfg.compare.seeds)} seed(s)")
         tracking.log_results(uri, parent, metrics, [out, folder / "config.yaml", folder / "compare_per_seed.csv",
                                                    folder / "compare.png"])

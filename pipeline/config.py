@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agft_core import datasets
+from agft_core import datasets, world
 from agft_core.cache import check_location
 from agft_core.evaluate import ATTACKS
 from agft_core.methods import METHODS
@@ -109,9 +109,9 @@ class DatasetConfig(Section):
 
 class DataConfig(Section):
     world_seed: int = 0
-    train: DatasetConfig = DatasetConfig(name="shapes", split="train")
+    train: DatasetConfig = DatasetConfig(name=world.FINE_TUNING_TASK, split="train")
     zero_shot: list[DatasetConfig] = Field(min_length=1, default_factory=lambda: [
-        DatasetConfig(name=n) for n in ("shapes", "colours", "backgrounds", "positions", "sizes")])
+        DatasetConfig(name=n) for n in (world.FINE_TUNING_TASK, *world.ZERO_SHOT_SUITE)])
 
 
 class CalibrationConfig(Section):

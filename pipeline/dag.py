@@ -80,7 +80,7 @@ class Pipeline:
             return model.weights
         p = self.cfg.pretrain
         entry = CacheEntry(self.root, "pretrain", {
-            "arch": model.arch, "recipe": RECIPE, "world": world.GENERATOR_VERSION,
+            "arch": model.arch, "recipe": RECIPE, "world": world.fingerprint(),
             "world_seed": self.cfg.data.world_seed, "corpus_size": p.corpus_size, "epochs": p.epochs,
             "batch_size": p.batch_size, "lr": p.lr, "seed": p.seed})
         if not self._cached("pretrain", entry):

@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main
 
 TINY = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64", "data.train.limit=128",
-        "data.zero_shot=[{name: colours, limit: 48}, {name: sizes, limit: 48}]", "train.epochs=1",
+        "data.zero_shot=[{name: shapes, limit: 48}, {name: colours, limit: 48}, {name: sizes, limit: 48}]", "train.epochs=1",
         "train.batch_size=32", "train.validation=null", "eval.attack.steps=2",
         "compare.methods=[tecoa, agft]", "compare.seeds=[0, 1]"]
 
@@ -27,7 +27,7 @@ def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, ca
     # every cell of every run: robust never above clean
     for child in children:
         m = child.data.metrics
-        for dataset in ("colours", "sizes"):
+        for dataset in ("shapes", "colours", "sizes"):
             assert m[f"finetuned_robust/{dataset}"] <= m[f"finetuned_clean/{dataset}"]
     # the parent's numbers are the mean over the children's
     for method in ("tecoa", "agft"):
@@ -35,6 +35,9 @@ def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, ca
         expected = statistics.fmean(c.data.metrics["finetuned_robust/mean"] for c in runs)
         assert abs(parent.data.metrics[f"{method}_robust/mean"] - expected) < 1e-12
         assert parent.data.metrics[f"{method}_robust/mean"] <= parent.data.metrics[f"{method}_clean/mean"]
+        # the zero-shot mean leaves out the fine-tuned task (shapes)
+        held_out = statistics.fmean(c.data.metrics[f"finetuned_robust/{d}"] for c in runs for d in ("colours", "sizes"))
+        assert abs(parent.data.metrics[f"{method}_robust/zero-shot_mean"] - held_out) < 1e-12
     table = out.read_text()
     assert "mean ± sample std over 2 seed(s)" in table and "| original clean | original robust |" in table
     sizes_row = next(line for line in table.splitlines() if line.startswith("| sizes |"))

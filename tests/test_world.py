@@ -1,4 +1,5 @@
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -8,23 +9,50 @@ from agft_core import world
 from agft_core.datasets import DatasetSpec, load_dataset
 
 
-def test_same_seed_gives_byte_identical_images_and_other_seed_does_not():
-    a, b = world.generate("colours", "test", 40, seed=3), world.generate("colours", "test", 40, seed=3)
-    c = world.generate("colours", "test", 40, seed=4)
+def digest(images) -> set[str]:
+    return {hashlib.sha256(i.tobytes()).hexdigest() for i in images}
+
+
+@pytest.mark.parametrize("name", ["corpus", "digits", "letters", "handwritten", "colours"])
+def test_same_seed_gives_byte_identical_images_and_other_seed_does_not(name):
+    split = "pretrain" if name == "corpus" else "test"
+    a, b = world.generate(name, split, 40, seed=3), world.generate(name, split, 40, seed=3)
+    c = world.generate(name, split, 40, seed=4)
     assert a.images.tobytes() == b.images.tobytes() and a.captions == b.captions
     assert a.images.tobytes() != c.images.tobytes()
 
 
 def test_zero_shot_images_never_appear_in_pretraining_or_fine_tuning():
-    digest = lambda imgs: {hashlib.sha256(i.tobytes()).hexdigest() for i in imgs}
-    seen = digest(world.generate("corpus", "pretrain", 2000, 0).images) | digest(
-        world.generate("shapes", "train", 2000, 0).images)
-    for name in world.TASKS:
-        assert not digest(world.generate(name, "test", 300, 0).images) & seen
+    seen = digest(world.generate("corpus", "pretrain", 6000, 0).images) | digest(
+        world.generate(world.FINE_TUNING_TASK, "train", 2000, 0).images)
+    for name in world.ZERO_SHOT_SUITE:
+        test = digest(world.generate(name, "test", 300, 0).images)
+        assert len(test) > 250 and not test & seen, name
+
+
+def test_handwritten_pools_partition_the_scans_and_the_corpus_draws_only_its_own():
+    pools = world.handwritten_pools(0)
+    indices = np.concatenate(list(pools.values()))
+    assert len(indices) == len(set(indices.tolist())) == 1797  # disjoint and all of sklearn's digits
+    scans = {i: hashlib.sha256(world._handwritten_image(i).tobytes()).hexdigest() for i in range(1797)}
+    corpus = world.generate("corpus", "pretrain", 3000, 0)
+    drawn = digest(image for image, text in zip(corpus.images, corpus.captions) if "handwritten" in text)
+    assert len(drawn) > 100 and drawn <= {scans[i] for i in pools["pretrain"]}
+    test = world.generate("handwritten", "test", 10_000, 0)  # asks for more than the pool holds
+    assert len(test.images) == len(pools["test"]) == len(digest(test.images))  # each scan once
+    from sklearn.datasets import load_digits
+    assert test.labels.tolist() == load_digits().target[pools["test"]].tolist()
+
+
+def test_suite_is_six_tasks_other_than_fine_tuning_one_with_unseen_classes():
+    suite = world.ZERO_SHOT_SUITE
+    assert len(suite) >= 6 and world.FINE_TUNING_TASK not in suite
+    tuned = set(world.TASKS[world.FINE_TUNING_TASK].classnames)
+    assert not set(world.TASKS["letters"].classnames) & tuned and len({world.TASKS[n].template for n in suite}) >= 4
 
 
 @pytest.mark.parametrize("name", sorted(world.TASKS))
-def test_labels_match_the_rendered_attribute_and_declared_classes(name):
+def test_labels_match_the_declared_classes_and_templates(name):
     task = world.TASKS[name]
     data = load_dataset(DatasetSpec("embedded", name, "test", limit=64), size=32)
     assert data.classnames == list(task.classnames) and data.templates == [task.template]
@@ -32,6 +60,19 @@ def test_labels_match_the_rendered_attribute_and_declared_classes(name):
     assert labels.min() >= 0 and labels.max() < len(task.classnames)
     x, _ = data.images[0]
     assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def demo_captions() -> set[str]:
+    return set(world.generate("corpus", "pretrain", 20000, 0).captions)  # the demo's corpus
+
+
+@pytest.mark.parametrize("name", world.ZERO_SHOT_SUITE)
+def test_every_prompt_is_a_caption_the_text_tower_saw_in_pretraining(name, demo_captions):
+    captions = demo_captions
+    task = world.TASKS[name]
+    missing = [c for c in task.classnames if task.template.format(c) not in captions]
+    assert not missing, f"{name}: prompts never captioned: {missing}"
 
 
 def test_colour_label_is_the_colour_drawn():
@@ -43,11 +84,26 @@ def test_colour_label_is_the_colour_drawn():
         assert (distance < 0.16 * rgb.sum() + 10).sum() >= 10
 
 
+def test_fingerprint_follows_the_font_files(tmp_path, monkeypatch):
+    world.fingerprint.cache_clear()
+    real = world.fingerprint()
+    for name in world.FONTS:
+        shutil.copy(world._font_dir() / name, tmp_path / name)
+    world.fingerprint.cache_clear()
+    monkeypatch.setattr(world, "_font_dir", lambda: tmp_path)
+    same = world.fingerprint()
+    with open(tmp_path / world.FONTS[0], "ab") as font:
+        font.write(b"\0")
+    world.fingerprint.cache_clear()
+    changed = world.fingerprint()
+    world.fingerprint.cache_clear()
+    assert same == real and changed != same
+
+
 def test_world_command_draws_every_task_into_a_png(tmp_path):
     from PIL import Image
 
     from pipeline.cli import main
-    from agft_core import world
 
     out = tmp_path / "world.png"
     assert main(["world", "--out", str(out)]) == 0
