@@ -6,6 +6,7 @@ first, says whether it hit, and rebuilds anything stale or corrupt.
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ def _wait(refs: list, label: str) -> list:
     if not refs:
         return []
     pending = list(refs)
-    with tqdm(total=len(refs), desc=label, unit="task", leave=False) as bar:
+    # A terminal erases the finished bar; a log file keeps it, ending the line for the next message.
+    with tqdm(total=len(refs), desc=label, unit="task", leave=not sys.stderr.isatty()) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
