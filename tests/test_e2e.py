@@ -71,7 +71,7 @@ def test_run_logs_metrics_artifacts_and_epochs(first, store):
     for dataset in ("colours", "shapes", "mean"):
         for column in ("original_clean", "original_robust", "finetuned_clean", "finetuned_robust"):
             assert 0.0 <= metrics[f"{column}/{dataset}"] <= 1.0
-    assert run.data.params["calibration.gamma"] == "0.4"
+    assert run.data.params["calibration.gamma"] == "1.0"  # configs/demo.yaml
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert artifacts == {"config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png",
                          "image_encoder.safetensors"}
