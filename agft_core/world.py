@@ -53,8 +53,9 @@ HANDWRITTEN_POOLS = {"test": 500, "train": 300}
 # Captions name each attribute with probability CAPTION_MENTION, except what the object is
 # (its shape or glyph), named with IDENTITY_MENTION: at 0.5 the 10-epoch teacher knew the shapes,
 # the fine-tuning task, at only 31-38 % (2.5-3x chance), and AGFT's targets are the teacher's
-# predictions. Words come in one fixed order, inside one of a few frames. The zero-shot templates below are such captions with one
-# attribute named, so the text tower has seen every word of every prompt in pretraining.
+# predictions. Words come in one fixed order, inside one of a few frames. The zero-shot
+# templates below are such captions with one attribute named, so the text tower has seen
+# every prompt in pretraining (tested).
 CAPTION_FRAMES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 CAPTION_MENTION = 0.5
 IDENTITY_MENTION = 0.9

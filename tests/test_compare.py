@@ -6,8 +6,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main
 
 TINY = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64", "data.train.limit=128",
-        "data.zero_shot=[{name: shapes, limit: 48}, {name: colours, limit: 48}, {name: sizes, limit: 48}]", "train.epochs=1",
-        "train.batch_size=32", "train.validation=null", "eval.attack.steps=2",
+        "data.zero_shot=[{name: shapes, limit: 48}, {name: colours, limit: 48}, {name: sizes, limit: 48}]",
+        "train.epochs=1", "train.batch_size=32", "train.validation=null", "eval.attack.steps=2",
         "compare.methods=[tecoa, agft]", "compare.seeds=[0, 1]"]
 
 
