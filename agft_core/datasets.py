@@ -238,9 +238,12 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         images = {"dtd": tvd.DTD, "food101": tvd.Food101, "pets": tvd.OxfordIIITPet, "aircraft": tvd.FGVCAircraft,
                   "flowers102": tvd.Flowers102, "cars": tvd.StanfordCars}[spec.kind](
             str(root), split=spec.split, transform=transform)
-        files = {"pets": lambda: images._images, "cars": lambda: [p for p, _ in images._samples]}.get(
-            spec.kind, lambda: images._image_files)()
-        files = [Path(f) for f in files]
+        if spec.kind == "pets":
+            files = [Path(f) for f in images._images]
+        elif spec.kind == "cars":
+            files = [Path(f) for f, _ in images._samples]
+        else:
+            files = [Path(f) for f in images._image_files]
         return images, [c.replace("_", " ") for c in images.classes], files, lambda i: files[i]
     if spec.kind == "pcam":
         images = tvd.PCAM(str(root), split=spec.split, transform=transform)

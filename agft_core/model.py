@@ -120,7 +120,8 @@ def preprocess_cfg(model: nn.Module) -> dict:
     cfg = model.visual.preprocess_cfg
     size = cfg["size"]  # open_clip gives ViTs a (h, w) pair and ResNets a single int
     return {"size": [size, size] if isinstance(size, int) else list(size),
-            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "interpolation": cfg["interpolation"], "resize_mode": cfg["resize_mode"]}
+            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "interpolation": cfg["interpolation"],
+            "resize_mode": cfg["resize_mode"]}
 
 
 def logit_scale(model: nn.Module) -> float:

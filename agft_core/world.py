@@ -236,10 +236,13 @@ def _handwritten_image(index: int) -> np.ndarray:
     return np.asarray(canvas.convert("RGB"))
 
 
+def _scan(index: int) -> dict:
+    return {"scene": "handwritten", "glyph": DIGITS[_handwritten()[1][index]], "index": int(index)}
+
+
 def _sample(scene: str, rng: np.random.Generator, pool: np.ndarray) -> dict:
     if scene == "handwritten":
-        index = int(pool[rng.integers(len(pool))])
-        return {"scene": scene, "glyph": DIGITS[_handwritten()[1][index]], "index": index}
+        return _scan(pool[rng.integers(len(pool))])
     attrs = {"scene": scene}
     if scene == "shape":
         attrs["shape"] = SHAPES[rng.integers(len(SHAPES))]
@@ -277,8 +280,7 @@ def generate(name: str, split: str, count: int, seed: int) -> WorldData:
     task = TASKS.get(name)
     pool = handwritten_pools(seed)[split]
     if task and task.scene == "handwritten":
-        scenes = [{"scene": "handwritten", "glyph": DIGITS[_handwritten()[1][i]], "index": int(i)}
-                  for i in pool[:count]]
+        scenes = [_scan(i) for i in pool[:count]]
     else:
         kinds, weights = list(CORPUS_MIX), list(CORPUS_MIX.values())
         scenes = [_sample(task.scene if task else kinds[rng.choice(len(kinds), p=weights)], rng, pool)
