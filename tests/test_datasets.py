@@ -22,7 +22,8 @@ def no_md5(monkeypatch):
     """torchvision checks the published archives' MD5s; generated stand-ins cannot match them."""
     for cls in (tvd.CIFAR10, tvd.CIFAR100, tvd.STL10):
         monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(tvd.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    for module in (tvd.cifar, tvd.flowers102):
+        monkeypatch.setattr(module, "check_integrity", lambda path, md5=None: os.path.isfile(path))
 
 
 def _pixels(n, side):
@@ -199,10 +200,9 @@ def test_sun397_reads_its_class_list(tmp_path):
     _check(data, 2, ["abbey", "apartment building outdoor"], "A photo of a {}.")
 
 
-def test_flowers102_reads_its_mat_label_and_split_files(tmp_path, monkeypatch):
+def test_flowers102_reads_its_mat_label_and_split_files(tmp_path, no_md5):
     from scipy.io import savemat
 
-    monkeypatch.setattr(tvd.flowers102, "check_integrity", lambda path, md5=None: os.path.isfile(path))
     base = tmp_path / "flowers-102"
     for image_id in (1, 2, 3):
         _jpeg(base / "jpg" / f"image_{image_id:05d}.jpg")
