@@ -60,7 +60,11 @@ def create_clip(arch: str, weights: str | None) -> nn.Module:
     else:
         if cached_pretrained(arch, weights) is None:
             raise FileNotFoundError(missing_pretrained_message(arch, weights))
-        model = open_clip.create_model(arch, pretrained=weights, require_pretrained=True)
+        # OpenAI's checkpoints were trained with QuickGELU; open_clip builds GELU for e.g. ViT-B-32 and
+        # only warns, which would shift every number those weights give.
+        quick_gelu = bool(open_clip.get_pretrained_cfg(arch, weights).get("quick_gelu"))
+        model = open_clip.create_model(arch, pretrained=weights, require_pretrained=True,
+                                       force_quick_gelu=quick_gelu)
     return model.eval()
 
 

@@ -8,7 +8,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import ConfigError, check_sweep, dump_yaml, load_config, preflight, tracking_uri
+from pipeline.config import ConfigError, check_sweep, dump_yaml, load_config, on_cluster, preflight, \
+    tracking_uri
 
 STEPS = ("pretrain", "text", "teacher", "train")
 
@@ -77,16 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg)
         if args.command == "sweep":
             check_sweep(cfg)
+        uri = tracking_uri(args.tracking_uri, on_cluster(args.address))
     except ConfigError as exc:
         print(f"agft: error: {exc}", file=sys.stderr)
         return 2
 
-    uri = tracking_uri(args.tracking_uri)
     start = time.perf_counter()
     _start_ray(args.address)
     from pipeline.dag import Pipeline  # heavy imports only once the input is known to be good
 
     try:
+        if args.command in ("run", "sweep", "compare"):
+            from pipeline.train import check_resources
+
+            check_resources(cfg.train)
         if args.command == "sweep":
             return _sweep(cfg, uri, Path(args.best_out))
         if args.command == "compare":
@@ -139,10 +144,14 @@ def _eval(pipeline, uri: str) -> int:
 
 
 def _sweep(cfg, uri: str, best_out: Path) -> int:
-    from pipeline.sweep import sweep
+    from pipeline.sweep import SweepFailed, sweep
     from pipeline.tracking import markdown_table
 
-    result = sweep(cfg, uri, best_out)
+    try:
+        result = sweep(cfg, uri, best_out)
+    except SweepFailed as exc:
+        print(f"agft: error: {exc}", file=sys.stderr)
+        return 1
     print()
     print(markdown_table(result.trials), end="")
     print(f"seconds: {result.seconds}")

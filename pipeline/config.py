@@ -155,6 +155,9 @@ class TrainConfig(Section):
     amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="autocast on GPU (fp16 adds a grad scaler); "
                                                                      "CPU trains in fp32; attacks always fp32")
     max_failures: int = Field(2, ge=0)
+    keep_checkpoints: int = Field(2, ge=1, description="the newest checkpoints (encoder + optimizer) kept per run")
+    start_timeout_s: float = Field(600, gt=0, description="how long the workers may wait for their resources "
+                                                          "(e.g. for an autoscaler) before the run fails")
     attack: AttackConfig = AttackConfig()
     validation: ValidationConfig | None = None
 
@@ -353,14 +356,26 @@ def check_sweep(cfg: Config) -> None:
                           "set a held-out dataset, e.g. {dataset: {name: colours, split: train, limit: 256}}")
 
 
-def tracking_uri(flag: str | None) -> str:
+def on_cluster(address: str | None) -> bool:
+    """Whether the driver attaches to a running cluster (--address, or RAY_ADDRESS as `ray job submit`
+    sets it) rather than starting its own local Ray."""
+    return (address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+
+
+def tracking_uri(flag: str | None, cluster: bool = False) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
 
-    A relative SQLite path is made absolute: Ray workers run in other directories.
+    A relative SQLite path is made absolute: Ray workers run in other directories. On a cluster it
+    is refused: it names a file on one node (under `ray job submit`, in the job's package directory,
+    which Ray deletes), and a rank-0 worker on another node would write its own empty store.
     """
     uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        if cluster:
+            raise ConfigError(f"--tracking-uri: {uri} is a file relative to the driver, which on a cluster is one "
+                              f"node's disk; use a tracking server (http://host:5000) or an absolute sqlite:////path "
+                              f"on storage every node mounts")
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
 

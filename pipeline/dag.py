@@ -138,7 +138,8 @@ class Pipeline:
             "weights": self.digest, "text": self.texts["train"].fingerprint, "teacher": self.teacher.fingerprint,
             "val_text": val_text.fingerprint if val_text else None, "seed": cfg.seed,
             "train": cfg.train.model_dump(mode="json", exclude={"num_workers", "cpus_per_worker", "use_gpu",
-                                                                "max_failures"}),
+                                                                "max_failures", "start_timeout_s",
+                                                                "keep_checkpoints"}),
             "calibration": cfg.calibration.model_dump(mode="json"), "world_size": cfg.train.num_workers})
         if self._cached("train", entry):
             for metrics in read_history(entry.location):

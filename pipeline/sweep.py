@@ -22,6 +22,11 @@ from pipeline.dag import Pipeline
 from pipeline.train import TrainInputs, fit
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+class SweepFailed(RuntimeError):
+    """No trial produced the sweep metric: one line saying why."""
+
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 
 
@@ -60,20 +65,28 @@ def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage:
     trial_id = tune.get_context().get_trial_id()
     run_id = tracking.trial_run(inputs.tracking_uri, cfg.experiment, parent_run_id, trial_id,
                                 cfg.model_dump(mode="json"), {f"sweep.{k}": str(v) for k, v in params.items()})
+    # The run's end status is the driver's to set (_Progress): Tune may stop this trial by killing its
+    # actor, which can surface here as an error after the trial has ended well.
     fit(replace(inputs, cfg=cfg, run_id=run_id), storage, f"trial-{trial_id}", callbacks=[TuneReportCallback()])
-    tracking.finish_run(inputs.tracking_uri, run_id)
 
 
 class _Progress(tune.Callback):
-    """One line per trial event, and the best trial so far."""
+    """One line per trial event and the best trial so far; closes each trial's MLflow run as Tune ends
+    the trial: ASHA stops a trial (also at max_t) by killing its actor, which cannot close its own."""
 
-    def __init__(self, metric: str, mode: str, max_epochs: int):
+    def __init__(self, metric: str, mode: str, max_epochs: int, uri: str, experiment: str, parent_run_id: str):
         self.metric, self.sign, self.max_epochs = metric, 1 if mode == "max" else -1, max_epochs
+        self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
         self.best = None
 
     @staticmethod
     def log(line: str) -> None:  # not a stored callable: the Tuner pickles its callbacks
         print(line, flush=True)
+
+    def _close(self, trial, status: str) -> None:
+        run_id = tracking.find_trial_run(self.uri, self.experiment, self.parent_run_id, trial.trial_id)
+        if run_id:  # a trial that failed before it started has none
+            tracking.finish_run(self.uri, run_id, status)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.log(f"[sweep] trial {trial.trial_id} running {trial.config}")
@@ -84,13 +97,22 @@ class _Progress(tune.Callback):
             self.best = (trial.trial_id, value)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        state = "done" if last.get("epoch", 0) >= self.max_epochs else "stopped early by ASHA"
+        epochs = (trial.last_result or {}).get("epoch") or 0
+        done = epochs >= trial.config.get("train.epochs", self.max_epochs)
+        self._close(trial, "FINISHED" if done else "KILLED")
         best = f"best so far: {self.best[0]} {self.metric}={self.best[1]:.4f}" if self.best else ""
-        self.log(f"[sweep] trial {trial.trial_id} {state} after {last.get('epoch')} epochs; {best}")
+        self.log(f"[sweep] trial {trial.trial_id} {'done' if done else 'stopped early by ASHA'} after {epochs} "
+                 f"epochs; {best}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.log(f"[sweep] trial {trial.trial_id} failed")
+        self._close(trial, "FAILED")
+        self.log(f"[sweep] trial {trial.trial_id} failed: {_last_line(trial.get_error())}; the sweep goes on")
+
+
+def _last_line(error: BaseException | None) -> str:
+    """The exception line of a trial's error (Ray wraps it in the remote traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 @dataclass
@@ -131,11 +153,17 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
             trainable, param_space=search_space(spec),
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent_trials,
-                                        reuse_actors=True,  # one trial-driver process: imports paid once
+                                        # Never reuse a trial's actor. The trial's Train run ends after
+                                        # Tune has marked the trial done (ASHA stops it at max_t, or early),
+                                        # so reuse fails and stalls Tune (issue 16), and a reused actor
+                                        # keeps an early-stopped trainer alive. A killed actor takes its
+                                        # Train controller and workers with it.
+                                        reuse_actors=False,
                                         search_alg=_search_algorithm(spec),
                                         scheduler=_scheduler(spec, cfg.train.epochs)),
             run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      callbacks=[_Progress(spec.metric, spec.mode, cfg.train.epochs)]))
+                                      callbacks=[_Progress(spec.metric, spec.mode, cfg.train.epochs, tracking_uri,
+                                                                 cfg.experiment, parent_run_id)]))
     fs, path = filesystem(sweep_dir)
     fs.create_dir(path, recursive=True)
     write_bytes(parent_file, parent_run_id.encode())
@@ -144,7 +172,13 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     seconds["trials"] = time.perf_counter() - clock
     clock = time.perf_counter()
     trials = [_trial_row(r, cfg, spec.metric) for r in grid]
-    best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
+    scored = [r for r in grid if not r.error and (r.metrics or {}).get(spec.metric) is not None]
+    if not scored:
+        tracking.finish_run(tracking_uri, parent_run_id, "FAILED")
+        first_error = next((r.error for r in grid if r.error), None)
+        raise SweepFailed(f"sweep: none of the {len(trials)} trials reported {spec.metric}; the first error: "
+                          f"{_last_line(first_error)}")
+    best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True)
     best_params = dict(best.config)
     best_out.write_text(dump_yaml(with_overrides(cfg, best_params)))
     _report(tracking_uri, parent_run_id, cfg, trials, best_params, best_out)
@@ -163,11 +197,6 @@ def _trial_row(result, cfg: Config, metric: str) -> dict:
 
 
 def _report(uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best: dict, best_out: Path) -> None:
-    for trial in trials:  # trials ASHA stopped were killed mid-run and could not close their own runs
-        run_id = tracking.find_trial_run(uri, cfg.experiment, parent_run_id, trial["trial_id"])
-        if run_id:
-            status = "FAILED" if trial["error"] else "FINISHED" if trial["epochs"] == cfg.train.epochs else "KILLED"
-            tracking.finish_run(uri, run_id, status)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         tracking.write_csv(trials, out / "trials.csv")

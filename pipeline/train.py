@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
+from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, \
+    WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -21,7 +24,7 @@ from agft_core.datasets import load_dataset
 from agft_core.evaluate import zero_shot_accuracy
 from agft_core.methods import NEEDS_TEACHER, Method, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.tracking import log_epoch
 
 ENCODER_FILE = "image_encoder.safetensors"
@@ -185,21 +188,79 @@ def train_loop(inputs: TrainInputs) -> None:
             ray.train.report(metrics)
 
 
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+
+
+def _fits(per_worker: dict[str, float], node: dict[str, float]) -> int:
+    """How many workers of this shape one node's total resources hold."""
+    return int(min(node.get(key, 0) / amount for key, amount in per_worker.items()))
+
+
+def placement_problem(cfg: TrainConfig, nodes: list[dict[str, float]],
+                      node_groups: list[tuple[dict[str, float], int]] | None) -> tuple[str | None, bool]:
+    """(message, fatal) when the cluster cannot hold the trainer's workers now, else (None, False).
+
+    nodes: each alive node's total resources. node_groups: the autoscaler's (resources, max nodes; -1
+    unbounded) per node type, or None without an autoscaler. Fatal: no autoscaler could ever add room.
+    """
+    per_worker, wanted = worker_resources(cfg), cfg.num_workers
+    now = sum(_fits(per_worker, node) for node in nodes)
+    if now >= wanted:
+        return None, False
+    shape = " + ".join(f"{amount:g} {key}" for key, amount in per_worker.items())
+    need = f"train.num_workers={wanted} workers of {shape} each; the cluster's nodes hold {now}"
+    if node_groups is not None:
+        room = [max_count if max_count < 0 else max_count * _fits(per_worker, resources)
+                for resources, max_count in node_groups if _fits(per_worker, resources) > 0]
+        if any(r < 0 for r in room) or now + sum(room) >= wanted:
+            return f"waiting for the autoscaler to add nodes: {need}", False
+        return f"{need}, and the autoscaler's node types add at most {sum(room)}", True
+    hint = " (train.use_gpu: this cluster declares no GPU)" if cfg.use_gpu and not any(
+        node.get("GPU") for node in nodes) else ""
+    return f"{need}{hint}: lower train.num_workers or train.cpus_per_worker, or add nodes", True
+
+
+def check_resources(cfg: TrainConfig, log=print) -> None:
+    """Before any work: a trainer that could never be placed would wait forever."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    # The autoscaler publishes its node types in the GCS; ray.autoscaler has no public reader yet.
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs] if config else None
+    problem, fatal = placement_problem(cfg, nodes, groups)
+    if fatal:
+        raise ConfigError(problem)
+    if problem:
+        log(f"[train] {problem}")
+
+
+def _start_failure_limit(start_timeout_s: float) -> int:
+    """Ray Train retries a worker group that did not get its resources within one start timeout;
+    this many retries bound the whole wait by start_timeout_s."""
+    attempt = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
+    return max(0, math.ceil(start_timeout_s / attempt) - 1)
+
+
 def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | None = None) -> Checkpoint:
     """Runs (or resumes, when `name` already has checkpoints under `storage_path`) the fine-tune.
 
     callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback when this runs inside a trial.
     """
     cfg = inputs.cfg.train
+    check_resources(cfg)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=inputs,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(storage_path=storage_path, name=name, callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             failure_config=FailureConfig(
+                                 max_failures=cfg.max_failures,
+                                 controller_failure_limit=_start_failure_limit(cfg.start_timeout_s))),
     )
     result = trainer.fit()
     if result.checkpoint is None:

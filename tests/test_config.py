@@ -55,3 +55,26 @@ def test_run_rejects_bad_input_with_one_line_before_any_work(tmp_path, monkeypat
 def test_unknown_config_file_is_one_line(capsys):
     assert main(["validate", "--config", "/nowhere/cfg.yaml"]) == 2
     assert "/nowhere/cfg.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["flag", "job"])
+def test_a_relative_sqlite_store_is_refused_on_a_cluster(tmp_path, monkeypatch, capsys, how):
+    """Under `ray job submit` (RAY_ADDRESS set by Ray) or with --address, sqlite:///mlflow.db would be a
+    file in the job's package directory on the head, deleted with it; refused before Ray starts."""
+    from pipeline.cli import main
+    from pipeline.config import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = ["run", "--set", f"cache_dir={tmp_path / 'c'}"]
+    if how == "flag":
+        args += ["--address", "10.0.0.1:6379"]
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("agft: error: --tracking-uri: sqlite:///mlflow.db")
+    assert list(tmp_path.iterdir()) == []
+    assert tracking_uri("sqlite:////shared/mlflow.db", cluster=True) == "sqlite:////shared/mlflow.db"
+    assert tracking_uri("http://mlflow:5000", cluster=True) == "http://mlflow:5000"
+    assert tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"

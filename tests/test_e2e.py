@@ -128,6 +128,7 @@ def test_restarted_training_resumes_from_the_latest_checkpoint(first, store):
 
     def train(epochs):
         cfg = load_config(None, TINY + [f"cache_dir={root / 'cache'}", f"train.epochs={epochs}"])
+        assert cfg.train.keep_checkpoints == 2
         run_id = tracking.start_run(uri, "resume-test", {}, {})
         inputs = Pipeline(cfg, uri, log=lambda line: None).prepare_training(run_id)
         checkpoint = fit(inputs, str(root / "resume"), "same-name")
@@ -140,6 +141,10 @@ def test_restarted_training_resumes_from_the_latest_checkpoint(first, store):
     assert "val_robust_acc" in two[1]
     steps_trained = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
     assert steps_trained == [2]  # epoch 1 came from the checkpoint, not from training again
+    _, three = train(3)
+    assert len(three) == 3
+    kept = sorted(p.name for p in (root / "resume" / "same-name").iterdir() if p.name.startswith("checkpoint_"))
+    assert len(kept) == 2  # three epochs reported checkpoints; only the newest two are on disk
 
 
 def test_cache_checkpoints_and_artifacts_on_file_uris(first, store, tmp_path):

@@ -1,70 +1,24 @@
 """`ray job submit` round trip against a real head started here, with token authentication on."""
-import os
 import re
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ray_cluster import ray_cli, ray_cluster
+
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 TINY = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64", "data.train.limit=128",
         "data.zero_shot=[{name: colours, limit: 32}]", "train.epochs=1", "train.batch_size=32",
         "train.validation=null", "eval.attack.steps=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray(*args, env, check=False, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, check=check,
-                          timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def head():
-    token = secrets.token_hex(32)
-    temp = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's unix sockets live under it
-    dashboard = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{env['PATH']}"}
-    # Every port of its own: the session's local Ray (other tests) holds the defaults, e.g. the
-    # dashboard agent's 52365, and a head whose agent cannot bind accepts no jobs.
-    ports = [f"--{name}={_free_port()}" for name in (
-        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", *ports,
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                             f"--temp-dir={temp}", "--disable-usage-stats"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.time() + 120
-        # `job list` answers as soon as the dashboard does; a submission also needs the head's job
-        # agent, which can come up later on a loaded machine: probe with a job that does nothing.
-        while (probe := _ray("job", "submit", "--address", address, "--no-wait", "--", "true", env=env)).returncode:
-            assert time.time() < deadline and proc.poll() is None, \
-                f"the Ray head did not come up: {(probe.stdout + probe.stderr)[-2000:]}"
-            time.sleep(2)
-        yield address, env, temp
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the head this test started, and only it
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_cluster(head_cpus=2) as cluster:
+        yield cluster.dashboard, cluster.env, cluster.temp
 
 
 def _submit(address, env, tmp_path, *overrides) -> str:
@@ -72,8 +26,8 @@ def _submit(address, env, tmp_path, *overrides) -> str:
     args = ["run", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", f"cache_dir={tmp_path / 'c'}"]
     for o in TINY + list(overrides):
         args += ["--set", o]
-    result = _ray("job", "submit", "--address", address, "--submission-id", submission, "--working-dir", str(REPO),
-                  "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"), "--no-wait", "--", "agft", *args, env=env)
+    result = ray_cli("job", "submit", "--address", address, "--submission-id", submission, "--working-dir", str(REPO),
+                     "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"), "--no-wait", "--", "agft", *args, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return submission
 
@@ -81,7 +35,7 @@ def _submit(address, env, tmp_path, *overrides) -> str:
 def _wait(address, env, submission, timeout=300) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        result = _ray("job", "status", "--address", address, submission, env=env)
+        result = ray_cli("job", "status", "--address", address, submission, env=env)
         status = re.search(r"Job '[^']+' (succeeded|failed|stopped)", result.stdout + result.stderr)
         if status:
             return status.group(1).upper()
@@ -93,7 +47,7 @@ def test_job_submission_runs_agft_and_writes_mlflow(head, tmp_path):
     address, env, temp = head
     submission = _submit(address, env, tmp_path)
     status = _wait(address, env, submission)
-    logs = _ray("job", "logs", "--address", address, submission, env=env).stdout
+    logs = ray_cli("job", "logs", "--address", address, submission, env=env).stdout
     assert status == "SUCCEEDED", logs[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id])
@@ -115,13 +69,13 @@ def test_invalid_config_fails_at_once_with_the_error_in_the_logs(head, tmp_path)
     address, env, _ = head
     submission = _submit(address, env, tmp_path, "calibration.gamma=2")
     assert _wait(address, env, submission, timeout=120) == "FAILED"
-    logs = _ray("job", "logs", "--address", address, submission, env=env).stdout
+    logs = ray_cli("job", "logs", "--address", address, submission, env=env).stdout
     assert "agft: error:" in logs and "calibration.gamma" in logs
 
 
 def test_submission_without_the_token_is_refused(head):
     address, env, _ = head
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
-    result = _ray("job", "list", "--address", address, env=no_token)
+    result = ray_cli("job", "list", "--address", address, env=no_token)
     assert result.returncode != 0
     assert re.search(r"401|[Uu]nauthori[sz]ed|token", result.stdout + result.stderr)

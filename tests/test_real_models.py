@@ -65,3 +65,17 @@ def test_pretrained_tag_resolves_from_the_local_cache_and_a_missing_one_is_a_cle
     _fake_hf_cache(tmp_path / "hub", "timm/resnet50_clip.openai", reference.state_dict())
     preflight(cfg)
     assert state_digest(create_clip("RN50", "openai")) == state_digest(reference)
+
+
+def test_openai_weights_build_quickgelu_towers_and_a_weights_file_keeps_the_config(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from open_clip.transformer import QuickGELU
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    reference = create_clip("ViT-B-32", None)
+    _fake_hf_cache(tmp_path / "hub", "timm/vit_base_patch32_clip_224.openai", reference.state_dict())
+    openai = create_clip("ViT-B-32", "openai")
+    for tower in (openai.visual.transformer, openai.transformer):
+        assert all(isinstance(block.mlp.gelu, QuickGELU) for block in tower.resblocks)
+    assert state_digest(openai) == state_digest(reference)
+    assert type(reference.visual.transformer.resblocks[0].mlp.gelu) is torch.nn.GELU

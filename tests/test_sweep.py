@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,32 @@ from ray.util.state import list_tasks
 from pipeline.cli import main
 from pipeline.config import ConfigError, check_sweep, load_config
 from pipeline.sweep import sweep
+from ray_cluster import ray_cluster
 
+# The search as shipped (random search, ASHA, one trial at a time), on tiny sizes: three trials
+# one after another.
 TINY = [
     "pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64",
     "data.train.limit=128", "data.zero_shot=[{name: colours, limit: 32}]",
     "train.epochs=2", "train.batch_size=32", "train.validation.dataset.limit=32",
     "sweep.space={calibration.gamma: {grid: [0.3, 0.6, 0.9]}, calibration.inv_tau: {loguniform: [15, 40]}}",
-    "sweep.num_samples=1", "sweep.scheduler=fifo",
+    "sweep.num_samples=1",
 ]
+SWEEP_DEADLINE_S = 420  # a stalled sweep (issue 16) fails here instead of hanging the suite
+
+
+@contextmanager
+def deadline(seconds: int):
+    def expire(signum, frame):
+        raise TimeoutError(f"sweep still running after {seconds} s: stalled")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _task_count(name: str) -> int:
@@ -34,8 +53,10 @@ def swept(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config(None, TINY + [f"cache_dir={root / 'cache'}", "experiment=sweep-test"])
+    assert cfg.sweep.scheduler == "asha" and cfg.sweep.search == "random" and cfg.sweep.max_concurrent_trials == 1
     before = {n: _task_count(n) for n in ("pretrain_teacher", "teacher_shard", "embed_class_prompts")}
-    result = sweep(cfg, uri, root / "best.yaml", log=lambda line: None)
+    with deadline(SWEEP_DEADLINE_S):
+        result = sweep(cfg, uri, root / "best.yaml", log=lambda line: None)
     time.sleep(2)  # the state API lags task completion by a moment
     after = {n: _task_count(n) for n in before}
     return cfg, uri, result, {n: after[n] - before[n] for n in before}
@@ -53,9 +74,14 @@ def test_sweep_logs_nested_runs_and_summary(swept):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("sweep-test").experiment_id
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
-    assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}
-    for child in children:
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_robust_acc")] == [1, 2]
+    assert len(children) == 3 and not any(t["error"] for t in result.trials)
+    assert {c.data.tags["trial_id"] for c in children} == {t["trial_id"] for t in result.trials}
+    epochs = {t["trial_id"]: t["epochs"] for t in result.trials}
+    for child in children:  # every trial ended: trained to the end, or stopped early by ASHA
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_robust_acc")]
+        assert steps == list(range(1, epochs[child.data.tags["trial_id"]] + 1))
+        assert child.info.status == ("FINISHED" if steps == [1, 2] else "KILLED")
+    assert any(c.info.status == "FINISHED" for c in children)
     assert sorted(float(c.data.params["calibration.gamma"]) for c in children) == [0.3, 0.6, 0.9]
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"trials.csv", "trials.md", "best_params.json", "best.yaml", "frontier.png",
@@ -94,28 +120,37 @@ def test_sweep_needs_a_space_and_a_validation_set():
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    """The driver is SIGKILLed on a cluster of its own once a trial has finished; a new driver on the same
+    cluster resumes the sweep (a killed local Ray would outlive its driver and confuse the next one)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [str(Path(sys.executable).with_name("agft")), "sweep", "--tracking-uri", uri,
            "--best-out", str(tmp_path / "best.yaml")]
     for o in TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=resume-test"]:
         cmd += ["--set", o]
     MlflowClient(uri).search_experiments()  # create the store's schema now: two first users of one SQLite file race
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, not the test session's
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    finished = []
-    try:
-        while time.time() < deadline and not finished and proc.poll() is None:
-            time.sleep(1)
-            finished = _finished_trials(uri)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert len(finished) == 1, "the first trial should finish before the sweep is killed"
-    first_trial, first_run = finished[0]
-    subprocess.run(cmd, env=env, cwd=tmp_path, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=400)
+    with ray_cluster(head_cpus=2) as cluster:
+        env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        finished = []
+        try:
+            while time.time() < deadline and not finished and proc.poll() is None:
+                time.sleep(1)
+                finished = _finished_trials(uri)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert len(finished) == 1, "the first trial should finish before the sweep is killed"
+        first_trial, first_run = finished[0]
+        log = tmp_path / "resumed.log"
+        with log.open("w") as out:
+            try:
+                code = subprocess.run(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                      timeout=400).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+    assert code == 0, log.read_text()[-4000:]
     client = MlflowClient(uri)
     runs = _finished_trials(uri)
     assert len(runs) == 3 and len({t for t, _ in runs}) == 3
@@ -151,3 +186,38 @@ def test_search_space_maps_every_domain_and_optuna_is_available():
     assert type(_search_algorithm(optuna_cfg.sweep)).__name__ == "OptunaSearch"
     with pytest.raises(ConfigError, match="optuna"):
         load_config(None, ["sweep.search=optuna", "sweep.space={train.lr: {grid: [0.1]}}"])
+
+
+def test_a_trial_that_cannot_be_placed_fails_and_the_sweep_goes_on(swept, tmp_path):
+    """3 workers of 1 CPU on a 2-CPU cluster without an autoscaler can never start: that trial ends
+    FAILED at once with the reason, and the next trial still runs (caches warm from the fixture)."""
+    cfg, uri, _, _ = swept
+    lines = []
+    cfg = load_config(None, TINY + [f"cache_dir={cfg.cache_dir}", "experiment=sweep-placement",
+                                    "sweep.space={train.num_workers: {grid: [3, 1]}}"])
+    with deadline(SWEEP_DEADLINE_S):
+        result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
+    assert [(t["train.num_workers"], t["error"]) for t in result.trials] == [(3, True), (1, False)]
+    assert result.best_params == {"train.num_workers": 1}
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-placement").experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    status = {c.data.params["train.num_workers"]: c.info.status for c in children}
+    assert status == {"3": "FAILED", "1": "FINISHED"}
+
+
+def test_a_sweep_whose_trials_all_fail_ends_with_one_line_and_closed_runs(swept, tmp_path, capsys):
+    cfg, uri, _, _ = swept
+    args = ["sweep", "--tracking-uri", uri, "--best-out", str(tmp_path / "best.yaml")]
+    for o in TINY + [f"cache_dir={cfg.cache_dir}", "experiment=sweep-all-fail",
+                     "sweep.space={train.num_workers: {grid: [3]}}"]:
+        args += ["--set", o]
+    capsys.readouterr()
+    with deadline(SWEEP_DEADLINE_S):
+        assert main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("agft:")]
+    assert len(err) == 1 and "none of the 1 trials" in err[0] and "train.num_workers=3 workers" in err[0]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-all-fail").experiment_id
+    assert {r.info.status for r in client.search_runs([experiment])} == {"FAILED"}
+    assert not (tmp_path / "best.yaml").exists()

@@ -1,0 +1,92 @@
+"""Real Ray clusters for tests: a head and optional worker nodes as separate `ray start` processes on
+this machine, every port their own (the session's local Ray holds Ray's defaults), token auth on."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "metrics-export-port", "runtime-env-agent-port")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args, env, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class Cluster:
+    gcs_address: str  # what drivers pass as --address / RAY_ADDRESS
+    dashboard: str  # what `ray job` and the state CLI take
+    env: dict  # carries the token
+    temp: str
+
+
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # the node this test started, and only it
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextmanager
+def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
+    """workers: one dict per worker node, e.g. {"num-cpus": 2, "num-gpus": 1} (GPUs declared, not real)."""
+    token = secrets.token_hex(32)
+    temp = tempfile.mkdtemp(prefix="raytest", dir="/tmp")  # short: Ray's unix sockets live under it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{env['PATH']}"}
+    gcs_port, dashboard_port = free_port(), free_port()
+    cluster = Cluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", env, temp)
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, temp, True)
+        head = _start(["--head", f"--port={gcs_port}", f"--ray-client-server-port={free_port()}",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={head_cpus}",
+                       f"--temp-dir={temp}", *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], env)
+        stack.callback(_stop, head)
+        # `job list` answers as soon as the dashboard does; a submission also needs the head's job
+        # agent, which can come up later on a loaded machine: probe with a job that does nothing.
+        deadline = time.time() + 120
+        while (probe := ray_cli("job", "submit", "--address", cluster.dashboard, "--no-wait", "--", "true",
+                                env=env)).returncode:
+            assert time.time() < deadline and head.poll() is None, \
+                f"the Ray head did not come up: {(probe.stdout + probe.stderr)[-2000:]}"
+            time.sleep(2)
+        for resources in workers:
+            node = _start([f"--address={cluster.gcs_address}", *(f"--{k}={v}" for k, v in resources.items()),
+                           *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], env)
+            stack.callback(_stop, node)
+        deadline = time.time() + 120
+        while _alive_nodes(cluster) < 1 + len(workers):
+            assert time.time() < deadline, f"only {_alive_nodes(cluster)} of {1 + len(workers)} nodes came up"
+            time.sleep(2)
+        yield cluster
+
+
+def _alive_nodes(cluster: Cluster) -> int:
+    listed = ray_cli("list", "nodes", "--address", cluster.dashboard, "--filter", "state=ALIVE", "--format", "json",
+                     env=cluster.env)
+    return len(json.loads(listed.stdout)) if listed.returncode == 0 else 0
