@@ -106,6 +106,20 @@ class ClassificationData:
     def __len__(self) -> int:
         return len(self.images)
 
+    def info(self) -> "DatasetInfo":
+        return DatasetInfo(self.name, list(self.classnames), list(self.templates), dict(self.identity), len(self))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the driver needs to know of a dataset, read where the data is: no images."""
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    identity: dict
+    size: int
+
 
 def check_spec(kind: str, name: str, split: str, root: str | None) -> None:
     """Schema-level validation (no file system access)."""

@@ -9,20 +9,28 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from agft_core.attacks import autoattack, cw_margin_loss, pgd
+from agft_core.losses import zero_shot_logits
 
 
-def batches(images: Dataset, batch_size: int, indices=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(images: Dataset, batch_size: int, indices=None, device="cpu",
+            loader_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pixels, labels) on `device`, in order; loader_workers processes decode while the model runs."""
     subset = images if indices is None else Subset(images, list(indices))
-    yield from DataLoader(subset, batch_size=batch_size, shuffle=False)
+    device = torch.device(device)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=loader_workers,
+                        pin_memory=device.type == "cuda")
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 @torch.no_grad()
-def embed_images(encoder: nn.Module, images: Dataset, indices: range, batch_size: int, device="cpu"):
-    """(labels [n], embeddings [n, dim]) for images[indices], in order."""
+def embed_images(encoder: nn.Module, images: Dataset, indices: range, batch_size: int, device="cpu",
+                 loader_workers: int = 0):
+    """(labels [n], embeddings [n, dim]) for images[indices], in order, on the CPU."""
     labels, embeddings = [], []
-    for x, y in batches(images, batch_size, indices):
-        embeddings.append(encoder(x.to(device)).float().cpu())
-        labels.append(y)
+    for x, y in batches(images, batch_size, indices, device, loader_workers):
+        embeddings.append(encoder(x).float().cpu())
+        labels.append(y.cpu())
     return torch.cat(labels), torch.cat(embeddings)
 
 
@@ -38,12 +46,13 @@ class ZeroShotClassifier(nn.Module):
         self.register_buffer("text", text_emb, persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.encoder(pixels) @ self.text.T
+        return zero_shot_logits(self.encoder(pixels), self.text, self.scale)
 
 
 def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float, images: Dataset, *,
                        eps: float, alpha: float, steps: int, batch_size: int, device="cpu",
-                       generator: torch.Generator | None = None, attack: str = "pgd") -> dict[str, float]:
+                       generator: torch.Generator | None = None, attack: str = "pgd",
+                       loader_workers: int = 0) -> dict[str, float]:
     """Top-1 accuracy on clean images and under an L∞ attack at the model's logit scale:
     pgd (hard-label cross-entropy), cw (PGD on the margin loss), autoattack or autoattack-rand.
 
@@ -52,8 +61,8 @@ def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float,
     """
     classifier = ZeroShotClassifier(encoder.float().eval(), text_emb.to(device).float(), scale)
     clean = robust = total = 0
-    for x, y in batches(images, batch_size):
-        x, y = x.to(device).float(), y.to(device)
+    for x, y in batches(images, batch_size, device=device, loader_workers=loader_workers):
+        x = x.float()
         with torch.no_grad():
             clean_ok = classifier(x).argmax(-1) == y
         if attack.startswith("autoattack"):

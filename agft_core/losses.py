@@ -15,18 +15,26 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
     return -(target_probs * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
+def zero_shot_logits(emb: torch.Tensor, text_emb: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · cos(emb, t) for every class, in fp32 even inside autocast: at 1/τ = 180, bf16's 8-bit
+    mantissa moves a logit by up to ~0.7, enough to reshape p_cal and flip argmaxes."""
+    dtype = torch.promote_types(emb.dtype, torch.float32)  # fp64 stays fp64
+    with torch.autocast(emb.device.type, enabled=False):
+        return scale * emb.to(dtype) @ text_emb.to(dtype).T
+
+
 def calibrated_targets(teacher_emb: torch.Tensor, text_emb: torch.Tensor, gamma: float, inv_tau: float) -> torch.Tensor:
     """p_cal: the teacher's class distribution at the calibrated logit scale γ/τ."""
-    return F.softmax(gamma * inv_tau * teacher_emb @ text_emb.T, dim=-1)
+    return F.softmax(zero_shot_logits(teacher_emb, text_emb, gamma * inv_tau), dim=-1)
 
 
 def agft_loss(student_emb: torch.Tensor, targets: torch.Tensor, text_emb: torch.Tensor, inv_tau: float) -> torch.Tensor:
-    return soft_cross_entropy(inv_tau * student_emb @ text_emb.T, targets)
+    return soft_cross_entropy(zero_shot_logits(student_emb, text_emb, inv_tau), targets)
 
 
 def tecoa_loss(student_emb: torch.Tensor, labels: torch.Tensor, text_emb: torch.Tensor, scale: float) -> torch.Tensor:
     """TeCoA: cross-entropy on hard labels at the zero-shot logit scale."""
-    return F.cross_entropy(scale * student_emb @ text_emb.T, labels)
+    return F.cross_entropy(zero_shot_logits(student_emb, text_emb, scale), labels)
 
 
 def kl_divergence(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

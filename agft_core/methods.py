@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agft_core.losses import agft_loss, attention_map, calibrated_targets, fare_loss, pmg_aft_loss, tecoa_loss, \
-    tga_zsr_loss
+    tga_zsr_loss, zero_shot_logits
 
 METHODS = ("agft", "tecoa", "pmg_aft", "fare", "tga_zsr")
 NEEDS_TEACHER = ("pmg_aft", "fare", "tga_zsr")  # a frozen encoder forward per step; AGFT reads the cache
@@ -30,7 +30,7 @@ class Method:
         self.text, self.scale = text, scale
 
     def logits(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.scale * emb.float() @ self.text.T
+        return zero_shot_logits(emb, self.text, self.scale)
 
     def prepare(self, x, labels, cached_teacher):
         return None

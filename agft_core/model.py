@@ -172,5 +172,6 @@ class ImageEncoder(nn.Module):
 def class_text_embeddings(model: nn.Module, arch: str, classnames, templates) -> torch.Tensor:
     """[classes, dim] L2-normalised text embeddings, averaged over the templates."""
     tokenizer = open_clip.get_tokenizer(arch)
-    weights = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, templates)
+    device = next(model.parameters()).device
+    weights = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, templates, device=device)
     return weights.T.contiguous()

@@ -8,8 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import ConfigError, check_sweep, dump_yaml, load_config, on_cluster, preflight, \
-    tracking_uri
+from pipeline.config import ConfigError, check_sweep, dump_yaml, load_config, on_cluster, tracking_uri
 
 STEPS = ("pretrain", "text", "teacher", "train")
 
@@ -75,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
             plot_world(Path(args.out), cfg.data.world_seed)
             print(f"wrote {args.out}")
             return 0
-        preflight(cfg)
         if args.command == "sweep":
             check_sweep(cfg)
         uri = tracking_uri(args.tracking_uri, on_cluster(args.address))
@@ -85,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     _start_ray(args.address)
-    from pipeline.dag import Pipeline  # heavy imports only once the input is known to be good
+    from pipeline.dag import Pipeline, check_inputs  # heavy imports only once the input is known to be good
 
     try:
+        check_inputs(cfg)
         if args.command in ("run", "sweep", "compare"):
             from pipeline.train import check_resources
 

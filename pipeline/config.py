@@ -16,7 +16,8 @@ from agft_core.methods import METHODS
 from agft_core.model import EMBEDDED_ARCH, architectures, cached_pretrained, has_vit_tower, is_weights_file, \
     missing_pretrained_message
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # installed as package data
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "demo.yaml"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -186,6 +187,23 @@ class EvalConfig(Section):
     matrix: MatrixConfig = MatrixConfig()
 
 
+class ResourcesConfig(Section):
+    """What each Ray task of the DAG asks for (the train workers: train.num_workers, cpus_per_worker, use_gpu)."""
+
+    task_cpus: float = Field(1, gt=0, description="CPUs per text-cache, teacher-cache and eval task")
+    task_gpus: float = Field(0, ge=0, description="GPUs per teacher-cache and eval task: a fraction such as 0.25 "
+                                                  "packs tasks onto one GPU; 0 computes on CPUs")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes decoding images in each task and train "
+                                                     "worker (0: decode in the computing process)")
+
+    @field_validator("task_gpus")
+    @classmethod
+    def _whole_above_one(cls, gpus: float) -> float:
+        if gpus > 1 and not float(gpus).is_integer():
+            raise ValueError(f"{gpus} GPUs: Ray takes a fraction up to 1 or a whole number")
+        return gpus
+
+
 class Domain(Section):
     """One search axis: exactly one of choice, grid, uniform [low, high], loguniform [low, high]."""
 
@@ -244,6 +262,7 @@ class Config(Section):
     artifact_location: str | None = Field(None, description="MLflow artifact root of a new experiment")
     experiment: str = "agft"
     teacher_cache_shards: int = Field(2, gt=0)
+    resources: ResourcesConfig = ResourcesConfig()
     sweep: SweepConfig = SweepConfig()
     compare: CompareConfig = CompareConfig()
 
@@ -313,7 +332,11 @@ def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """path: a YAML file, or the name of a shipped config (`vitb32_imagenet`, `configs/demo.yaml`)."""
     path = Path(path) if path else DEFAULT_CONFIG
+    shipped = SHIPPED_CONFIGS / Path(path).with_suffix(".yaml").name
+    if not path.is_file() and not path.is_absolute() and shipped.is_file():
+        path = shipped
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:

@@ -20,11 +20,10 @@ from agft_core import world
 from agft_core.attacks import AUTOATTACK_MIN_CLASSES
 from agft_core.cache import CacheEntry, absolute, describe_file, embeddings_of, filesystem, join, local_path, \
     read_parquet, upload
-from agft_core.datasets import ClassificationData, load_dataset
-from agft_core.model import create_clip, preprocess_cfg, state_digest
+from agft_core.datasets import DatasetInfo
 from agft_core.pretrain import RECIPE
 from pipeline import tracking
-from pipeline.config import Config, ConfigError, dump_yaml
+from pipeline.config import Config, ConfigError, dump_yaml, preflight
 from pipeline.train import ENCODER_FILE, HISTORY_FILE, TrainInputs, fit, read_history
 from tasks import steps
 
@@ -49,6 +48,18 @@ def _wait(refs: list, label: str) -> list:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
     return ray.get(list(refs))
+
+
+def check_inputs(cfg: Config) -> None:
+    """preflight() where the data and weights are - a Ray task - not in the driver, which under
+    `ray job submit` runs on the head, with neither mounted."""
+    task = ray.remote(preflight).options(num_cpus=cfg.resources.task_cpus)
+    try:
+        ray.get(task.remote(cfg))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ConfigError):
+            raise exc.cause from None
+        raise
 
 
 class Pipeline:
@@ -92,6 +103,9 @@ class Pipeline:
             entry.commit(files)
         return entry.files()[0]
 
+    def _task_resources(self) -> dict[str, float]:
+        return {"num_cpus": self.cfg.resources.task_cpus, "num_gpus": self.cfg.resources.task_gpus}
+
     @staticmethod
     def _cpus() -> int:
         """All the CPUs of the biggest node: pretraining is one process and cannot span nodes."""
@@ -108,24 +122,26 @@ class Pipeline:
             entries[key] = entry
             label = d.name if key.startswith("zs") else f"{d.name} ({key})"
             if not seen and not self._cached("text", entry, label, len(d.classnames)):
-                pending[entry.fingerprint] = (entry, steps.embed_class_prompts.remote(
-                    self.cfg.model.arch, weights, spec, size, join(entry.begin(), "part-00000.parquet")))
+                task = steps.embed_class_prompts.options(**self._task_resources())
+                pending[entry.fingerprint] = (entry, task.remote(self.cfg.model.arch, weights, spec, size,
+                                                                 join(entry.begin(), "part-00000.parquet")))
         files = _wait([ref for _, ref in pending.values()], "text cache")
         for (entry, _), file in zip(pending.values(), files):
             entry.commit([file])
         return entries
 
     # -- teacher cache: sharded Parquet of the frozen teacher's image embeddings -----------
-    def teacher_cache(self, weights, digest, spec, data: ClassificationData, model_pre: dict) -> CacheEntry:
+    def teacher_cache(self, weights, digest, spec, data: DatasetInfo, model_pre: dict) -> CacheEntry:
         entry = CacheEntry(self.root, "teacher", {"weights": digest, "dataset": data.identity,
                                                   "preprocess": model_pre})
-        n = len(data)
+        n = data.size
         if not self._cached("teacher", entry, data.name, n):
             directory = entry.begin()
             shards = self.cfg.teacher_cache_shards
             bounds = [(n * i // shards, n * (i + 1) // shards) for i in range(shards)]
-            refs = [steps.teacher_shard.remote(self.cfg.model.arch, weights, spec, model_pre["size"][0], a, b,
-                                               self.cfg.eval.batch_size, join(directory, f"part-{i:05d}.parquet"))
+            task = steps.teacher_shard.options(**self._task_resources())
+            refs = [task.remote(self.cfg.model.arch, weights, spec, model_pre["size"][0], a, b, self.cfg.eval.batch_size,
+                                self.cfg.resources.loader_workers, join(directory, f"part-{i:05d}.parquet"))
                     for i, (a, b) in enumerate(bounds)]
             entry.commit(_wait(refs, "teacher cache"))
         return entry
@@ -167,8 +183,9 @@ class Pipeline:
             if not key.startswith("zs"):
                 continue
             text = ray.put(embeddings_of(read_parquet(self.texts[key].files())))
-            refs += [steps.evaluate_zero_shot.remote(self.cfg.model.arch, self.weights, cell_encoders, spec, self.size,
-                                                     text, cell_attacks, self.cfg.eval.batch_size, self.cfg.seed)
+            task = steps.evaluate_zero_shot.options(**self._task_resources())
+            refs += [task.remote(self.cfg.model.arch, self.weights, cell_encoders, spec, self.size, text, cell_attacks,
+                                 self.cfg.eval.batch_size, self.cfg.seed, self.cfg.resources.loader_workers)
                      for cell_encoders, cell_attacks in cells]
         return [row for rows in _wait(refs, "zero-shot eval") for row in rows]
 
@@ -180,11 +197,12 @@ class Pipeline:
 
     def prepare_text(self, training: bool) -> dict[str, tuple]:
         """The teacher and the text caches of the zero-shot datasets (and, for training, of the
-        training and validation sets). Returns the loaded datasets by key."""
+        training and validation sets). Returns (spec, DatasetInfo) by key: the driver sees no images."""
         cfg = self.cfg
         self.weights = self._timed("pretrain", self.teacher_weights)
-        teacher_model = create_clip(cfg.model.arch, self.weights)
-        self.digest, self.preprocess = state_digest(teacher_model), preprocess_cfg(teacher_model)
+        light = {"num_cpus": cfg.resources.task_cpus}  # the driver reads no weights and no data
+        self.digest, self.preprocess = ray.get(steps.describe_model.options(**light).remote(cfg.model.arch,
+                                                                                            self.weights))
         self.size = self.preprocess["size"][0]
         datasets = {f"zs{i}:{d.name}": d for i, d in enumerate(cfg.data.zero_shot)}
         if training:
@@ -192,7 +210,9 @@ class Pipeline:
             if cfg.train.validation:
                 datasets["val"] = cfg.train.validation.dataset
         self.specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
-        data = {key: (spec, load_dataset(spec, self.size)) for key, spec in self.specs.items()}
+        infos = ray.get([steps.describe_dataset.options(**light).remote(spec, self.size)
+                         for spec in self.specs.values()])
+        data = {key: (spec, info) for (key, spec), info in zip(self.specs.items(), infos)}
         self.texts = self._timed("text", self.text_caches, self.weights, self.digest, data, self.size)
         return data
 
@@ -200,7 +220,7 @@ class Pipeline:
         """Everything before training: the teacher, the text caches and the teacher cache."""
         cfg = self.cfg
         data = self.prepare_text(training=True)
-        per_worker = len(data["train"][1]) // cfg.train.num_workers
+        per_worker = data["train"][1].size // cfg.train.num_workers
         if per_worker < cfg.train.batch_size:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {per_worker} images each of "
                               f"the {cfg.train.num_workers} workers gets from data.train; lower it or raise "

@@ -26,6 +26,8 @@ from agft_core.methods import NEEDS_TEACHER, Method, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.tracking import log_epoch
+from tasks import steps
+from tasks.common import cpu_fallback
 
 ENCODER_FILE = "image_encoder.safetensors"
 STATE_FILE = "train_state.pt"
@@ -94,7 +96,7 @@ def train_loop(inputs: TrainInputs) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     torch.manual_seed(cfg.seed + rank)
-    device = get_device()
+    device = cpu_fallback(f"train rank {rank}", get_device())
 
     clip = create_clip(cfg.model.arch, inputs.teacher_weights)
     scale = logit_scale(clip)
@@ -107,7 +109,8 @@ def train_loop(inputs: TrainInputs) -> None:
     data = load_dataset(cfg.data.train.spec(cfg.data.world_seed), inputs.image_size)
     sampler = DistributedSampler(_Indexed(data.images), num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
-    loader = DataLoader(_Indexed(data.images), batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True)
+    loader = DataLoader(_Indexed(data.images), batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.resources.loader_workers, pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
     optimizer = torch.optim.SGD(encoder.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
@@ -126,7 +129,7 @@ def train_loop(inputs: TrainInputs) -> None:
         schedule.load_state_dict(state["schedule"])
         start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
 
-    model = prepare_model(encoder)
+    model = prepare_model(encoder, move_to_device=device)
     raw = model.module if hasattr(model, "module") else model  # attacks bypass DDP's gradient hooks
     frozen = None
     if cfg.train.method in NEEDS_TEACHER:
@@ -152,21 +155,23 @@ def train_loop(inputs: TrainInputs) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         model.train()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, robust correct, images
+        # Sums stay on the training device: no host sync per step, and nccl reduces only CUDA tensors.
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, robust correct, images
         for x, y, idx in loader:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss, student_emb = adversarial_step(model, raw, method, x, y, teacher_emb[idx.to(device)],
                                                  cfg.train.attack, cfg.train.amp, optimizer, scaler)
             schedule.step()
             correct = ((student_emb @ text_emb.T).argmax(-1) == y).sum()
-            totals += torch.tensor([loss.item() * len(y), float(correct), len(y)], dtype=torch.float64)
+            totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
         if validation:
             v = validation.attack
             scores = zero_shot_accuracy(raw, val_text, scale, val_shard, eps=v.eps, alpha=v.alpha, steps=v.steps,
                                         batch_size=cfg.eval.batch_size, device=device,
-                                        generator=torch.Generator(device).manual_seed(cfg.seed + rank))
-            totals = torch.cat([totals, torch.tensor([scores["clean"] * scores["n"], scores["robust"] * scores["n"],
-                                                      scores["n"]], dtype=torch.float64)])
+                                        generator=torch.Generator(device).manual_seed(cfg.seed + rank),
+                                        loader_workers=cfg.resources.loader_workers)
+            totals = torch.cat([totals, totals.new_tensor([scores["clean"] * scores["n"],
+                                                           scores["robust"] * scores["n"], scores["n"]])])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         metrics = {"epoch": epoch + 1, "loss": totals[0].item() / totals[2].item(),
@@ -236,6 +241,19 @@ def check_resources(cfg: TrainConfig, log=print) -> None:
         log(f"[train] {problem}")
 
 
+def process_group_backend(use_gpu: bool, log=print) -> str:
+    """gloo on CPUs. With GPUs, nccl for CUDA tensors and gloo for any CPU tensor (a collective on a CPU
+    tensor under plain nccl crashes the run) - if the GPU nodes have CUDA: GPUs declared to Ray on nodes
+    without it get gloo, and the workers compute on their CPUs (cpu_fallback)."""
+    if not use_gpu:
+        return "gloo"
+    if ray.get(steps.cuda_available.options(num_cpus=0, num_gpus=1).remote()):
+        return "cpu:gloo,cuda:nccl"
+    log("[train] WARNING: train.use_gpu, but CUDA is not available on the GPU nodes: training on their CPUs "
+        "with gloo")
+    return "gloo"
+
+
 def _start_failure_limit(start_timeout_s: float) -> int:
     """Ray Train retries a worker group that did not get its resources within one start timeout;
     this many retries bound the whole wait by start_timeout_s."""
@@ -253,7 +271,7 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=inputs,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(storage_path=storage_path, name=name, callbacks=callbacks,

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import ray
 import torch
 
@@ -8,3 +10,18 @@ def use_assigned_cpus() -> None:
     # Ray sets OMP_NUM_THREADS=1 in workers; give torch the CPUs this task was granted.
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
+
+
+def cpu_fallback(step: str, device: torch.device) -> torch.device:
+    """`device` if it can run here; a CUDA device Ray granted on a node without CUDA (a GPU declared
+    with `ray start --num-gpus` on a CPU machine, or a driver mismatch) falls back to the CPU, saying so."""
+    if device.type != "cuda" or torch.cuda.is_available():
+        return device
+    print(f"[{step}] WARNING: Ray granted GPU {ray.get_gpu_ids()} but CUDA is not available on node "
+          f"{ray.get_runtime_context().get_node_id()[:12]}: computing on the CPU", file=sys.stderr, flush=True)
+    return torch.device("cpu")
+
+
+def task_device(step: str) -> torch.device:
+    """Where a Ray task computes: the GPU Ray granted it (CUDA_VISIBLE_DEVICES names only that one), else the CPU."""
+    return cpu_fallback(step, torch.device("cuda" if ray.get_gpu_ids() else "cpu"))

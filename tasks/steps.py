@@ -10,12 +10,12 @@ import torch
 
 from agft_core import world
 from agft_core.cache import describe_file, embedding_table, join, upload, write_parquet
-from agft_core.datasets import DatasetSpec, load_dataset
+from agft_core.datasets import DatasetInfo, DatasetSpec, load_dataset
 from agft_core.evaluate import embed_images, zero_shot_accuracy
-from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, logit_scale, save_weights, \
-    load_weights
+from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, load_weights, logit_scale, \
+    preprocess_cfg, save_weights, state_digest
 from agft_core.pretrain import pretrain_clip
-from tasks.common import use_assigned_cpus
+from tasks.common import task_device, use_assigned_cpus
 
 
 @ray.remote
@@ -34,11 +34,29 @@ def pretrain_teacher(arch: str, corpus_size: int, world_seed: int, epochs: int, 
 
 
 @ray.remote
+def describe_model(arch: str, weights: str | None) -> tuple[str, dict]:
+    """The weights' content digest and the model's preprocessing, read where the weights are."""
+    model = create_clip(arch, weights)
+    return state_digest(model), preprocess_cfg(model)
+
+
+@ray.remote
+def describe_dataset(spec: DatasetSpec, image_size: int) -> DatasetInfo:
+    return load_dataset(spec, image_size).info()
+
+
+@ray.remote
+def cuda_available() -> bool:
+    """Run with a GPU request: whether the node Ray picks for GPU work has CUDA."""
+    return torch.cuda.is_available()
+
+
+@ray.remote
 def embed_class_prompts(arch: str, weights: str | None, spec: DatasetSpec, image_size: int, out_path: str) -> dict:
     use_assigned_cpus()
     data = load_dataset(spec, image_size)
-    model = create_clip(arch, weights)
-    emb = class_text_embeddings(model, arch, data.classnames, data.templates).numpy()
+    model = create_clip(arch, weights).to(task_device("text cache"))
+    emb = class_text_embeddings(model, arch, data.classnames, data.templates).cpu().numpy()
     columns = {"class_index": np.arange(len(data.classnames)), "classname": data.classnames,
                "templates": [data.templates] * len(data.classnames)}
     return write_parquet(embedding_table(columns, emb), out_path)
@@ -46,11 +64,12 @@ def embed_class_prompts(arch: str, weights: str | None, spec: DatasetSpec, image
 
 @ray.remote
 def teacher_shard(arch: str, weights: str | None, spec: DatasetSpec, image_size: int, start: int, stop: int,
-                  batch_size: int, out_path: str) -> dict:
+                  batch_size: int, loader_workers: int, out_path: str) -> dict:
     use_assigned_cpus()
+    device = task_device("teacher cache")
     data = load_dataset(spec, image_size)
-    encoder = ImageEncoder.from_clip(create_clip(arch, weights))
-    labels, emb = embed_images(encoder, data.images, range(start, stop), batch_size)
+    encoder = ImageEncoder.from_clip(create_clip(arch, weights)).to(device)
+    labels, emb = embed_images(encoder, data.images, range(start, stop), batch_size, device, loader_workers)
     table = embedding_table({"index": np.arange(start, stop), "label": labels.numpy()}, emb.numpy())
     return write_parquet(table, out_path)
 
@@ -58,10 +77,11 @@ def teacher_shard(arch: str, weights: str | None, spec: DatasetSpec, image_size:
 @ray.remote
 def evaluate_zero_shot(arch: str, weights: str | None, encoders: dict[str, str | None], spec: DatasetSpec,
                        image_size: int, text_emb: np.ndarray, attacks: list[tuple[str, float, float, int]],
-                       batch_size: int, seed: int) -> list[dict]:
+                       batch_size: int, seed: int, loader_workers: int) -> list[dict]:
     """Clean and robust accuracy of each encoder (None: the original one, else a fine-tuned image
     encoder's weights) under each (attack, ε, α, steps): one row per pair."""
     use_assigned_cpus()
+    device = task_device("eval")
     data = load_dataset(spec, image_size)
     clip = create_clip(arch, weights)
     scale = logit_scale(clip)
@@ -71,10 +91,12 @@ def evaluate_zero_shot(arch: str, weights: str | None, encoders: dict[str, str |
         encoder = ImageEncoder.from_clip(clip if encoder_weights is None else create_clip(arch, weights))
         if encoder_weights is not None:
             load_weights(encoder, encoder_weights)
+        encoder.to(device)
         for attack, eps, alpha, steps in attacks:
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator(device).manual_seed(seed)
             scores = zero_shot_accuracy(encoder, text, scale, data.images, eps=eps, alpha=alpha, steps=steps,
-                                        batch_size=batch_size, generator=generator, attack=attack)
+                                        batch_size=batch_size, device=device, generator=generator, attack=attack,
+                                        loader_workers=loader_workers)
             rows.append({"model": name, "dataset": spec.name, "attack": attack, "eps": eps, "steps": steps,
                          **scores})
     return rows

@@ -61,11 +61,15 @@ def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{env['PATH']}"}
     gcs_port, dashboard_port = free_port(), free_port()
     cluster = Cluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", env, temp)
+    # Ray's own processes find their cluster through RAY_ADDRESS; without it, Ray Train's placement
+    # group cleaner (the state API) sees this machine's other local Ray too, fails, and leaks the
+    # placement group of every trainer that was killed.
+    nodes_env = {**env, "RAY_ADDRESS": cluster.gcs_address}
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, temp, True)
         head = _start(["--head", f"--port={gcs_port}", f"--ray-client-server-port={free_port()}",
                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={head_cpus}",
-                       f"--temp-dir={temp}", *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], env)
+                       f"--temp-dir={temp}", *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], nodes_env)
         stack.callback(_stop, head)
         # `job list` answers as soon as the dashboard does; a submission also needs the head's job
         # agent, which can come up later on a loaded machine: probe with a job that does nothing.
@@ -75,14 +79,15 @@ def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
             assert time.time() < deadline and head.poll() is None, \
                 f"the Ray head did not come up: {(probe.stdout + probe.stderr)[-2000:]}"
             time.sleep(2)
-        for resources in workers:
+        for count, resources in enumerate(workers, start=2):  # one at a time: two joining at once lost one
             node = _start([f"--address={cluster.gcs_address}", *(f"--{k}={v}" for k, v in resources.items()),
-                           *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], env)
+                           *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], nodes_env)
             stack.callback(_stop, node)
-        deadline = time.time() + 120
-        while _alive_nodes(cluster) < 1 + len(workers):
-            assert time.time() < deadline, f"only {_alive_nodes(cluster)} of {1 + len(workers)} nodes came up"
-            time.sleep(2)
+            deadline = time.time() + 120
+            while _alive_nodes(cluster) < count:
+                assert time.time() < deadline and node.poll() is None, \
+                    f"worker node {count - 1} did not join: {_alive_nodes(cluster)} nodes alive"
+                time.sleep(2)
         yield cluster
 
 

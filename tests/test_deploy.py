@@ -1,4 +1,6 @@
 """The deploy/ manifests parse, carry what a GPU cluster needs, and name real agft commands."""
+import json
+import re
 import shlex
 from pathlib import Path
 
@@ -51,26 +53,62 @@ def test_rayjob():
     _check_entrypoint(doc["spec"]["entrypoint"])
 
 
-def test_mlflow_server_has_postgres_object_store_and_auth():
+def test_mlflow_server_has_postgres_stores_object_store_and_auth_with_no_password_committed():
     deployment, service = _docs(DEPLOY / "mlflow" / "mlflow-server.yaml")
     assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
-    command = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(container["args"])
     assert "--backend-store-uri" in command and "postgresql://" in command
     assert "--artifacts-destination s3://" in command and "--app-name basic-auth" in command
     assert "--allowed-hosts" in command
+    assert re.search(r"database_uri = %s.*postgresql://\S+/mlflow_auth", command)  # auth store: PostgreSQL
+    env = {e["name"]: e for e in container["env"]}
+    assert "secretKeyRef" in env["MLFLOW_ADMIN_PASSWORD"]["valueFrom"]
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    extras = (DEPLOY / "mlflow" / "Dockerfile").read_text()
+    assert all(extra in extras for extra in ("mlflow[auth]", "psycopg", "boto3"))
+    for path in DEPLOY.rglob("*"):
+        if path.is_file():
+            assert not re.search(r"(admin_password|PASSWORD)\s*[=:]\s*[\w-]{6,}", path.read_text()), path
 
 
-def test_cluster_launcher():
+def test_cluster_launcher_is_valid_for_ray_and_gives_gpus_to_gpu_nodes_only():
+    import jsonschema
+    import ray
+
     doc = yaml.safe_load((DEPLOY / "vm" / "cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(doc, schema)  # the schema `ray up` itself validates against
     assert doc["head_node_type"] in doc["available_node_types"]
-    assert {"cluster_name", "provider", "max_workers"} <= set(doc)
     assert any("RAY_AUTH_MODE=token" in c for c in doc["head_start_ray_commands"])
+    assert not any("--gpus" in o for o in doc["docker"].get("run_options", []) + doc["docker"].get("head_run_options", []))
+    for name, node in doc["available_node_types"].items():
+        gpu_options = any("--gpus" in o for o in node.get("docker", {}).get("worker_run_options", []))
+        assert gpu_options == node["node_config"]["InstanceType"].startswith(("g", "p")), name
 
 
-def test_dockerfile_runs_as_non_root_with_the_project_installed():
-    text = (DEPLOY / "Dockerfile").read_text()
-    assert "USER agft" in text and "pip install --no-cache-dir ." in text
+def test_dockerfile_builds_on_rays_gpu_image_with_dependencies_before_sources():
+    lines = [line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if not line.startswith("#")]
+    assert lines[0] == "FROM rayproject/ray:2.60.0-py311-gpu"  # probes' wget, rsync, openssh, user ray
+    text = "\n".join(lines)
+    assert "|| true" not in text  # a failed install fails the build
+    deps, sources = text.index("pip install --no-cache-dir -r"), text.index("COPY --chown=ray:users agft_core")
+    assert deps < sources and "pip install --no-cache-dir --no-deps ." in text[sources:]
+
+
+def test_the_shipped_configs_are_package_data(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("agft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"pipeline/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")} <= names
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names resolve to the packaged files
+    assert load_config("vitb32_imagenet").model.arch == "ViT-B-32"
+    assert load_config("configs/vitb32_imagenet.yaml") == load_config("vitb32_imagenet")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")))

@@ -1,12 +1,20 @@
-"""`ray job submit` round trip against a real head started here, with token authentication on."""
+"""`ray job submit` against real Ray clusters started here (token auth on): a single head, and a
+multi-node cluster with declared GPUs logging to a real MLflow server."""
+import json
+import os
 import re
 import secrets
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+from mlflow_server import mlflow_server, status_without_credentials
 from ray_cluster import ray_cli, ray_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,3 +87,92 @@ def test_submission_without_the_token_is_refused(head):
     result = ray_cli("job", "list", "--address", address, env=no_token)
     assert result.returncode != 0
     assert re.search(r"401|[Uu]nauthori[sz]ed|token", result.stdout + result.stderr)
+
+
+# -- the real path on a multi-node "GPU" cluster, logging to a real tracking server --------------
+
+def _state(cluster, kind: str) -> list[dict]:
+    listed = ray_cli("list", kind, "--address", cluster.dashboard, "--detail", "--format", "json", "--limit", "10000",
+                     env=cluster.env)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return json.loads(listed.stdout)
+
+
+def _imagefolder(root: Path) -> None:
+    """Three colours in torchvision's ImageFolder layout, train and test splits."""
+    for split, count in (("train", 8), ("test", 4)):
+        for name, rgb in (("red", (220, 30, 30)), ("green", (30, 200, 40)), ("blue", (30, 40, 220))):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(rgb) + np.random.default_rng(i).integers(-20, 20, (40, 40, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    """A 1-CPU head (where `ray job submit` runs the driver) and two worker nodes declaring one GPU each."""
+    with ray_cluster(head_cpus=1, workers=[{"num-cpus": 2, "num-gpus": 1}] * 2) as cluster:
+        yield cluster
+
+
+def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu_cluster, tmp_path):
+    from agft_core.model import create_clip, save_weights
+
+    data, weights, audit = tmp_path / "toys", tmp_path / "teacher.safetensors", tmp_path / "driver-reads.log"
+    _imagefolder(data)
+    save_weights(create_clip("agft-tiny-vit", None), weights)
+    with mlflow_server() as server:
+        assert status_without_credentials(server.uri) == 401
+        runtime_env = yaml.safe_load((REPO / "deploy" / "runtime_env.yaml").read_text())
+        runtime_env["env_vars"] |= server.client_env  # driver and workers log to the server
+        (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+        overrides = [
+            f"model.weights={weights}", f"cache_dir={tmp_path / 'cache'}",
+            f"data.train={{kind: imagefolder, name: toys, split: train, root: {data}}}",
+            f"data.zero_shot=[{{kind: imagefolder, name: toys, split: test, root: {data}}}]",
+            "train.use_gpu=true", "train.num_workers=2", "train.epochs=1", "train.batch_size=8",
+            "train.warmup_steps=1", "train.validation=null", "resources.task_gpus=0.5", "eval.attack.steps=1"]
+        args = ["python", "tests/audited_driver.py", str(audit), f"{data}{os.pathsep}{weights}", "--", "run",
+                "--tracking-uri", server.uri] + [a for o in overrides for a in ("--set", o)]
+        submission = f"agft-gpu-{secrets.token_hex(4)}"
+        submitted = ray_cli("job", "submit", "--address", gpu_cluster.dashboard, "--submission-id", submission,
+                            "--working-dir", str(REPO), "--runtime-env", str(tmp_path / "runtime_env.yaml"),
+                            "--no-wait", "--", *args, env=gpu_cluster.env)
+        assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
+        status = _wait(gpu_cluster.dashboard, gpu_cluster.env, submission, timeout=600)
+        logs = ray_cli("job", "logs", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env).stdout
+        assert status == "SUCCEEDED", logs[-4000:]
+
+        # the tracking server holds the run, its metrics and (behind the server) its artifacts
+        os.environ.update(server.client_env)
+        try:
+            client = MlflowClient(server.uri)
+            (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id])
+            assert run.info.status == "FINISHED" and "finetuned_robust/toys" in run.data.metrics
+            assert "image_encoder.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert list(server.artifacts.rglob("image_encoder.safetensors"))
+        finally:
+            for key in server.client_env:
+                os.environ.pop(key)
+
+    # the driver read neither data nor weights (its audit hook would have failed the job); tasks did
+    assert not audit.exists(), audit.read_text()
+    teacher_rows = pq.ParquetDataset(sorted((tmp_path / "cache" / "teacher").glob("*/part-*.parquet"))).read()
+    assert teacher_rows.num_rows == 24
+
+    nodes = {n["node_id"]: n for n in _state(gpu_cluster, "nodes") if n["state"] == "ALIVE"}
+    workers = {node_id for node_id, n in nodes.items() if not n["is_head_node"]}
+    assert len(workers) == 2
+    tasks = [t for t in _state(gpu_cluster, "tasks") if t["func_or_class_name"] in ("teacher_shard", "evaluate_zero_shot")]
+    assert {t["func_or_class_name"] for t in tasks} == {"teacher_shard", "evaluate_zero_shot"}
+    for task in tasks:
+        assert task["required_resources"].get("GPU") == 0.5 and task["node_id"] in workers
+    trainers = [a for a in _state(gpu_cluster, "actors") if a["class_name"] == "RayTrainWorker"]
+    assert {a["node_id"] for a in trainers} == workers  # one train worker on each GPU node
+
+    # declared GPUs without CUDA: every GPU step said it fell back to the CPU instead of crashing
+    for step in ("[teacher cache] WARNING: Ray granted GPU", "[eval] WARNING: Ray granted GPU",
+                 "[train rank 0] WARNING: Ray granted GPU", "[train rank 1] WARNING: Ray granted GPU",
+                 "[train] WARNING: train.use_gpu, but CUDA is not available"):
+        assert step in logs, step

@@ -75,3 +75,21 @@ def test_soft_cross_entropy_with_one_hot_targets_is_cross_entropy():
     labels = torch.tensor([0, 1, 2, 2, 1, 0])
     assert soft_cross_entropy(logits, F.one_hot(labels, 3).float()).item() == pytest.approx(
         F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_zero_shot_heads_stay_fp32_under_autocast():
+    """The paper's 1/τ = 180 sharpens logits until bf16 rounding reshapes p_cal; the heads must not
+    follow autocast (a training step runs them inside it)."""
+    torch.manual_seed(0)
+    teacher, student = F.normalize(torch.randn(32, 64), dim=-1), F.normalize(torch.randn(32, 64), dim=-1)
+    text, labels = F.normalize(torch.randn(10, 64), dim=-1), torch.randint(0, 10, (32,))
+
+    def heads():
+        targets = calibrated_targets(teacher, text, 0.4, 180.0)
+        return targets, agft_loss(student, targets, text, 180.0), tecoa_loss(student, labels, text, 100.0)
+
+    reference = heads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = heads()
+    for expected, got in zip(reference, under_autocast):
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
