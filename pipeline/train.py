@@ -226,7 +226,7 @@ def placement_problem(cfg: TrainConfig, nodes: list[dict[str, float]],
     return f"{need}{hint}: lower train.num_workers or train.cpus_per_worker, or add nodes", True
 
 
-def check_resources(cfg: TrainConfig, log=print) -> None:
+def check_resources(cfg: TrainConfig) -> None:
     """Before any work: a trainer that could never be placed would wait forever."""
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     # The autoscaler publishes its node types in the GCS; ray.autoscaler has no public reader yet.
@@ -238,10 +238,10 @@ def check_resources(cfg: TrainConfig, log=print) -> None:
     if fatal:
         raise ConfigError(problem)
     if problem:
-        log(f"[train] {problem}")
+        print(f"[train] {problem}", flush=True)
 
 
-def process_group_backend(use_gpu: bool, log=print) -> str:
+def process_group_backend(use_gpu: bool) -> str:
     """gloo on CPUs. With GPUs, nccl for CUDA tensors and gloo for any CPU tensor (a collective on a CPU
     tensor under plain nccl crashes the run) - if the GPU nodes have CUDA: GPUs declared to Ray on nodes
     without it get gloo, and the workers compute on their CPUs (cpu_fallback)."""
@@ -249,8 +249,8 @@ def process_group_backend(use_gpu: bool, log=print) -> str:
         return "gloo"
     if ray.get(steps.cuda_available.options(num_cpus=0, num_gpus=1).remote()):
         return "cpu:gloo,cuda:nccl"
-    log("[train] WARNING: train.use_gpu, but CUDA is not available on the GPU nodes: training on their CPUs "
-        "with gloo")
+    print("[train] WARNING: train.use_gpu, but CUDA is not available on the GPU nodes: training on their CPUs "
+          "with gloo", flush=True)
     return "gloo"
 
 
