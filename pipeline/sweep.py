@@ -19,15 +19,14 @@ from agft_core.cache import exists, filesystem, fingerprint, join, read_bytes, w
 from pipeline import tracking
 from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
 from pipeline.dag import Pipeline
-from pipeline.train import TrainInputs, fit
+from pipeline.train import TrainInputs, check_resources, fit
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+TRIAL_DRIVER_MEMORY = 256 * 1024**2
 
 
 class SweepFailed(RuntimeError):
     """No trial produced the sweep metric: one line saying why."""
-
-TRIAL_DRIVER_MEMORY = 256 * 1024**2
 
 
 def search_space(sweep: SweepConfig) -> dict:
@@ -67,6 +66,7 @@ def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage:
                                 cfg.model_dump(mode="json"), {f"sweep.{k}": str(v) for k, v in params.items()})
     # The run's end status is the driver's to set (_Progress): Tune may stop this trial by killing its
     # actor, which can surface here as an error after the trial has ended well.
+    check_resources(cfg.train)  # a trial's own resources: the CLI checked only the base config's
     fit(replace(inputs, cfg=cfg, run_id=run_id), storage, f"trial-{trial_id}", callbacks=[TuneReportCallback()])
 
 
@@ -172,8 +172,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     seconds["trials"] = time.perf_counter() - clock
     clock = time.perf_counter()
     trials = [_trial_row(r, cfg, spec.metric) for r in grid]
-    scored = [r for r in grid if not r.error and (r.metrics or {}).get(spec.metric) is not None]
-    if not scored:
+    if not any(not r.error and (r.metrics or {}).get(spec.metric) is not None for r in grid):
         tracking.finish_run(tracking_uri, parent_run_id, "FAILED")
         first_error = next((r.error for r in grid if r.error), None)
         raise SweepFailed(f"sweep: none of the {len(trials)} trials reported {spec.metric}; the first error: "

@@ -267,7 +267,6 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback when this runs inside a trial.
     """
     cfg = inputs.cfg.train
-    check_resources(cfg)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=inputs,
