@@ -4,20 +4,26 @@ Layout:  <root>/<kind>/<fingerprint>/manifest.json + the files it lists.
 The root is a local path or a URI of any filesystem pyarrow supports (file://, s3://, gs://,
 hdfs://...), so that every worker on every node can read the same cache.
 
-The manifest is written last and is the only proof that a cache is complete: a build that
-dies half-way leaves files but no manifest, and is rebuilt. Object stores cannot rename a
-directory, so there is no staging directory to swap in. A read re-checks the fingerprint,
-the schema version, every file's size and SHA-256 and the row count; anything else is
-stale or corrupt and gets rebuilt.
+Each build writes into an attempt directory of its own, <fingerprint>/attempt-<time>-<id>/, and
+the manifest, written last in one atomic step, names the files of one attempt: it is the only
+proof that a cache is complete. A build that dies half-way leaves an attempt but no manifest
+naming it, and is rebuilt; two builds at once each write their own attempt, and the last
+manifest wins. A read re-checks the fingerprint, the schema version, every file's size and
+SHA-256, each Parquet file's row count and the total; anything else is stale or corrupt and
+gets rebuilt.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
+import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +32,8 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+ATTEMPT_PREFIX = "attempt-"
+STALE_ATTEMPT_S = 24 * 3600  # an uncommitted attempt this old belongs to a build that died
 URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
 
@@ -72,6 +80,18 @@ def write_bytes(location: str, data: bytes) -> None:
     fs, path = filesystem(location)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def replace_bytes(location: str, data: bytes) -> None:
+    """Writes a file that readers see whole or not at all: on a local disk through a rename; on an
+    object store one PUT already is atomic."""
+    fs, path = filesystem(location)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        write_bytes(location, data)
+        return
+    partial = f"{path}.{uuid.uuid4().hex}.partial"
+    Path(partial).write_bytes(data)
+    os.replace(partial, path)
 
 
 def exists(location: str) -> bool:
@@ -158,28 +178,65 @@ class CacheEntry:
                 return f"missing file {entry['name']}"
             if info.size != entry["bytes"] or file_sha256(self.file(entry["name"])) != entry["sha256"]:
                 return f"corrupt file {entry['name']}"
+            if entry["name"].endswith(".parquet") and entry["rows"] is not None and \
+                    pq.read_metadata(f"{directory}/{entry['name']}", filesystem=fs).num_rows != entry["rows"]:
+                return f"row count of {entry['name']} != its manifest's {entry['rows']}"
+        if manifest["rows"] != sum(entry["rows"] or 0 for entry in manifest["files"]):
+            return "manifest row total != the sum of its files"
         if expected_rows is not None and manifest["rows"] != expected_rows:
             return f"row count {manifest['rows']} != expected {expected_rows}"
         return None
 
     def begin(self) -> str:
-        """Clears a stale or corrupt predecessor, manifest first, and returns the directory to write into."""
-        fs, directory = filesystem(self.location)
-        if exists(self.file(MANIFEST)):
-            fs.delete_file(f"{directory}/{MANIFEST}")  # first: if the clean-up dies half-way, nothing looks complete
-        fs.delete_dir_contents(directory, missing_dir_ok=True)
-        fs.create_dir(directory, recursive=True)
-        return self.location
+        """A new directory for one build attempt, returned as its location. Builds of the same cache at
+        the same time (two runs, or sweep trials) write into their own attempts and never delete
+        each other's files; readers see only what a manifest names."""
+        attempt = f"{ATTEMPT_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        fs, path = filesystem(join(self.location, attempt))
+        fs.create_dir(path, recursive=True)
+        return join(self.location, attempt)
 
-    def commit(self, files: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> None:
-        """Seals the files written since begin() as this cache."""
+    @contextmanager
+    def attempt(self) -> Iterator[str]:
+        """begin(), and on an error the attempt's files go: a failed build leaves nothing behind."""
+        location = self.begin()
+        try:
+            yield location
+        except BaseException:
+            fs, path = filesystem(location)
+            fs.delete_dir(path)
+            raise
+
+    def commit(self, attempt: str, files: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> None:
+        """Seals the files of one attempt (from begin()) as this cache, with one write of the manifest:
+        a reader finds the previous manifest or this one, never a mix. When two builds commit, the last
+        one wins; each manifest names only its own attempt's complete files, and the other attempt's
+        files stay for whoever read its manifest. Attempts abandoned more than STALE_ATTEMPT_S ago go."""
+        name = basename(attempt)
+        files = [{**f, "name": f"{name}/{f['name']}"} for f in files]
         rows = sum(f["rows"] or 0 for f in files)
         manifest = {"fingerprint": self.fingerprint, "schema": SCHEMA_VERSION, "kind": self.kind,
                     "inputs": dict(self.inputs), "files": files, "rows": rows, **(extra or {})}
-        write_bytes(self.file(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+        replace_bytes(self.file(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+        self._prune(keep=name)
+
+    def _prune(self, keep: str) -> None:
+        fs, directory = filesystem(self.location)
+        horizon = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() - STALE_ATTEMPT_S))
+        for info in fs.get_file_info(pafs.FileSelector(directory)):
+            if info.base_name.startswith(ATTEMPT_PREFIX):
+                if info.base_name != keep and info.base_name[len(ATTEMPT_PREFIX):] < horizon:
+                    fs.delete_dir(info.path)
+            elif info.base_name != MANIFEST and not info.base_name.endswith(".partial"):
+                fs.delete_file(info.path)  # a file of the layout before attempts, which no manifest names now
 
     def files(self) -> list[str]:
         return [self.file(f["name"]) for f in self.manifest()["files"]]
+
+    def file_named(self, name: str) -> str:
+        """The location of the manifest's file called `name`, in whichever attempt wrote it."""
+        (found,) = [f for f in self.files() if basename(f) == name]
+        return found
 
 
 def embedding_table(columns: Mapping[str, Any], embeddings: np.ndarray) -> pa.Table:

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from open_clip import IMAGENET_CLASSNAMES
@@ -20,6 +21,7 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from agft_core import world
+from agft_core.errors import InputError
 
 EMBEDDED_COUNTS = {"train": 6000, "test": 1000}
 CLIP_TEMPLATE = "This is a photo of a {}."
@@ -226,8 +228,8 @@ class Checked(Dataset):
         try:
             return self.images[i]
         except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for a truncated or foreign file
-            raise ValueError(f"{self.name}: corrupt image {self.where(i)} ({exc}); fix or remove it, or set "
-                             f"corrupt: skip on this dataset to leave such images out") from None
+            raise InputError(f"{self.name}: corrupt image {self.where(i)} ({_first_line(exc)}); fix or remove "
+                             f"it, or set corrupt: skip on this dataset to leave such images out") from None
 
 
 def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path], object]:
@@ -237,7 +239,7 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         images = tvd.ImageFolder(str(root / spec.split), transform=transform)
         if spec.kind == "imagenet":
             if len(images.classes) != len(IMAGENET_CLASSNAMES):
-                raise ValueError(f"{spec.name}: found {len(images.classes)} class folders under "
+                raise InputError(f"{spec.name}: found {len(images.classes)} class folders under "
                                  f"{root / spec.split}, expected 1000 ({LOADERS['imagenet'].layout})")
             classnames = list(IMAGENET_CLASSNAMES)
         else:
@@ -306,8 +308,23 @@ def _decodable(images: Dataset) -> tuple[list[int], list[int]]:
     return good, bad
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
-    images, classnames, files, where = _open(spec, pixel_transform(size))
+    try:
+        images, classnames, files, where = _open(spec, pixel_transform(size))
+    except InputError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, IndexError, pa.ArrowException) as exc:
+        # what torchvision's loaders and pyarrow raise for an empty, truncated or foreign dataset
+        raise InputError(f"{spec.name}: cannot read {spec.kind} {spec.split} under {spec.root} "
+                         f"({_first_line(exc)}); expected layout {LOADERS[spec.kind].layout}") from None
+    if len(images) == 0:
+        raise InputError(f"{spec.name}: no images in {spec.kind} {spec.split} under {spec.root}; expected layout "
+                         f"{LOADERS[spec.kind].layout}")
     images = Checked(spec.name, images, where)
     identity = {"kind": spec.kind, "split": spec.split, "root": str(Path(spec.root).resolve()),
                 "listing": _listing_digest(files), "size": size}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import open_clip
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from agft_core.cache import local_path
+from agft_core.errors import InputError
 
 EMBEDDED_ARCH_DIR = Path(__file__).parent / "model_configs"
 EMBEDDED_ARCH = "agft-tiny-vit"
@@ -96,13 +98,23 @@ def load_weights(model: nn.Module, location: str) -> None:
     path = local_path(location)
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.endswith(".safetensors"):
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    model.load_state_dict(state, strict=True)
+    try:
+        if path.endswith(".safetensors"):
+            state = load_file(path)
+        else:
+            # weights_only: a pickle that would run code (or build anything but tensors) is refused
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{location}: refused, its pickle holds code or objects other than tensors (loaded with "
+                         f"torch.load(weights_only=True)); convert it to .safetensors where you trust it") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors, format and shape errors alike mean bad weights
+        # load_state_dict's first line only says "Error(s) in loading state_dict"; the next names a tensor
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else lines[0]
+        raise InputError(f"{location} is not a weights file of this architecture ({reason[:300]})") from None
 
 
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:

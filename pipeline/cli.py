@@ -8,7 +8,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import ConfigError, check_sweep, dump_yaml, load_config, on_cluster, tracking_uri
+from agft_core.errors import InputError
+from pipeline.config import ConfigError, check_ray_address, check_sweep, check_tracking, dump_yaml, load_config, \
+    on_cluster, tracking_uri
 
 STEPS = ("pretrain", "text", "teacher", "train")
 
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             check_sweep(cfg)
         uri = tracking_uri(args.tracking_uri, on_cluster(args.address))
+        check_tracking(uri)
+        check_ray_address(args.address)
     except ConfigError as exc:
         print(f"agft: error: {exc}", file=sys.stderr)
         return 2
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     _start_ray(args.address)
     from pipeline.dag import Pipeline, check_inputs  # heavy imports only once the input is known to be good
+    from pipeline.tracking import TRACKING_ERRORS
 
     try:
         check_inputs(cfg)
@@ -98,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(Pipeline(cfg, uri), uri)
         result = Pipeline(cfg, uri, set(args.rerun)).run()
-    except ConfigError as exc:  # found once the data is loaded, before training starts
+    except InputError as exc:  # bad data or weights, found by the tasks that read them, before training
         print(f"agft: error: {exc}", file=sys.stderr)
         return 2
+    except TRACKING_ERRORS as exc:  # MLflow already retried with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES)
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        print(f"agft: error: the tracking server {uri} failed ({reason}); caches and checkpoints are kept: run "
+              f"the same command again once it answers, and the run's record is completed", file=sys.stderr)
+        return 1
     from pipeline.tracking import format_table
 
     print()

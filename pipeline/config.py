@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from agft_core import datasets, world
 from agft_core.cache import check_location
+from agft_core.errors import InputError
 from agft_core.evaluate import ATTACKS
 from agft_core.methods import METHODS
 from agft_core.model import EMBEDDED_ARCH, architectures, cached_pretrained, has_vit_tower, is_weights_file, \
@@ -21,7 +22,7 @@ DEFAULT_CONFIG = SHIPPED_CONFIGS / "demo.yaml"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """Bad input: one line naming the field or file and what would be valid."""
 
 
@@ -113,6 +114,15 @@ class DataConfig(Section):
     train: DatasetConfig = DatasetConfig(name=world.FINE_TUNING_TASK, split="train")
     zero_shot: list[DatasetConfig] = Field(min_length=1, default_factory=lambda: [
         DatasetConfig(name=n) for n in (world.FINE_TUNING_TASK, *world.ZERO_SHOT_SUITE)])
+
+    @field_validator("zero_shot")
+    @classmethod
+    def _distinct_names(cls, zero_shot: list[DatasetConfig]) -> list[DatasetConfig]:
+        names = [d.name for d in zero_shot]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # results, metrics and plots are keyed by the name
+            raise ValueError(f"dataset names must differ; {', '.join(twice)} appears more than once (rename one)")
+        return zero_shot
 
 
 class CalibrationConfig(Section):
@@ -226,8 +236,12 @@ class Domain(Section):
         return self
 
     def extremes(self) -> list[Any]:
-        """Values that, if valid, make every value of the axis valid for a bounded field."""
-        return list(self.choice or self.grid or self.uniform or self.loguniform)
+        """Values that, if valid, make every value of the axis valid for a bounded field: the ends, and
+        for a continuous axis a fractional point inside, which an integer field rejects."""
+        if self.choice or self.grid:
+            return list(self.choice or self.grid)
+        low, high = self.uniform or self.loguniform
+        return [low, high] + ([low + 0.37 * (high - low)] if high > low else [])
 
 
 class CompareConfig(Section):
@@ -281,10 +295,19 @@ class Config(Section):
                              f"{self.model.arch} has none (use agft, tecoa, pmg_aft or fare)")
         return self
 
+    def max_epochs(self) -> int:
+        """The most epochs any sweep trial trains: train.epochs, or the largest value of its axis."""
+        axis = self.sweep.space.get("train.epochs")
+        return int(max(axis.extremes())) if axis else self.train.epochs
+
     @model_validator(mode="after")
     def _sweep_fields_exist(self) -> "Config":
         if self.sweep.search == "optuna" and any(d.grid for d in self.sweep.space.values()):
             raise ValueError("sweep.search optuna cannot expand grid axes; use choice instead")
+        if self.sweep.scheduler == "asha" and self.sweep.grace_period > self.max_epochs():
+            raise ValueError(f"sweep.grace_period: {self.sweep.grace_period} epochs is more than the "
+                             f"{self.max_epochs()} a trial trains, so ASHA could never stop one; lower it or "
+                             f"use scheduler: fifo")
         base = self.model_dump(mode="json")
         base["sweep"]["space"] = {}
         for key, domain in self.sweep.space.items():
@@ -331,6 +354,19 @@ def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     return Config.model_validate(raw)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: plain YAML keeps the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """path: a YAML file, or the name of a shipped config (`vitb32_imagenet`, `configs/demo.yaml`)."""
     path = Path(path) if path else DEFAULT_CONFIG
@@ -338,11 +374,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if not path.is_file() and not path.is_absolute() and shipped.is_file():
         path = shipped
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: invalid YAML ({exc})") from exc
+        raise ConfigError(f"config file {path}: invalid YAML ({' '.join(str(exc).split())})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
     for assignment in overrides:
@@ -355,7 +391,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def preflight(cfg: Config) -> None:
     """Checks against the file system, done before any Ray work: roots and weights must exist."""
-    for where, dataset in [("data.train", cfg.data.train)] + [
+    validation = [("train.validation.dataset", cfg.train.validation.dataset)] if cfg.train.validation else []
+    for where, dataset in [("data.train", cfg.data.train), *validation] + [
             (f"data.zero_shot.{i}", d) for i, d in enumerate(cfg.data.zero_shot)]:
         problem = datasets.check_root(dataset.spec(cfg.data.world_seed))
         if problem:
@@ -401,6 +438,50 @@ def tracking_uri(flag: str | None, cluster: bool = False) -> str:
                               f"on storage every node mounts")
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+PROBE_TIMEOUT_S = 5
+
+
+def check_tracking(uri: str) -> None:
+    """Before any work: a tracking server that does not answer, or refuses our credentials, would
+    otherwise fail the run only after MLflow's retries (minutes), or after training."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise ConfigError(f"--tracking-uri: {uri}: folder {folder} does not exist")
+        return
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) \
+        if os.environ.get("MLFLOW_TRACKING_USERNAME") else None
+    try:
+        reply = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
+                             params={"experiment_name": "Default"}, auth=auth, timeout=PROBE_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise ConfigError(f"--tracking-uri: no tracking server answers at {uri} ({type(exc).__name__}); start it, "
+                          f"or pass the URI of one that runs") from None
+    if reply.status_code in (401, 403):
+        raise ConfigError(f"--tracking-uri: {uri} refused the credentials (HTTP {reply.status_code}); set "
+                          f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if reply.status_code >= 500:
+        raise ConfigError(f"--tracking-uri: {uri} answered HTTP {reply.status_code}; is it an MLflow server?")
+
+
+def check_ray_address(address: str | None) -> None:
+    """Before any work: ray.init on an address where nothing listens retries for a long while."""
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # local, auto, or none: Ray finds or starts its cluster
+    import socket
+
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"--address: no Ray cluster answers at {address} ({exc.strerror or type(exc).__name__}); "
+                          f"start one (ray start --head) or pass the head's GCS address, host:6379") from None
 
 
 def dump_yaml(cfg: Config) -> str:

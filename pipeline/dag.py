@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +22,11 @@ from agft_core.attacks import AUTOATTACK_MIN_CLASSES
 from agft_core.cache import CacheEntry, absolute, describe_file, embeddings_of, filesystem, join, local_path, \
     read_parquet, upload
 from agft_core.datasets import DatasetInfo
+from agft_core.errors import InputError
 from agft_core.pretrain import RECIPE
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, dump_yaml, preflight
-from pipeline.train import ENCODER_FILE, HISTORY_FILE, TrainInputs, fit, read_history
+from pipeline.train import ENCODER_FILE, HISTORY_FILE, RECIPE, TrainInputs, fit, read_history
 from tasks import steps
 
 
@@ -37,7 +39,27 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _wait(refs: list, label: str) -> list:
+def _get(refs, field: str | None = None):
+    """ray.get, with a task's InputError (bad data or weights) raised as a ConfigError naming `field`:
+    one line, no traceback. Ray does not retry a task that raised, so a corrupt image is reported once."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ConfigError) or (isinstance(exc.cause, InputError) and field is None):
+            raise exc.cause from None
+        if isinstance(exc.cause, InputError):
+            raise ConfigError(f"{field}: {exc.cause}") from None
+        raise
+
+
+def _field(key: str) -> str:
+    """The config field of a dataset key of Pipeline.specs."""
+    if key.startswith("zs"):
+        return f"data.zero_shot.{key[2:].split(':')[0]}"
+    return {"train": "data.train", "val": "train.validation.dataset"}[key]
+
+
+def _wait(refs: list, label: str, field: str | None = None) -> list:
     """ray.get with a progress bar over task completions."""
     if not refs:
         return []
@@ -47,19 +69,13 @@ def _wait(refs: list, label: str) -> list:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
-    return ray.get(list(refs))
+    return _get(list(refs), field)
 
 
 def check_inputs(cfg: Config) -> None:
     """preflight() where the data and weights are - a Ray task - not in the driver, which under
     `ray job submit` runs on the head, with neither mounted."""
-    task = ray.remote(preflight).options(num_cpus=cfg.resources.task_cpus)
-    try:
-        ray.get(task.remote(cfg))
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, ConfigError):
-            raise exc.cause from None
-        raise
+    _get(ray.remote(preflight).options(num_cpus=cfg.resources.task_cpus).remote(cfg))
 
 
 class Pipeline:
@@ -97,10 +113,11 @@ class Pipeline:
             "world_seed": self.cfg.data.world_seed, "corpus_size": p.corpus_size, "epochs": p.epochs,
             "batch_size": p.batch_size, "lr": p.lr, "seed": p.seed})
         if not self._cached("pretrain", entry):
-            files = ray.get(steps.pretrain_teacher.options(num_cpus=self._cpus()).remote(
-                model.arch, p.corpus_size, self.cfg.data.world_seed, p.epochs, p.batch_size, p.lr, p.seed,
-                entry.begin()))
-            entry.commit(files)
+            with entry.attempt() as attempt:
+                files = _get(steps.pretrain_teacher.options(num_cpus=self._cpus()).remote(
+                    model.arch, p.corpus_size, self.cfg.data.world_seed, p.epochs, p.batch_size, p.lr, p.seed,
+                    attempt))
+                entry.commit(attempt, files)
         return entry.files()[0]
 
     def _task_resources(self) -> dict[str, float]:
@@ -122,12 +139,14 @@ class Pipeline:
             entries[key] = entry
             label = d.name if key.startswith("zs") else f"{d.name} ({key})"
             if not seen and not self._cached("text", entry, label, len(d.classnames)):
-                task = steps.embed_class_prompts.options(**self._task_resources())
-                pending[entry.fingerprint] = (entry, task.remote(self.cfg.model.arch, weights, spec, size,
-                                                                 join(entry.begin(), "part-00000.parquet")))
-        files = _wait([ref for _, ref in pending.values()], "text cache")
-        for (entry, _), file in zip(pending.values(), files):
-            entry.commit([file])
+                pending[entry.fingerprint] = (entry, spec)
+        task = steps.embed_class_prompts.options(**self._task_resources())
+        with ExitStack() as stack:
+            builds = [(entry, stack.enter_context(entry.attempt()), spec) for entry, spec in pending.values()]
+            refs = [task.remote(self.cfg.model.arch, weights, spec, size, join(attempt, "part-00000.parquet"))
+                    for _, attempt, spec in builds]
+            for (entry, attempt, _), file in zip(builds, _wait(refs, "text cache")):
+                entry.commit(attempt, [file])
         return entries
 
     # -- teacher cache: sharded Parquet of the frozen teacher's image embeddings -----------
@@ -136,14 +155,14 @@ class Pipeline:
                                                   "preprocess": model_pre})
         n = data.size
         if not self._cached("teacher", entry, data.name, n):
-            directory = entry.begin()
             shards = self.cfg.teacher_cache_shards
             bounds = [(n * i // shards, n * (i + 1) // shards) for i in range(shards)]
             task = steps.teacher_shard.options(**self._task_resources())
-            refs = [task.remote(self.cfg.model.arch, weights, spec, model_pre["size"][0], a, b, self.cfg.eval.batch_size,
-                                self.cfg.resources.loader_workers, join(directory, f"part-{i:05d}.parquet"))
-                    for i, (a, b) in enumerate(bounds)]
-            entry.commit(_wait(refs, "teacher cache"))
+            with entry.attempt() as attempt:
+                refs = [task.remote(self.cfg.model.arch, weights, spec, model_pre["size"][0], a, b,
+                                    self.cfg.eval.batch_size, self.cfg.resources.loader_workers,
+                                    join(attempt, f"part-{i:05d}.parquet")) for i, (a, b) in enumerate(bounds)]
+                entry.commit(attempt, _wait(refs, "teacher cache", "data.train"))
         return entry
 
     # -- train ---------------------------------------------------------------------------------
@@ -151,26 +170,26 @@ class Pipeline:
         cfg = self.cfg
         val_text = self.texts.get("val")
         entry = CacheEntry(self.root, "finetune", {
-            "weights": self.digest, "text": self.texts["train"].fingerprint, "teacher": self.teacher.fingerprint,
+            "recipe": RECIPE, "weights": self.digest, "text": self.texts["train"].fingerprint, "teacher": self.teacher.fingerprint,
             "val_text": val_text.fingerprint if val_text else None, "seed": cfg.seed,
             "train": cfg.train.model_dump(mode="json", exclude={"num_workers", "cpus_per_worker", "use_gpu",
                                                                 "max_failures", "start_timeout_s",
                                                                 "keep_checkpoints"}),
             "calibration": cfg.calibration.model_dump(mode="json"), "world_size": cfg.train.num_workers})
         if self._cached("train", entry):
-            for metrics in read_history(entry.location):
-                tracking.log_epoch(self.uri, inputs.run_id, metrics)
+            tracking.log_history(self.uri, inputs.run_id, read_history(entry.file_named(HISTORY_FILE)))
             return entry
         name = f"finetune-{entry.fingerprint}"
         if "train" in self.rerun:
             fs, path = filesystem(join(self.checkpoints, name))
             fs.delete_dir_contents(path, missing_dir_ok=True)
         checkpoint = fit(inputs, self.checkpoints, name)
-        directory = entry.begin()
-        with checkpoint.as_directory() as d:
+        with entry.attempt() as attempt, checkpoint.as_directory() as d:
             for file in (ENCODER_FILE, HISTORY_FILE):
-                upload(Path(d) / file, join(directory, file))
-        entry.commit([describe_file(entry.file(ENCODER_FILE)), describe_file(entry.file(HISTORY_FILE))])
+                upload(Path(d) / file, join(attempt, file))
+            entry.commit(attempt, [describe_file(join(attempt, name)) for name in (ENCODER_FILE, HISTORY_FILE)])
+        # The epochs the workers could not log (tracking server away, or trained before a restart).
+        tracking.log_history(self.uri, inputs.run_id, read_history(entry.file_named(HISTORY_FILE)))
         return entry
 
     # -- eval ----------------------------------------------------------------------------------
@@ -195,14 +214,16 @@ class Pipeline:
         self.seconds[name] = round(time.perf_counter() - start, 2)
         return out
 
-    def prepare_text(self, training: bool) -> dict[str, tuple]:
-        """The teacher and the text caches of the zero-shot datasets (and, for training, of the
-        training and validation sets). Returns (spec, DatasetInfo) by key: the driver sees no images."""
+    def describe(self, training: bool) -> dict[str, tuple]:
+        """The teacher's weights, digest and preprocessing, and each dataset's classes and size, read by
+        Ray tasks where the data is (the driver sees no images). Bad weights or data fail here, before
+        anything is written. Returns (spec, DatasetInfo) by key: zero-shot sets, and for training the
+        training and validation sets."""
         cfg = self.cfg
         self.weights = self._timed("pretrain", self.teacher_weights)
-        light = {"num_cpus": cfg.resources.task_cpus}  # the driver reads no weights and no data
-        self.digest, self.preprocess = ray.get(steps.describe_model.options(**light).remote(cfg.model.arch,
-                                                                                            self.weights))
+        light = {"num_cpus": cfg.resources.task_cpus}
+        self.digest, self.preprocess = _get(steps.describe_model.options(**light).remote(cfg.model.arch,
+                                                                                         self.weights), "model.weights")
         self.size = self.preprocess["size"][0]
         datasets = {f"zs{i}:{d.name}": d for i, d in enumerate(cfg.data.zero_shot)}
         if training:
@@ -210,42 +231,52 @@ class Pipeline:
             if cfg.train.validation:
                 datasets["val"] = cfg.train.validation.dataset
         self.specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
-        infos = ray.get([steps.describe_dataset.options(**light).remote(spec, self.size)
-                         for spec in self.specs.values()])
-        data = {key: (spec, info) for (key, spec), info in zip(self.specs.items(), infos)}
+        refs = {key: steps.describe_dataset.options(**light).remote(spec, self.size) for key, spec in self.specs.items()}
+        return {key: (self.specs[key], _get(ref, _field(key))) for key, ref in refs.items()}
+
+    def prepare_text(self, training: bool) -> dict[str, tuple]:
+        data = self.describe(training)
         self.texts = self._timed("text", self.text_caches, self.weights, self.digest, data, self.size)
         return data
 
-    def prepare_training(self, run_id: str) -> TrainInputs:
-        """Everything before training: the teacher, the text caches and the teacher cache."""
+    def prepare_training(self, run_id: str = "") -> TrainInputs:
+        """Everything before training: the teacher, the teacher cache (it decodes every training image,
+        so a corrupt one stops the run here) and the text caches."""
         cfg = self.cfg
-        data = self.prepare_text(training=True)
-        per_worker = data["train"][1].size // cfg.train.num_workers
+        data = self.describe(training=True)
+        train = data["train"][1]
+        per_worker = train.size // cfg.train.num_workers
         if per_worker < cfg.train.batch_size:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {per_worker} images each of "
                               f"the {cfg.train.num_workers} workers gets from data.train; lower it or raise "
                               f"data.train.limit")
+        if cfg.teacher_cache_shards > train.size:
+            raise ConfigError(f"teacher_cache_shards: {cfg.teacher_cache_shards} shards for the {train.size} images of "
+                              f"data.train; use at most {train.size}")
         self.teacher = self._timed("teacher", self.teacher_cache, self.weights, self.digest, *data["train"],
                                    self.preprocess)
+        self.texts = self._timed("text", self.text_caches, self.weights, self.digest, data, self.size)
         return TrainInputs(cfg, self.weights, self.size, self.texts["train"].files(), self.teacher.files(), self.uri,
                            run_id, self.texts["val"].files() if "val" in self.texts else [])
 
     def run(self, parent_run_id: str | None = None, original: bool = True) -> RunResult:
-        """The whole DAG as one MLflow run (nested under parent_run_id if given). original: also
+        """The whole DAG as one MLflow run (nested under parent_run_id if given), started once the
+        inputs have been read and the caches built: bad input leaves no run behind. original: also
         evaluate the un-tuned teacher, whose numbers do not depend on the fine-tune."""
         cfg = self.cfg
         tags = {"mlflow.runName": f"{cfg.train.method}-{cfg.data.train.name}"}
         if parent_run_id:
             tags |= {"mlflow.parentRunId": parent_run_id, "mlflow.runName": f"{cfg.train.method}-seed{cfg.seed}"}
+        inputs = self.prepare_training()
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"), tags,
                                     cfg.artifact_location)
         with tracking.finishing(self.uri, run_id):
-            inputs = self.prepare_training(run_id)
+            inputs = replace(inputs, run_id=run_id)
             tracking.tag_run(self.uri, run_id, {"weights_digest": self.digest})
             tuned = self._timed("train", self.finetune, inputs)
             attack = cfg.eval.attack
             encoders = {"original": None} if original else {}
-            results = self._timed("eval", self.evaluate, encoders | {"finetuned": tuned.file(ENCODER_FILE)},
+            results = self._timed("eval", self.evaluate, encoders | {"finetuned": tuned.file_named(ENCODER_FILE)},
                                   [("pgd", attack.eps, attack.alpha, attack.steps)])
             rows = tracking.accuracy_rows(results)
             self._timed("report", self.report, run_id, rows, tuned)
@@ -288,4 +319,4 @@ class Pipeline:
                                    f" robust accuracy")
             tracking.log_results(self.uri, run_id, tracking.dataset_metrics(rows),
                                  [out / n for n in ("config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png")]
-                                 + [Path(local_path(tuned.file(ENCODER_FILE)))])
+                                 + [Path(local_path(tuned.file_named(ENCODER_FILE)))])

@@ -129,7 +129,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     spec = cfg.sweep
     clock = time.perf_counter()
     pipeline = Pipeline(cfg, tracking_uri, log=log)
-    inputs = pipeline.prepare_training(run_id="")
+    inputs = pipeline.prepare_training()
     seconds = {"caches": time.perf_counter() - clock}
     storage = pipeline.storage("ray_tune")
     name = f"sweep-{fingerprint(cfg.model_dump(mode='json'))}"
@@ -160,9 +160,9 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
                                         # Train controller and workers with it.
                                         reuse_actors=False,
                                         search_alg=_search_algorithm(spec),
-                                        scheduler=_scheduler(spec, cfg.train.epochs)),
+                                        scheduler=_scheduler(spec, cfg.max_epochs())),
             run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      callbacks=[_Progress(spec.metric, spec.mode, cfg.train.epochs, tracking_uri,
+                                      callbacks=[_Progress(spec.metric, spec.mode, cfg.max_epochs(), tracking_uri,
                                                                  cfg.experiment, parent_run_id)]))
     fs, path = filesystem(sweep_dir)
     fs.create_dir(path, recursive=True)

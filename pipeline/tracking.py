@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
+import requests
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from agft_core.cache import is_uri
 from pipeline.config import ConfigError
+
+EPOCH_END = "epoch_end_time"  # a history field (unix seconds), not a metric
+# What a tracking server that went away raises, once MLflow's own retries are spent.
+TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException)
 
 
 def _flatten(prefix: str, value) -> dict[str, str]:
@@ -76,10 +82,17 @@ def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
         client.set_tag(run_id, key, value)
 
 
-def log_epoch(uri: str, run_id: str, metrics: dict[str, float]) -> None:
-    now, step = int(time.time() * 1000), int(metrics["epoch"])
-    MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
-                                                 if k != "epoch"])
+def log_history(uri: str, run_id: str, history: list[dict[str, float]]) -> None:
+    """Logs the epochs of `history` that the run does not hold yet, each at its step and with the time
+    it ended. Idempotent: a worker restarted from a checkpoint, or a rerun after a crash, adds only the
+    epochs missing from the record, so every epoch appears exactly once."""
+    client = MlflowClient(uri)
+    logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+    missing = [m for m in history if int(m["epoch"]) not in logged]
+    metrics = [Metric(k, float(v), int(m.get(EPOCH_END, time.time()) * 1000), int(m["epoch"]))
+               for m in missing for k, v in m.items() if k not in ("epoch", EPOCH_END)]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i:i + 500])
 
 
 def accuracy_rows(results: list[dict]) -> list[dict]:

@@ -5,9 +5,11 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -25,13 +27,15 @@ from agft_core.evaluate import zero_shot_accuracy
 from agft_core.methods import NEEDS_TEACHER, Method, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from pipeline.config import Config, ConfigError, TrainConfig
-from pipeline.tracking import log_epoch
+from pipeline.tracking import EPOCH_END, log_history
 from tasks import steps
 from tasks.common import cpu_fallback
 
 ENCODER_FILE = "image_encoder.safetensors"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+# Part of the fine-tune cache's fingerprint: changes when the same config would train differently.
+RECIPE = "epoch-seeded-1"
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,11 @@ def train_loop(inputs: TrainInputs) -> None:
     cfg = inputs.cfg
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    # A missed epoch is logged with the next one, so the rank-0 worker retries the tracking server
+    # briefly instead of MLflow's default backoff (minutes), which would stall training.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # initial weights and heads; each epoch reseeds (_seed_epoch)
     device = cpu_fallback(f"train rank {rank}", get_device())
 
     clip = create_clip(cfg.model.arch, inputs.teacher_weights)
@@ -153,6 +160,7 @@ def train_loop(inputs: TrainInputs) -> None:
         return
 
     for epoch in range(start_epoch, cfg.train.epochs):
+        _seed_epoch(cfg.seed, epoch, rank)
         sampler.set_epoch(epoch)
         model.train()
         # Sums stay on the training device: no host sync per step, and nccl reduces only CUDA tensors.
@@ -179,9 +187,8 @@ def train_loop(inputs: TrainInputs) -> None:
         if validation:
             metrics |= {"val_clean_acc": totals[3].item() / totals[5].item(),
                         "val_robust_acc": totals[4].item() / totals[5].item()}
-        history.append(metrics)
+        history.append(metrics | {EPOCH_END: time.time()})
         if rank == 0:
-            log_epoch(inputs.tracking_uri, inputs.run_id, metrics)
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "epoch": epoch, "history": json.dumps(history)},
@@ -189,8 +196,28 @@ def train_loop(inputs: TrainInputs) -> None:
                 save_weights(encoder, Path(d) / ENCODER_FILE, metadata={"arch": cfg.model.arch})
                 (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            # After the checkpoint: a worker lost in between re-runs no epoch, and the epochs this
+            # log misses are logged by the next one, or by the driver at the end.
+            _log_quietly(inputs, history)
         else:
             ray.train.report(metrics)
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Every random draw of an epoch (PGD starts, DataLoader workers' seeds) follows from (seed, epoch,
+    rank) alone, so a run resumed from a checkpoint replays the epochs an uninterrupted run trains."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]))
+
+
+def _log_quietly(inputs: TrainInputs, history: list[dict]) -> None:
+    """Training does not wait on the tracking server: while it is unreachable, epochs stay in the
+    checkpointed history and are logged once it answers."""
+    try:
+        log_history(inputs.tracking_uri, inputs.run_id, history)
+    except Exception as exc:  # noqa: BLE001 - any tracking failure: MlflowException, requests, OSError
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"[train] WARNING: epoch {len(history)} not logged yet ({first_line}); training goes on",
+              flush=True)
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -285,6 +312,7 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     return result.checkpoint
 
 
-def read_history(directory: str) -> list[dict]:
-    return json.loads(read_bytes(join(directory, HISTORY_FILE)))
+def read_history(location: str) -> list[dict]:
+    """The per-epoch metrics of a HISTORY_FILE."""
+    return json.loads(read_bytes(location))
 

@@ -1,3 +1,6 @@
+import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ def _build(entry: CacheEntry, shards: list[np.ndarray]) -> None:
         table = embedding_table({"index": np.arange(start, start + len(emb))}, emb)
         files.append(write_parquet(table, join(directory, f"part-{i:05d}.parquet")))
         start += len(emb)
-    entry.commit(files)
+    entry.commit(directory, files)
 
 
 def _entry(root, **inputs):
@@ -35,8 +38,8 @@ def test_round_trip_preserves_rows_and_fixed_size_list_type(tmp_path, as_uri):
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 4)
     np.testing.assert_array_equal(embeddings_of(table), np.concatenate(shards))
     np.testing.assert_array_equal(table.column("index").to_numpy(), np.arange(12))
-    assert sorted(p.name for p in (tmp_path / "teacher" / entry.fingerprint).iterdir()) == \
-        ["manifest.json", "part-00000.parquet", "part-00001.parquet"]
+    (attempt,) = (tmp_path / "teacher" / entry.fingerprint).glob("attempt-*")
+    assert sorted(p.name for p in attempt.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
 
 
 def test_fingerprint_covers_prompts_and_weights(tmp_path):
@@ -54,7 +57,7 @@ def test_truncated_shard_is_detected(tmp_path):
     _build(entry, [np.ones((50, 8), np.float32), np.ones((50, 8), np.float32)])
     shard = Path(entry.files()[1])
     shard.write_bytes(shard.read_bytes()[:-40])
-    assert entry.problem(expected_rows=100) == f"corrupt file {shard.name}"
+    assert entry.problem(expected_rows=100) == f"corrupt file {shard.parent.name}/{shard.name}"
 
 
 def test_same_size_corruption_is_detected_by_the_checksum(tmp_path):
@@ -64,7 +67,7 @@ def test_same_size_corruption_is_detected_by_the_checksum(tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert entry.problem() == f"corrupt file {shard.name}"
+    assert entry.problem() == f"corrupt file {shard.parent.name}/{shard.name}"
 
 
 def test_missing_shard_wrong_rows_and_bad_manifest_are_detected(tmp_path):
@@ -85,15 +88,62 @@ def test_a_build_that_dies_before_its_manifest_is_not_trusted(tmp_path):
     assert entry.problem() == "missing"
 
 
-def test_rebuild_replaces_a_corrupt_cache(tmp_path):
+def test_rebuild_replaces_a_corrupt_cache_and_abandoned_attempts_are_pruned(tmp_path):
     entry = _entry(tmp_path)
     _build(entry, [np.zeros((3, 2), np.float32), np.zeros((3, 2), np.float32)])
     Path(entry.files()[0]).write_bytes(b"garbage")
     assert entry.problem() is not None
+    abandoned = Path(entry.location) / "attempt-20000101T000000-dead0000"  # a build that died long ago
+    abandoned.mkdir()
+    running = Path(entry.begin())  # a build under way in another process: its files must survive
     _build(entry, [np.full((3, 2), 2.0, np.float32)])
     assert entry.problem(expected_rows=3) is None
     assert embeddings_of(read_parquet(entry.files())).tolist() == [[2.0, 2.0]] * 3
-    assert sorted(p.name for p in Path(entry.location).iterdir()) == ["manifest.json", "part-00000.parquet"]
+    assert running.is_dir() and not abandoned.exists()
+
+
+def test_a_manifest_whose_row_counts_lie_is_detected(tmp_path):
+    entry = _entry(tmp_path)
+    _build(entry, [np.ones((4, 2), np.float32), np.ones((4, 2), np.float32)])
+    manifest = json.loads(Path(entry.file("manifest.json")).read_text())
+    manifest["files"][0]["rows"] += 1
+    manifest["rows"] += 1  # consistent with itself, not with the Parquet file
+    Path(entry.file("manifest.json")).write_text(json.dumps(manifest))
+    assert entry.problem(expected_rows=9) == f"row count of {manifest['files'][0]['name']} != its manifest's 5"
+    manifest["files"][0]["rows"] -= 1
+    Path(entry.file("manifest.json")).write_text(json.dumps(manifest))
+    assert entry.problem() == "manifest row total != the sum of its files"
+
+
+def _slow_build(root: str, value: float, start, shards: int) -> None:
+    """One of two processes building the same cache at the same time."""
+    entry = _entry(root)
+    directory = entry.begin()
+    start.wait()
+    files = []
+    for i in range(shards):
+        table = embedding_table({"index": np.arange(i * 100, (i + 1) * 100)}, np.full((100, 8), value, np.float32))
+        files.append(write_parquet(table, join(directory, f"part-{i:05d}.parquet")))
+        time.sleep(0.05)
+    entry.commit(directory, files)
+
+
+def test_two_processes_building_one_cache_leave_one_whole_winner_and_readers_never_see_a_mix(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    builders = [ctx.Process(target=_slow_build, args=(str(tmp_path), value, start, 8)) for value in (1.0, 2.0)]
+    for b in builders:
+        b.start()
+    entry = _entry(tmp_path)
+    while any(b.is_alive() for b in builders):  # a reader polling while both write
+        if entry.problem() is None:
+            values = set(np.unique(embeddings_of(read_parquet(entry.files()))).tolist())
+            assert len(values) == 1, f"a mix of two builds: {values}"
+    for b in builders:
+        b.join()
+        assert b.exitcode == 0
+    assert entry.problem(expected_rows=800) is None
+    assert len(set(np.unique(embeddings_of(read_parquet(entry.files()))).tolist())) == 1
 
 
 def test_locations_accept_paths_and_pyarrow_uris_only():

@@ -1,4 +1,5 @@
 """The deploy/ manifests parse, carry what a GPU cluster needs, and name real agft commands."""
+import copy
 import json
 import re
 import shlex
@@ -18,25 +19,100 @@ def _docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+K8S_VERSION = "1.33.0"  # the Kubernetes API the pod templates are checked against
+KUBERAY = Path(__file__).resolve().parent / "schemas" / "kuberay"  # see the files' headers for their source
+
+
+def _strict(schema):
+    """kubectl's strict field validation: an object schema with listed properties takes no others
+    (a misspelt field is an error, not silently pruned), unless it preserves unknown fields."""
+    if isinstance(schema, dict):
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema = {**schema, "additionalProperties": False}
+        return {k: _strict(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def _kuberay_validator(kind: str):
+    """KubeRay's CRD schema for `kind`, its pod templates and Service resolved to the Kubernetes API's
+    own (strict) schemas shipped by kubernetes-validate."""
+    import jsonschema
+    import kubernetes_validate
+    from referencing import Registry, Resource
+
+    k8s_dir = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+    definitions = json.loads((k8s_dir / "_definitions.json").read_text())
+    schema = yaml.safe_load((KUBERAY / f"ray.io_{kind.lower()}s.spec.yaml").read_text())
+    if kind == "RayJob":  # its rayClusterSpec is RayCluster's spec
+        cluster = yaml.safe_load((KUBERAY / "ray.io_rayclusters.spec.yaml").read_text())
+        schema["properties"]["spec"]["properties"]["rayClusterSpec"] = cluster["properties"]["spec"]
+    schema = _strict(json.loads(json.dumps(schema).replace('"k8s:', f'"{definitions["$id"]}#/$defs/')))
+    registry = Registry().with_resource(definitions["$id"], Resource.from_contents(definitions))
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def _errors(validator, doc) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+@pytest.mark.parametrize("name, kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
+def test_kuberay_manifests_validate_against_kuberays_crd_schema(name, kind):
+    (doc,) = _docs(DEPLOY / "kuberay" / name)
+    validator = _kuberay_validator(kind)
+    assert _errors(validator, doc) == []
+    typo = copy.deepcopy(doc)
+    spec = typo["spec"] if kind == "RayCluster" else typo["spec"]["rayClusterSpec"]
+    spec["workerGroupSpecs"][0]["minReplica"] = spec["workerGroupSpecs"][0].pop("minReplicas")
+    spec["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    spec["authOptions"]["mode"] = "password"
+    found = "\n".join(_errors(validator, typo))
+    assert "minReplica" in found and "volumeMount" in found and "'password' is not one of" in found
+
+
+def test_core_manifests_validate_against_the_kubernetes_api():
+    import kubernetes_validate
+
+    docs = _docs(DEPLOY / "mlflow" / "mlflow-server.yaml") + _docs(DEPLOY / "kuberay" / "storage.yaml")
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "PersistentVolumeClaim", "PersistentVolumeClaim",
+                                               "PersistentVolumeClaim", "Service"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
 def _check_cluster_spec(spec: dict) -> None:
-    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert spec["authOptions"] == {"mode": "token", "secretName": "agft-ray-token"}  # submitter included
+    head_pod = spec["headGroupSpec"]["template"]["spec"]
+    head = head_pod["containers"][0]
     assert head["image"] and head["resources"]["requests"]["cpu"]
-    env = {e["name"]: e for e in head["env"]}
-    assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in head_pod["volumes"]}
+    storage = {d["metadata"]["name"] for d in _docs(DEPLOY / "kuberay" / "storage.yaml")}
+    assert set(claims.values()) == storage == {"agft-cache", "agft-datasets", "agft-weights"}
+    config = load_config("vitb32_imagenet")
     gpu_groups = [g for g in spec["workerGroupSpecs"]
                   if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
     assert gpu_groups, "no GPU worker group"
-    for group in gpu_groups:
-        container = group["template"]["spec"]["containers"][0]
+    for pod in [head_pod] + [g["template"]["spec"] for g in gpu_groups]:
+        container = pod["containers"][0]
         assert container["image"] == head["image"]
-        assert container["resources"]["requests"]["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["cache"] == config.cache_dir  # the shipped config's cache_dir is the shared volume
+        assert all(d.root.startswith(mounts["data"]) for d in config.data.zero_shot + [config.data.train])
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HF_HUB_CACHE"].startswith(mounts["weights"])
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]  # the user can write
+    for group in gpu_groups:
+        resources = group["template"]["spec"]["containers"][0]["resources"]
+        assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
 
 
 def _check_entrypoint(entrypoint: str) -> None:
     argv = shlex.split(entrypoint)
     assert argv[0] == "agft"
     args = _parser().parse_args(argv[1:])  # a real subcommand with real flags
-    load_config(REPO / args.config, args.overrides)  # and a config that validates
+    load_config(args.config, args.overrides)  # and a config that validates (a shipped name or a path)
 
 
 def test_raycluster():

@@ -112,17 +112,17 @@ def test_changed_prompt_rebuilds_only_its_text_cache(first, store):
 def test_truncated_teacher_shard_is_rebuilt(first, store):
     root = store[0] / "cache" / "teacher"
     (entry,) = [p for p in root.iterdir() if not p.name.startswith(".")]
-    shard = sorted(entry.glob("part-*.parquet"))[0]
+    shard = sorted(entry.glob("attempt-*/part-*.parquet"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     result, lines = _run(store)
     assert result.cache_hits["teacher shapes"] is False
-    assert any("corrupt file part-00000.parquet" in line for line in lines)
+    assert any(f"corrupt file {shard.parent.name}/part-00000.parquet" in line for line in lines)
     assert result.rows == first[0].rows
 
 
 def test_restarted_training_resumes_from_the_latest_checkpoint(first, store):
     from pipeline import tracking
-    from pipeline.train import fit, read_history
+    from pipeline.train import HISTORY_FILE, fit, read_history
 
     root, uri = store
 
@@ -133,14 +133,18 @@ def test_restarted_training_resumes_from_the_latest_checkpoint(first, store):
         inputs = Pipeline(cfg, uri, log=lambda line: None).prepare_training(run_id)
         checkpoint = fit(inputs, str(root / "resume"), "same-name")
         with checkpoint.as_directory() as d:
-            return run_id, read_history(d)
+            return run_id, read_history(f"{d}/{HISTORY_FILE}")
 
-    _, one = train(1)
+    first_run, one = train(1)
     run_id, two = train(2)  # same storage path and name: a restarted driver
     assert len(one) == 1 and len(two) == 2 and two[0] == one[0]
     assert "val_robust_acc" in two[1]
-    steps_trained = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
-    assert steps_trained == [2]  # epoch 1 came from the checkpoint, not from training again
+    # The new run holds the whole history, each epoch once; epoch 1 came from the checkpoint, not from
+    # training again: it carries the time it ended in the first run.
+    client = MlflowClient(uri)
+    (before,) = client.get_metric_history(first_run, "loss")
+    steps = [(m.step, m.timestamp) for m in client.get_metric_history(run_id, "loss")]
+    assert [step for step, _ in steps] == [1, 2] and steps[0][1] == before.timestamp
     _, three = train(3)
     assert len(three) == 3
     kept = [p.name for p in (root / "resume" / "same-name").glob("checkpoint_*") if p.is_dir()]

@@ -221,3 +221,22 @@ def test_a_sweep_whose_trials_all_fail_ends_with_one_line_and_closed_runs(swept,
     experiment = client.get_experiment_by_name("sweep-all-fail").experiment_id
     assert {r.info.status for r in client.search_runs([experiment])} == {"FAILED"}
     assert not (tmp_path / "best.yaml").exists()
+
+
+def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path):
+    """Two trials one after the other, on the training loss: the second learns at a negligible rate,
+    so its first-epoch loss is above the first trial's and ASHA (grace period 1, reduction 2) stops it
+    there, though the sweep as configured (train.epochs swept up to 3) would train it for 3 epochs."""
+    cfg, uri, _, _ = swept
+    lines = []
+    cfg = load_config(None, TINY + [f"cache_dir={cfg.cache_dir}", "experiment=sweep-asha", "train.warmup_steps=1",
+                                    "sweep.space={train.lr: {grid: [0.01, 1.0e-9]}, train.epochs: {choice: [3]}}",
+                                    "sweep.metric=loss", "sweep.mode=min"])
+    assert cfg.max_epochs() == 3 and cfg.train.epochs == 2
+    with deadline(SWEEP_DEADLINE_S):
+        result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
+    assert [(t["train.lr"], t["epochs"]) for t in result.trials] == [(0.01, 3), (1.0e-9, 1)]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-asha").experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert {c.data.params["train.lr"]: c.info.status for c in children} == {"0.01": "FINISHED", "1e-09": "KILLED"}

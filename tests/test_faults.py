@@ -1,0 +1,232 @@
+"""Faults injected for real: a SIGKILLed Ray Train worker, a SIGKILLed driver. Nothing is mocked."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from ray.util.state import list_actors
+from safetensors.torch import load_file
+
+from mlflow_server import status_without_credentials
+from pipeline import tracking
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.dag import Pipeline
+from pipeline.train import ENCODER_FILE, HISTORY_FILE, fit, read_history
+from ray_cluster import free_port, ray_cluster
+
+TINY = [
+    "pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64",
+    "data.train.limit=256", "data.zero_shot=[{name: colours, limit: 32}]",
+    "train.epochs=3", "train.batch_size=32", "train.num_workers=2", "train.validation=null",
+    "eval.attack.steps=2", "eval.batch_size=64",
+]
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("checkpoint_*") if p.is_dir())
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while not (found := condition()):
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return found
+
+
+def _train_worker_pids() -> set[int]:
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return {a.pid for a in actors}
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = load_config(None, TINY + [f"cache_dir={root / 'cache'}"])
+    return root, uri, cfg
+
+
+def _train(prepared, name: str, while_training=None):
+    root, uri, cfg = prepared
+    run_id = tracking.start_run(uri, "faults", {}, {})
+    inputs = Pipeline(cfg, uri, log=lambda line: None).prepare_training(run_id)
+    result = {}
+    trainer = threading.Thread(target=lambda: result.update(checkpoint=fit(inputs, str(root / "train"), name)))
+    trainer.start()
+    if while_training:
+        while_training(root / "train" / name)
+    trainer.join()
+    with result["checkpoint"].as_directory() as d:
+        return run_id, read_history(f"{d}/{HISTORY_FILE}"), load_file(f"{d}/{ENCODER_FILE}")
+
+
+def test_a_sigkilled_train_worker_is_replaced_and_the_run_equals_an_uninterrupted_one(prepared):
+    """SIGKILL one Ray Train worker process in the middle of epoch 2. Ray Train restarts the worker
+    group from the epoch-1 checkpoint; epochs are seeded by (seed, epoch, rank), so the resumed run
+    replays epochs 2 and 3 exactly: the final weights equal those of an uninterrupted run, bit for bit,
+    and each epoch is in the history and in MLflow once."""
+    _, uri, _ = prepared
+    killed = {}
+
+    def kill_a_worker_mid_epoch_2(storage: Path):
+        _wait_for(lambda: _checkpoints(storage), 300, "the epoch-1 checkpoint")
+        time.sleep(0.5)  # into epoch 2 (an epoch takes several seconds here)
+        pids = _wait_for(_train_worker_pids, 30, "the train workers")
+        killed["pid"] = min(pids)
+        os.kill(killed["pid"], signal.SIGKILL)
+        killed["checkpoints_then"] = len(_checkpoints(storage))
+
+    reference_run, reference_history, reference = _train(prepared, "uninterrupted")
+    run_id, history, weights = _train(prepared, "killed", kill_a_worker_mid_epoch_2)
+
+    assert killed["checkpoints_then"] == 1, "the worker should die during epoch 2, after one checkpoint"
+    assert killed["pid"] not in _train_worker_pids()
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")] == [1, 2, 3]
+    assert reference.keys() == weights.keys()
+    different = [k for k in reference if not torch.equal(reference[k], weights[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+    for ours, theirs in zip(history, reference_history):
+        assert ours["loss"] == theirs["loss"] and ours["train_robust_acc"] == theirs["train_robust_acc"]
+
+
+def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every_epoch_once(tmp_path):
+    """`agft run` is SIGKILLed after its first epoch's checkpoint, on a cluster of its own; the same
+    command again resumes training from that checkpoint (epoch 1 is not trained twice) and its MLflow
+    run carries the whole history, each epoch once. The killed run is left as the killed driver left it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [str(Path(sys.executable).with_name("agft")), "run", "--tracking-uri", uri]
+    for o in TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=driver-kill"]:
+        cmd += ["--set", o]
+    MlflowClient(uri).search_experiments()  # create the store's schema now: two first users of one SQLite file race
+    with ray_cluster(head_cpus=2) as cluster:
+        env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for(lambda: _logged_epochs(uri), 400, "epoch 1 in MLflow (after its checkpoint)")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log = tmp_path / "resumed.log"
+        with log.open("w") as out:
+            code = subprocess.run(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=600).returncode
+    assert code == 0, log.read_text()[-4000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("driver-kill").experiment_id
+    killed, resumed = sorted(client.search_runs([experiment]), key=lambda r: r.info.start_time)
+    assert resumed.info.status == "FINISHED"
+    (first_epoch,) = client.get_metric_history(killed.info.run_id, "loss")
+    history = client.get_metric_history(resumed.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert history[0].timestamp == first_epoch.timestamp  # epoch 1 came from the checkpoint
+
+
+def _logged_epochs(uri: str) -> list[int]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("driver-kill")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return [m.step for run in runs for m in client.get_metric_history(run.info.run_id, "loss")]
+
+
+def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on a SQLite store; restarting it on the same port and store is the same server."""
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1", "--backend-store-uri",
+                             f"sqlite:///{root / 'server.db'}", "--artifacts-destination", (root / "art").as_uri()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for(lambda: status_without_credentials(f"http://127.0.0.1:{port}") == 200, 180, "the mlflow server")
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepared, tmp_path):
+    """The server is SIGKILLed after epoch 1 is logged and restarted after epoch 2's checkpoint: training
+    goes on meanwhile (the rank-0 worker warns and keeps the epoch), and the record ends with every
+    epoch exactly once, epoch 2 included, at the time it was trained."""
+    _, _, cfg = prepared
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_mlflow(tmp_path, port)
+    try:
+        run_id = tracking.start_run(uri, "server-fault", {}, {})
+        pipeline = Pipeline(cfg, uri, log=lambda line: None)
+        inputs = pipeline.prepare_training(run_id)
+        outage = {}
+
+        def outage_during_epoch_2():
+            nonlocal server
+            _wait_for(lambda: MlflowClient(uri).get_metric_history(run_id, "loss"), 300, "epoch 1 on the server")
+            _kill(server)
+            storage = _wait_for(lambda: next((Path(cfg.cache_dir) / "ray_train").glob("finetune-*"), None), 60,
+                                "the fine-tune's storage")
+            _wait_for(lambda: len(_checkpoints(storage)) >= 2, 300, "the epoch-2 checkpoint")
+            outage["epochs_trained_while_down"] = len(_checkpoints(storage))
+            server = _start_mlflow(tmp_path, port)
+
+        watcher = threading.Thread(target=outage_during_epoch_2)
+        watcher.start()
+        entry = pipeline.finetune(inputs)
+        watcher.join()
+        history = read_history(entry.file_named(HISTORY_FILE))
+        logged = MlflowClient(uri).get_metric_history(run_id, "loss")
+    finally:
+        _kill(server)
+    assert outage["epochs_trained_while_down"] >= 2
+    assert [m.step for m in logged] == [1, 2, 3]
+    assert [m.value for m in logged] == [h["loss"] for h in history]
+    assert [m.timestamp for m in logged] == [int(h["epoch_end_time"] * 1000) for h in history]
+
+
+def test_a_tracking_server_that_never_comes_back_is_one_line_and_a_rerun_completes_the_record(
+        prepared, tmp_path, monkeypatch, capfd):
+    """The server dies during the run for good: after MLflow's retries (cut to one here, to keep the
+    test short) `agft run` ends with one line and exit 1, the trained fine-tune is kept, and the same
+    command against a server that answers again trains nothing and logs every epoch."""
+    root, _, cfg = prepared
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    argv = ["run", "--tracking-uri", uri, "--set", f"cache_dir={cfg.cache_dir}", "--set", "experiment=gone",
+            "--set", "train.epochs=2"] + [a for o in TINY if not o.startswith("train.epochs")
+                                          for a in ("--set", o)]
+    server = _start_mlflow(tmp_path, port)
+    killer = threading.Thread(target=lambda: (
+        _wait_for(lambda: _experiment_runs(uri, "gone"), 300, "the run on the server"), _kill(server)))
+    killer.start()
+    capfd.readouterr()
+    code = main(argv)
+    killer.join()
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("agft:")]
+    assert code == 1 and len(lines) == 1 and "run the same command again" in lines[0], lines
+    finetunes = list((Path(cfg.cache_dir) / "finetune").glob("*/manifest.json"))
+    server = _start_mlflow(tmp_path, port)
+    try:
+        assert main(argv) == 0
+        runs = _experiment_runs(uri, "gone")
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        assert len(finished) == 1
+        history = MlflowClient(uri).get_metric_history(finished[0].info.run_id, "loss")
+        assert [m.step for m in history] == [1, 2]
+    finally:
+        _kill(server)
+    assert list((Path(cfg.cache_dir) / "finetune").glob("*/manifest.json")) == finetunes  # nothing retrained
+
+
+def _experiment_runs(uri: str, name: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    return client.search_runs([experiment.experiment_id]) if experiment else []
