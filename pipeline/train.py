@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
@@ -21,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from agft_core.attacks import pgd
-from agft_core.cache import embeddings_of, join, read_bytes, read_parquet
+from agft_core.cache import basename, embeddings_of, exists, filesystem, join, read_bytes, read_parquet
 from agft_core.datasets import load_dataset
 from agft_core.evaluate import zero_shot_accuracy
 from agft_core.methods import NEEDS_TEACHER, Method, build_method
@@ -50,6 +52,9 @@ class TrainInputs:
     tracking_uri: str
     run_id: str
     val_text_files: list[str] = ()
+    # The newest complete checkpoint directory in the run's storage, which Ray Train may not know of:
+    # a driver killed after a checkpoint's upload but before the controller recorded it.
+    newest_on_disk: str | None = None
 
 
 class _Indexed(Dataset):
@@ -127,10 +132,8 @@ def train_loop(inputs: TrainInputs) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
 
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, state = _resume_point(ray.train.get_checkpoint(), inputs.newest_on_disk, device)
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
         encoder.load_state_dict(state["encoder"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -201,6 +204,37 @@ def train_loop(inputs: TrainInputs) -> None:
             _log_quietly(inputs, history)
         else:
             ray.train.report(metrics)
+
+
+def _resume_point(recorded: Checkpoint | None, newest_on_disk: str | None,
+                  device: torch.device) -> tuple[Checkpoint | None, dict | None]:
+    """The checkpoint to resume from and its state: Ray Train's, or a newer complete one on disk."""
+    candidates = [recorded] if recorded else []
+    if newest_on_disk and (not recorded or basename(newest_on_disk) > basename(recorded.path)):
+        fs, path = filesystem(newest_on_disk)
+        candidates.insert(0, Checkpoint(path, filesystem=fs))
+    for checkpoint in candidates:
+        try:
+            with checkpoint.as_directory() as d:
+                return checkpoint, torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            if checkpoint is recorded:
+                raise  # Ray Train's own checkpoint must load
+            print(f"[train] WARNING: {newest_on_disk} is incomplete; resuming from Ray Train's checkpoint",
+                  flush=True)
+    return None, None
+
+
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The newest checkpoint directory under a Ray Train run that holds all our files. Ray names them
+    checkpoint_<time>, so the name orders them."""
+    fs, path = filesystem(run_dir)
+    found = [info for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+    for info in sorted(found, key=lambda i: i.base_name, reverse=True):
+        if all(exists(join(run_dir, info.base_name, f)) for f in (STATE_FILE, ENCODER_FILE, HISTORY_FILE)):
+            return join(run_dir, info.base_name)
+    return None
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -296,7 +330,7 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     cfg = inputs.cfg.train
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=inputs,
+        train_loop_config=replace(inputs, newest_on_disk=newest_checkpoint(join(storage_path, name))),
         torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
