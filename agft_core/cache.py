@@ -30,29 +30,17 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from agft_core.catalog import is_uri
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 ATTEMPT_PREFIX = "attempt-"
 STALE_ATTEMPT_S = 24 * 3600  # an uncommitted attempt this old belongs to a build that died
-URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
-
-
-def is_uri(location: str) -> bool:
-    return "://" in location
 
 
 def absolute(location: str) -> str:
     """A URI as given, a local path made absolute: Ray workers run in other directories."""
     return location if is_uri(location) else str(Path(location).resolve())
-
-
-def check_location(location: str) -> str | None:
-    """Why `location` can't hold caches or checkpoints, or None."""
-    scheme = location.partition("://")[0] if is_uri(location) else "file"
-    if scheme not in URI_SCHEMES:
-        return f"unsupported URI scheme {scheme}://; use a local path or one of " + \
-            ", ".join(f"{s}://" for s in URI_SCHEMES)
-    return None
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:

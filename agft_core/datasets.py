@@ -21,55 +21,9 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from agft_core import world
+from agft_core.catalog import EMBEDDED_COUNTS, LOADERS, DatasetSpec, check_root
 from agft_core.errors import InputError
 
-EMBEDDED_COUNTS = {"train": 6000, "test": 1000}
-CLIP_TEMPLATE = "This is a photo of a {}."
-
-
-@dataclass(frozen=True)
-class Loader:
-    splits: tuple[str, ...]
-    layout: str  # what the root must contain, for error messages
-    marker: str  # the path under <root> whose absence means a wrong root ({split} is filled in)
-    template: str = CLIP_TEMPLATE  # the paper's single prompt for this dataset
-
-
-LOADERS = {
-    "imagenet": Loader(("train", "val"), "<root>/{train,val}/<wnid>/*.JPEG", "{split}"),
-    "cifar10": Loader(("train", "test"), "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
-                      "cifar-10-batches-py"),
-    "cifar100": Loader(("train", "test"), "<root>/cifar-100-python/{train,test,meta}", "cifar-100-python"),
-    "stl10": Loader(("train", "test"), "<root>/stl10_binary/{train,test}_{X,y}.bin + class_names.txt",
-                    "stl10_binary"),
-    "dtd": Loader(("train", "val", "test"), "<root>/dtd/dtd/{images/<class>/*.jpg, labels/{train,val,test}1.txt}",
-                  "dtd/dtd/labels", "A surface with a {} texture."),
-    "food101": Loader(("train", "test"), "<root>/food-101/{images/<class>/<id>.jpg, meta/{train,test}.json}",
-                      "food-101/meta", "A photo of {}, a type of food."),
-    "pets": Loader(("trainval", "test"), "<root>/oxford-iiit-pet/{images/<Breed>_<n>.jpg, annotations/{trainval,"
-                   "test}.txt}", "oxford-iiit-pet/annotations", "A photo of a {}, a type of pet."),
-    "aircraft": Loader(("train", "val", "trainval", "test"), "<root>/fgvc-aircraft-2013b/data/{images/<id>.jpg, "
-                       "variants.txt, images_variant_<split>.txt}", "fgvc-aircraft-2013b/data",
-                       "A photo of a {}, a type of aircraft."),
-    "eurosat": Loader(("all",), "<root>/eurosat/2750/<Class>/*.jpg", "eurosat/2750", "A centered satellite photo of {}."),
-    "caltech101": Loader(("all",), "<root>/caltech101/101_ObjectCategories/<category>/*.jpg",
-                         "caltech101/101_ObjectCategories", "A photo of a {}."),
-    "caltech256": Loader(("all",), "<root>/caltech256/256_ObjectCategories/<NNN.category>/<NNN>_<nnnn>.jpg",
-                         "caltech256/256_ObjectCategories", "A photo of a {}."),
-    "sun397": Loader(("all",), "<root>/SUN397/{ClassName.txt, <letter>/<category>/sun_*.jpg}", "SUN397/ClassName.txt",
-                     "A photo of a {}."),
-    "flowers102": Loader(("train", "val", "test"), "<root>/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, "
-                         "setid.mat}", "flowers-102/setid.mat", "A photo of a {}, a type of flower."),
-    "cars": Loader(("train", "test"), "<root>/stanford_cars/{devkit/{cars_meta.mat,cars_train_annos.mat}, cars_train/, "
-                   "cars_test_annos_withlabels.mat, cars_test/}", "stanford_cars/devkit/cars_meta.mat",
-                   "A photo of a {}, a type of car."),
-    "pcam": Loader(("train", "val", "test"), "<root>/pcam/camelyonpatch_level_2_split_<split>_{x,y}.h5",
-                   "pcam/camelyonpatch_level_2_split_{split}_y.h5", "This is a photo of {}."),
-    "imagefolder": Loader(("train", "val", "test"), "<root>/<split>/<class name>/*.{jpg,png}", "{split}"),
-    "parquet": Loader(("train", "val", "test"), "<root>/<split>.parquet with columns image (encoded bytes) and "
-                      "label (int), class names in the schema metadata key 'classnames' (JSON list)",
-                      "{split}.parquet"),
-}
 # CLIP's readable names for EuroSAT's folder names (its zero-shot prompts), as the paper evaluates it.
 EUROSAT_CLASSNAMES = {
     "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
@@ -82,19 +36,6 @@ CALTECH101_CLASSNAMES = {"Faces": "off-center face", "Faces_easy": "centered fac
                          "Motorbikes": "motorbike"}
 # CLIP's readable names for PCAM's two labels (0: normal tissue, 1: metastasis).
 PCAM_CLASSNAMES = ["lymph node", "lymph node containing metastatic tumor tissue"]
-KINDS = ("embedded", *LOADERS)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    kind: str
-    name: str
-    split: str
-    root: str | None = None
-    limit: int | None = None
-    world_seed: int = 0
-    templates: tuple[str, ...] | None = None  # overrides the dataset's own prompt templates
-    corrupt: str = "error"  # or "skip": leave out images that fail to decode, each one reported
 
 
 @dataclass
@@ -121,33 +62,6 @@ class DatasetInfo:
     templates: list[str]
     identity: dict
     size: int
-
-
-def check_spec(kind: str, name: str, split: str, root: str | None) -> None:
-    """Schema-level validation (no file system access)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown dataset kind {kind!r}; valid: {list(KINDS)}")
-    if kind == "embedded":
-        if name not in world.TASKS:
-            raise ValueError(f"unknown embedded dataset {name!r}; valid: {sorted(world.TASKS)}")
-        if split not in EMBEDDED_COUNTS:
-            raise ValueError(f"embedded split must be one of {list(EMBEDDED_COUNTS)}, got {split!r}")
-        return
-    if split not in LOADERS[kind].splits:
-        raise ValueError(f"{kind} split must be one of {list(LOADERS[kind].splits)}, got {split!r}")
-    if not root:
-        raise ValueError(f"{kind} needs a root directory laid out as {LOADERS[kind].layout}")
-
-
-def check_root(spec: DatasetSpec) -> str | None:
-    """Why the dataset's files can't be read, or None."""
-    if spec.kind == "embedded":
-        return None
-    loader = LOADERS[spec.kind]
-    expected = Path(spec.root) / loader.marker.format(split=spec.split)
-    if not expected.exists():
-        return f"{spec.name}: {expected} not found; expected layout {loader.layout}"
-    return None
 
 
 def _rgb(image: Image.Image) -> Image.Image:

@@ -34,9 +34,6 @@ def embed_images(encoder: nn.Module, images: Dataset, indices: range, batch_size
     return torch.cat(labels), torch.cat(embeddings)
 
 
-ATTACKS = ("pgd", "cw", "autoattack", "autoattack-rand")
-
-
 class ZeroShotClassifier(nn.Module):
     """Pixels to zero-shot logits at the model's own scale: what AutoAttack needs."""
 

@@ -1,8 +1,9 @@
 """Fine-tuning methods: what each one attacks and what each one minimises.
 
-The training loop is shared (pipeline/train.py): per batch it calls prepare() once without
-gradients, runs fp32 PGD that maximises attack_loss() through the bare student, then
-minimises loss() on the clean and adversarial images. `model` in loss() may be the student
+Every method trains with one step, adversarial_step() at the end of this file (the Ray Train
+loop in pipeline/train.py calls it per batch): prepare() once without gradients, fp32 PGD that
+maximises attack_loss() through the bare student, then loss() on the clean and adversarial
+images, minimised. `model` in loss() may be the student
 wrapped in DDP, so each method makes exactly one forward call through it per step.
 
     method    attacks                          minimises
@@ -18,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agft_core.attacks import pgd
+from agft_core.catalog import METHODS
 from agft_core.losses import agft_loss, attention_map, calibrated_targets, fare_loss, pmg_aft_loss, tecoa_loss, \
     tga_zsr_loss, zero_shot_logits
 
-METHODS = ("agft", "tecoa", "pmg_aft", "fare", "tga_zsr")
 NEEDS_TEACHER = ("pmg_aft", "fare", "tga_zsr")  # a frozen encoder forward per step; AGFT reads the cache
 
 
@@ -131,3 +133,26 @@ def build_method(name: str, text: torch.Tensor, scale: float, *, gamma: float, i
     if name == "tga_zsr":
         return TGAZSR(text, scale, teacher, alpha, beta)
     raise ValueError(f"unknown method {name!r}; one of {', '.join(METHODS)}")
+
+
+def autocast(amp: str, device: torch.device):
+    # AMP is a GPU feature here; CPU training stays fp32 (CPU autocast is slower on most CPUs).
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
+
+
+def adversarial_step(model, raw, method: Method, x, labels, cached_teacher, attack, amp: str, optimizer, scaler):
+    """One update: fp32 PGD on the method's attack loss through the bare encoder `raw`, then its
+    loss on x and x_adv. model is raw, or raw wrapped in DDP (the attack bypasses DDP's hooks).
+    Returns the loss and the student's embeddings of x_adv, detached.
+    """
+    with torch.no_grad():
+        state = method.prepare(x, labels, cached_teacher)
+    x_adv = pgd(lambda z: method.attack_loss(raw, z, labels, state), x, attack.eps, attack.alpha, attack.steps)
+    with autocast(amp, x.device):
+        loss, student_emb = method.loss(model, x, x_adv, labels, state)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), student_emb.detach().float()

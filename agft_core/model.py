@@ -16,32 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from agft_core.cache import local_path
+from agft_core.catalog import EMBEDDED_ARCH_DIR, is_weights_file
 from agft_core.errors import InputError
-
-EMBEDDED_ARCH_DIR = Path(__file__).parent / "model_configs"
-EMBEDDED_ARCH = "agft-tiny-vit"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
 
 def register_embedded_architectures() -> None:
     # open_clip keeps its own registry of architectures; ours must be in it before create_model.
     open_clip.add_model_config(EMBEDDED_ARCH_DIR)
-
-
-def architectures() -> list[str]:
-    register_embedded_architectures()
-    return open_clip.list_models()
-
-
-def has_vit_tower(arch: str) -> bool:
-    """Whether the image tower is open_clip's own ViT (patch tokens and a projection), not a ResNet or timm."""
-    register_embedded_architectures()
-    vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
-    return isinstance(vision.get("layers"), int) and not vision.get("timm_model_name")
-
-
-def is_weights_file(weights: str) -> bool:
-    return weights.endswith(WEIGHT_SUFFIXES) or "/" in weights
 
 
 def create_clip(arch: str, weights: str | None) -> nn.Module:

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import flop_registry
 from agft_core.model import ImageEncoder, create_clip, logit_scale, preprocess_cfg
 from pipeline.config import AttackConfig
 from agft_core.methods import build_method
-from pipeline.train import adversarial_step
+from agft_core.methods import adversarial_step
 
 
 class FlopCount(TorchDispatchMode):

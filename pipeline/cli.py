@@ -6,17 +6,19 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 
 from agft_core.errors import InputError
 from pipeline.config import ConfigError, check_ray_address, check_sweep, check_tracking, dump_yaml, load_config, \
     on_cluster, tracking_uri
 
-STEPS = ("pretrain", "text", "teacher", "train")
+STEPS = ("pretrain", "text", "teacher", "train", "eval")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agft", description="Alignment-Guided Fine-Tuning on Ray.")
+    parser.add_argument("--version", action="version", version=f"agft {version('agft')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
@@ -30,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--address", help="attach to a running Ray cluster (default: start a local one)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                               "sqlite:///mlflow.db)")
+        p.add_argument("--verbose", action="store_true", help="also Ray's, Ray Train's and Tune's INFO logs "
+                                                              "(same as --set verbose=true)")
         return p
 
     run = with_cluster(commands.add_parser("run", help="run the whole DAG: caches, fine-tune, eval, report"))
@@ -53,12 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start_ray(address: str | None) -> None:
+def _start_ray(address: str | None, verbose: bool) -> None:
     import logging
 
     import ray
 
-    ray.init(address=address, logging_level=logging.WARNING, ignore_reinit_error=True,
+    ray.init(address=address, logging_level=logging.INFO if verbose else logging.WARNING, ignore_reinit_error=True,
              log_to_driver=True, configure_logging=True)
 
 
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         checkpoints = [f"eval.matrix.checkpoints.{c}" for c in getattr(args, "checkpoint", [])]
-        cfg = load_config(args.config, args.overrides + checkpoints)
+        verbose = ["verbose=true"] if getattr(args, "verbose", False) else []
+        cfg = load_config(args.config, args.overrides + checkpoints + verbose)
         if args.command == "validate":
             print(dump_yaml(cfg), end="")
             return 0
@@ -86,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start = time.perf_counter()
-    _start_ray(args.address)
+    _start_ray(args.address, cfg.verbose)
     from pipeline.dag import Pipeline, check_inputs  # heavy imports only once the input is known to be good
-    from pipeline.tracking import TRACKING_ERRORS
+    from pipeline.tracking import TRACKING_ERRORS, format_table
 
     try:
         check_inputs(cfg)
@@ -111,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agft: error: the tracking server {uri} failed ({reason}); caches and checkpoints are kept: run "
               f"the same command again once it answers, and the run's record is completed", file=sys.stderr)
         return 1
-    from pipeline.tracking import format_table
 
     print()
     print(f"Zero-shot top-1 accuracy (%), clean and PGD-{cfg.eval.attack.steps} robust at "
@@ -126,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _browse(label: str, run_id: str, uri: str) -> int:
+    from pipeline.tracking import browse_hint
+
     print(f"MLflow {label}: {run_id}")
-    print(f"Browse it:  mlflow ui --backend-store-uri {uri}")
+    print(f"Browse it:  {browse_hint(uri, run_id)}")
     return 0
 
 

@@ -9,13 +9,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agft_core import datasets, world
-from agft_core.cache import check_location
+from agft_core import catalog, world
+from agft_core.catalog import ATTACKS, EMBEDDED_ARCH, METHODS, architectures, check_location, has_vit_tower, \
+    is_weights_file
 from agft_core.errors import InputError
-from agft_core.evaluate import ATTACKS
-from agft_core.methods import METHODS
-from agft_core.model import EMBEDDED_ARCH, architectures, cached_pretrained, has_vit_tower, is_weights_file, \
-    missing_pretrained_message
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # installed as package data
 DEFAULT_CONFIG = SHIPPED_CONFIGS / "demo.yaml"
@@ -97,15 +94,15 @@ class DatasetConfig(Section):
 
     @model_validator(mode="after")
     def _known_dataset(self) -> "DatasetConfig":
-        datasets.check_spec(self.kind, self.name, self.split, self.root)
+        catalog.check_spec(self.kind, self.name, self.split, self.root)
         for template in self.templates or ():
             if template.count("{}") != 1:
                 raise ValueError(f"template {template!r} must contain exactly one {{}} for the class name")
         return self
 
-    def spec(self, world_seed: int) -> datasets.DatasetSpec:
+    def spec(self, world_seed: int) -> catalog.DatasetSpec:
         templates = tuple(self.templates) if self.templates else None
-        return datasets.DatasetSpec(self.kind, self.name, self.split, self.root, self.limit, world_seed, templates,
+        return catalog.DatasetSpec(self.kind, self.name, self.split, self.root, self.limit, world_seed, templates,
                                     self.corrupt)
 
 
@@ -275,6 +272,7 @@ class Config(Section):
     storage_path: str | None = Field(None, description="Ray Train/Tune checkpoints; default: under cache_dir")
     artifact_location: str | None = Field(None, description="MLflow artifact root of a new experiment")
     experiment: str = "agft"
+    verbose: bool = Field(False, description="Ray's, Ray Train's and Tune's INFO logs on the console (--verbose)")
     teacher_cache_shards: int = Field(2, gt=0)
     resources: ResourcesConfig = ResourcesConfig()
     sweep: SweepConfig = SweepConfig()
@@ -390,11 +388,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def preflight(cfg: Config) -> None:
-    """Checks against the file system, done before any Ray work: roots and weights must exist."""
+    """Checks against the file system, run where the data is (a Ray task): roots and weights must exist."""
+    from agft_core.model import cached_pretrained, missing_pretrained_message
+
     validation = [("train.validation.dataset", cfg.train.validation.dataset)] if cfg.train.validation else []
     for where, dataset in [("data.train", cfg.data.train), *validation] + [
             (f"data.zero_shot.{i}", d) for i, d in enumerate(cfg.data.zero_shot)]:
-        problem = datasets.check_root(dataset.spec(cfg.data.world_seed))
+        problem = catalog.check_root(dataset.spec(cfg.data.world_seed))
         if problem:
             raise ConfigError(f"{where}: {problem}")
     for name, path in cfg.eval.matrix.checkpoints.items():

@@ -1,11 +1,14 @@
-"""The AGFT DAG on Ray Core: pretrain* → text cache → teacher cache → train → eval → report.
+"""The AGFT DAG on Ray Core: pretrain* → describe → teacher cache → text cache → train → eval → report,
+with the original teacher's eval beside the fine-tune where the cluster has room for both.
 
 Steps run in dependency order; the tasks inside a step run in parallel and hand their
-results on as ObjectRefs. Every step whose output is content-addressed checks its cache
-first, says whether it hit, and rebuilds anything stale or corrupt.
+results on as ObjectRefs. Every step whose output is content-addressed (eval results
+included) checks its cache first, says whether it hit, and rebuilds anything stale or
+corrupt. Each step and each eval task is a bar on the run's timeline (timeline.png in MLflow).
 """
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -20,15 +23,27 @@ from tqdm import tqdm
 from agft_core import world
 from agft_core.attacks import AUTOATTACK_MIN_CLASSES
 from agft_core.cache import CacheEntry, absolute, describe_file, embeddings_of, filesystem, join, local_path, \
-    read_parquet, upload
+    read_bytes, read_parquet, upload, write_bytes
 from agft_core.datasets import DatasetInfo
 from agft_core.errors import InputError
 from agft_core.pretrain import RECIPE
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, dump_yaml, preflight
-from pipeline.train import ENCODER_FILE, HISTORY_FILE, RECIPE, TrainInputs, fit, read_history
+from pipeline.train import ENCODER_FILE, FINETUNE_RECIPE, HISTORY_FILE, TrainInputs, fit, read_history
 from tasks import steps
 
+EVAL_FILE = "result.json"
+EVAL_RECIPE = 1  # part of every eval result's fingerprint: changes when the same cell would score differently
+
+
+@dataclass
+class _Eval:
+    """An evaluation under way: its cells' caches and the Ray tasks computing the missing ones."""
+
+    label: str
+    cells: dict[tuple, CacheEntry]
+    attacks: list[tuple]
+    refs: list
 
 
 @dataclass
@@ -59,16 +74,41 @@ def _field(key: str) -> str:
     return {"train": "data.train", "val": "train.validation.dataset"}[key]
 
 
+class _LineProgress:
+    """What a log file gets instead of a bar: a plain line at every 10 % and at least every 30 s, never
+    a carriage return (which `ray job logs` and CI logs would show as one endless line)."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done = total, label, 0
+        self.start = self.last = time.monotonic()
+        self.shown_tenths = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        tenths = 10 * self.done // self.total
+        if tenths > self.shown_tenths or time.monotonic() - self.last >= 30:
+            self.shown_tenths, self.last = tenths, time.monotonic()
+            print(f"{self.label}: {self.done}/{self.total} tasks ({100 * self.done // self.total} %, "
+                  f"{self.last - self.start:.0f} s)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def _wait(refs: list, label: str, field: str | None = None) -> list:
-    """ray.get with a progress bar over task completions."""
+    """ray.get with progress over task completions: a bar on a terminal, plain lines in a log."""
     if not refs:
         return []
     pending = list(refs)
-    # A terminal erases the finished bar; a log file keeps it, ending the line for the next message.
-    with tqdm(total=len(refs), desc=label, unit="task", leave=not sys.stderr.isatty()) as bar:
+    progress = tqdm(total=len(refs), desc=label, unit="task", leave=False) if sys.stderr.isatty() \
+        else _LineProgress(len(refs), label)
+    with progress:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(done))
+            progress.update(len(done))
     return _get(list(refs), field)
 
 
@@ -86,6 +126,8 @@ class Pipeline:
         self.checkpoints = self.storage("ray_train")
         self.hits: dict[str, bool] = {}
         self.seconds: dict[str, float] = {}
+        self.t0 = time.time()
+        self.timeline: list[dict] = []  # one bar per step and per eval task: start, end (s), cached, node
 
     def storage(self, default_folder: str) -> str:
         """Where Ray Train/Tune keep their runs: storage_path, else a folder of the cache root."""
@@ -170,7 +212,8 @@ class Pipeline:
         cfg = self.cfg
         val_text = self.texts.get("val")
         entry = CacheEntry(self.root, "finetune", {
-            "recipe": RECIPE, "weights": self.digest, "text": self.texts["train"].fingerprint, "teacher": self.teacher.fingerprint,
+            "recipe": FINETUNE_RECIPE, "weights": self.digest, "text": self.texts["train"].fingerprint,
+            "teacher": self.teacher.fingerprint,
             "val_text": val_text.fingerprint if val_text else None, "seed": cfg.seed,
             "train": cfg.train.model_dump(mode="json", exclude={"num_workers", "cpus_per_worker", "use_gpu",
                                                                 "max_failures", "start_timeout_s",
@@ -194,24 +237,80 @@ class Pipeline:
 
     # -- eval ----------------------------------------------------------------------------------
     def evaluate(self, encoders: dict[str, str | None], attacks: list[tuple], per_cell: bool = False) -> list[dict]:
-        """Zero-shot accuracy of each encoder under each (attack, ε, α, steps) on every zero-shot dataset:
-        one Ray task per dataset, or with per_cell one per (dataset, encoder, attack, ε)."""
-        cells = [(dict([e]), [a]) for e in encoders.items() for a in attacks] if per_cell else [(encoders, attacks)]
+        """Zero-shot accuracy of each encoder (None: the teacher, else a weights file) under each (attack, ε, α,
+        steps) on every zero-shot dataset: one row per (dataset, encoder, attack)."""
+        return self.finish_eval(self.start_eval(encoders, attacks, per_cell))
+
+    def start_eval(self, encoders: dict[str, str | None], attacks: list[tuple], per_cell: bool = False) -> "_Eval":
+        """Submits the evaluation and returns at once. Each result is a cache of its own, keyed by the
+        encoder's content, the dataset, its class-prompt embeddings and the attack, so a warm run
+        evaluates nothing. What is missing runs as one Ray task per dataset, or with per_cell one per
+        (dataset, encoder, attack)."""
+        cfg = self.cfg
+        files = {name: weights for name, weights in encoders.items() if weights is not None}
+        light = {"num_cpus": cfg.resources.task_cpus}
+        digests = dict(zip(files, _get([steps.file_digest.options(**light).remote(w) for w in files.values()],
+                                       "eval.matrix.checkpoints"))) | {n: self.digest for n in encoders if n not in files}
+        cells = {}  # (dataset key, encoder name, attack) -> its cache entry
+        for key in (k for k in self.specs if k.startswith("zs")):
+            for name in encoders:
+                for attack in attacks:
+                    cells[key, name, attack] = CacheEntry(self.root, "eval", {
+                        "recipe": EVAL_RECIPE, "arch": cfg.model.arch, "encoder": digests[name],
+                        "dataset": self.infos[key].identity, "text": self.texts[key].fingerprint,
+                        "attack": list(attack), "batch_size": cfg.eval.batch_size, "seed": cfg.seed})
+        missing = [cell for cell, entry in cells.items() if "eval" in self.rerun or entry.problem(1) is not None]
+        self.hits[f"eval {', '.join(encoders)}"] = not missing
+        self.log(f"[eval {', '.join(encoders)}] {len(cells) - len(missing)} of {len(cells)} results cached" +
+                 (f", computing {len(missing)}" if missing else ", skipping"))
         refs = []
-        for key, spec in self.specs.items():
-            if not key.startswith("zs"):
-                continue
+        for key in dict.fromkeys(key for key, _, _ in missing):
+            names = list(dict.fromkeys(n for k, n, _ in missing if k == key))
+            todo = list(dict.fromkeys(a for k, _, a in missing if k == key))
+            groups = [({n: encoders[n]}, [a]) for n in names for a in todo if (key, n, a) in missing] if per_cell \
+                else [({n: encoders[n] for n in names}, todo)]
             text = ray.put(embeddings_of(read_parquet(self.texts[key].files())))
             task = steps.evaluate_zero_shot.options(**self._task_resources())
-            refs += [task.remote(self.cfg.model.arch, self.weights, cell_encoders, spec, self.size, text, cell_attacks,
-                                 self.cfg.eval.batch_size, self.cfg.seed, self.cfg.resources.loader_workers)
-                     for cell_encoders, cell_attacks in cells]
-        return [row for rows in _wait(refs, "zero-shot eval") for row in rows]
+            refs += [task.remote(cfg.model.arch, self.weights, group, self.specs[key], self.size, text, group_attacks,
+                                 cfg.eval.batch_size, cfg.seed, cfg.resources.loader_workers)
+                     for group, group_attacks in groups]
+        return _Eval(", ".join(encoders), cells, attacks, refs)
+
+    def finish_eval(self, pending: "_Eval") -> list[dict]:
+        """Waits for a start_eval(), caches what it computed and returns every row, cached or not."""
+        outputs = _wait(pending.refs, f"zero-shot eval ({pending.label})")
+        self.timeline += [{"step": f"eval {out['dataset']} ({pending.label})", "start": out["start"] - self.t0,
+                           "end": out["end"] - self.t0, "cached": False, "node": out["node"]} for out in outputs]
+        computed = [row for out in outputs for row in out["rows"]]
+        key_of = {self.specs[key].name: key for key, _, _ in pending.cells}
+        attack_of = {(a[0], a[1], a[3]): a for a in pending.attacks}
+        by_cell = {(key_of[r["dataset"]], r["model"], attack_of[r["attack"], r["eps"], r["steps"]]): r for r in computed}
+        for cell, row in by_cell.items():
+            entry = pending.cells[cell]
+            with entry.attempt() as attempt:
+                write_bytes(join(attempt, EVAL_FILE), json.dumps({k: v for k, v in row.items() if k != "model"}).encode())
+                entry.commit(attempt, [describe_file(join(attempt, EVAL_FILE), rows=1)])
+        return [by_cell.get(cell) or {**json.loads(read_bytes(entry.file_named(EVAL_FILE))), "model": cell[1]}
+                for cell, entry in pending.cells.items()]
+
+    def _room_beside_training(self) -> bool:
+        """Whether the cluster holds the trainer and an eval task at once. Only then does the original's
+        evaluation run while the fine-tune trains: on a smaller cluster it would delay the trainer's start
+        (and use up train.start_timeout_s) for no gain."""
+        total, train, res = ray.cluster_resources(), self.cfg.train, self.cfg.resources
+        gpus = (train.num_workers if train.use_gpu else 0) + res.task_gpus
+        return total.get("CPU", 0) >= train.num_workers * train.cpus_per_worker + res.task_cpus and \
+            total.get("GPU", 0) >= gpus
 
     def _timed(self, name: str, fn, *args):
-        start = time.perf_counter()
+        """Runs one step, recording its seconds and its bar on the run's timeline (cached: every cache it
+        checked was valid)."""
+        start, hits_before = time.time(), len(self.hits)
         out = fn(*args)
-        self.seconds[name] = round(time.perf_counter() - start, 2)
+        end, hits = time.time(), list(self.hits.values())[hits_before:]
+        self.seconds[name] = round(end - start, 2)
+        self.timeline.append({"step": name, "start": start - self.t0, "end": end - self.t0,
+                              "cached": bool(hits) and all(hits), "node": "driver"})
         return out
 
     def describe(self, training: bool) -> dict[str, tuple]:
@@ -232,7 +331,8 @@ class Pipeline:
                 datasets["val"] = cfg.train.validation.dataset
         self.specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
         refs = {key: steps.describe_dataset.options(**light).remote(spec, self.size) for key, spec in self.specs.items()}
-        return {key: (self.specs[key], _get(ref, _field(key))) for key, ref in refs.items()}
+        self.infos = {key: _get(ref, _field(key)) for key, ref in refs.items()}
+        return {key: (self.specs[key], info) for key, info in self.infos.items()}
 
     def prepare_text(self, training: bool) -> dict[str, tuple]:
         data = self.describe(training)
@@ -273,11 +373,15 @@ class Pipeline:
         with tracking.finishing(self.uri, run_id):
             inputs = replace(inputs, run_id=run_id)
             tracking.tag_run(self.uri, run_id, {"weights_digest": self.digest})
-            tuned = self._timed("train", self.finetune, inputs)
             attack = cfg.eval.attack
-            encoders = {"original": None} if original else {}
-            results = self._timed("eval", self.evaluate, encoders | {"finetuned": tuned.file_named(ENCODER_FILE)},
-                                  [("pgd", attack.eps, attack.alpha, attack.steps)])
+            attacks = [("pgd", attack.eps, attack.alpha, attack.steps)]
+            # The teacher's numbers do not depend on the fine-tune: evaluated beside it where there is room
+            early = self.start_eval({"original": None}, attacks) if original and self._room_beside_training() \
+                else None
+            tuned = self._timed("train", self.finetune, inputs)
+            later = {"original": None} if original and not early else {}
+            results = self._timed("eval", lambda: (self.finish_eval(early) if early else []) + self.evaluate(
+                later | {"finetuned": tuned.file_named(ENCODER_FILE)}, attacks))
             rows = tracking.accuracy_rows(results)
             self._timed("report", self.report, run_id, rows, tuned)
         return RunResult(run_id, rows, self.hits, self.seconds)
@@ -317,6 +421,9 @@ class Pipeline:
             tracking.plot_accuracy(rows, out / "zero_shot_accuracy.png",
                                    f"{self.cfg.train.method.upper()}: zero-shot clean vs PGD-{self.cfg.eval.attack.steps}"
                                    f" robust accuracy")
+            (out / "timeline.json").write_text(json.dumps(self.timeline, indent=1))
+            tracking.plot_timeline(self.timeline, out / "timeline.png")
             tracking.log_results(self.uri, run_id, tracking.dataset_metrics(rows),
-                                 [out / n for n in ("config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png")]
+                                 [out / n for n in ("config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png",
+                                                    "timeline.json", "timeline.png")]
                                  + [Path(local_path(tuned.file_named(ENCODER_FILE)))])

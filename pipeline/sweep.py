@@ -132,7 +132,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     inputs = pipeline.prepare_training()
     seconds = {"caches": time.perf_counter() - clock}
     storage = pipeline.storage("ray_tune")
-    name = f"sweep-{fingerprint(cfg.model_dump(mode='json'))}"
+    name = f"sweep-{fingerprint(cfg.model_dump(mode='json', exclude={'verbose'}))}"  # console verbosity: same sweep
     sweep_dir = join(storage, name)
     parent_file = join(sweep_dir, PARENT_RUN_FILE)
     resumed = tune.Tuner.can_restore(sweep_dir) and exists(parent_file)
@@ -161,7 +161,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
                                         reuse_actors=False,
                                         search_alg=_search_algorithm(spec),
                                         scheduler=_scheduler(spec, cfg.max_epochs())),
-            run_config=tune.RunConfig(name=name, storage_path=storage,
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if cfg.verbose else 0,
                                       callbacks=[_Progress(spec.metric, spec.mode, cfg.max_epochs(), tracking_uri,
                                                                  cfg.experiment, parent_run_id)]))
     fs, path = filesystem(sweep_dir)

@@ -13,7 +13,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from agft_core.cache import is_uri
+from agft_core.catalog import is_uri
 from pipeline.config import ConfigError
 
 EPOCH_END = "epoch_end_time"  # a history field (unix seconds), not a metric
@@ -149,6 +149,28 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_timeline(timeline: list[dict], path: Path) -> None:
+    """Each step (and each eval task) as a bar on the run's time axis: what ran, what was cached, what
+    overlapped, and on which node."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(timeline) + 1.2))
+    for i, bar in enumerate(timeline):
+        ax.barh(i, max(bar["end"] - bar["start"], 0.05), left=bar["start"],
+                color="lightgrey" if bar["cached"] else "tab:blue")
+        where = "" if bar["node"] == "driver" else f"  node {bar['node'][:8]}"
+        ax.text(bar["end"], i, f" {bar['end'] - bar['start']:.1f} s{where}", va="center", fontsize=7)
+    ax.set_yticks(range(len(timeline)), [bar["step"] for bar in timeline], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the run started (grey: every cache hit)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def dataset_metrics(rows: list[dict]) -> dict[str, float]:
     """{"<column>/<dataset>": value} for accuracy_rows' rows."""
     return {f"{column}/{row['dataset']}": value for row in rows for column, value in row.items() if column != "dataset"}
@@ -162,6 +184,14 @@ def log_results(uri: str, run_id: str, metrics: dict[str, float], artifacts: lis
         client.log_batch(run_id, metrics=items[i:i + 500])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
+
+
+def browse_hint(uri: str, run_id: str) -> str:
+    """Where to look at a run: its page on a tracking server, or the command that serves a local store."""
+    if uri.startswith(("http://", "https://")):
+        experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

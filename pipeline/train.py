@@ -15,18 +15,17 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
 from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, \
     WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from agft_core.attacks import pgd
 from agft_core.cache import basename, embeddings_of, exists, filesystem, join, read_bytes, read_parquet
 from agft_core.datasets import load_dataset
 from agft_core.evaluate import zero_shot_accuracy
-from agft_core.methods import NEEDS_TEACHER, Method, build_method
+from agft_core.methods import NEEDS_TEACHER, adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.tracking import EPOCH_END, log_history
@@ -37,7 +36,7 @@ ENCODER_FILE = "image_encoder.safetensors"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 # Part of the fine-tune cache's fingerprint: changes when the same config would train differently.
-RECIPE = "epoch-seeded-1"
+FINETUNE_RECIPE = "epoch-seeded-1"
 
 
 @dataclass(frozen=True)
@@ -74,29 +73,6 @@ class _Indexed(Dataset):
 def _lr_lambda(warmup: int, total: int):
     return lambda step: (step + 1) / warmup if step < warmup else \
         0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def _autocast(amp: str, device: torch.device):
-    # AMP is a GPU feature here; CPU training stays fp32 (CPU autocast is slower on most CPUs).
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
-
-
-def adversarial_step(model, raw, method: Method, x, labels, cached_teacher, attack, amp: str, optimizer, scaler):
-    """One update: fp32 PGD on the method's attack loss through the bare encoder `raw`, then its
-    loss on x and x_adv. model is raw, or raw wrapped in DDP (the attack bypasses DDP's hooks).
-    Returns the loss and the student's embeddings of x_adv, detached.
-    """
-    with torch.no_grad():
-        state = method.prepare(x, labels, cached_teacher)
-    x_adv = pgd(lambda z: method.attack_loss(raw, z, labels, state), x, attack.eps, attack.alpha, attack.steps)
-    with _autocast(amp, x.device):
-        loss, student_emb = method.loss(model, x, x_adv, labels, state)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach(), student_emb.detach().float()
 
 
 def train_loop(inputs: TrainInputs) -> None:
@@ -199,6 +175,8 @@ def train_loop(inputs: TrainInputs) -> None:
                 save_weights(encoder, Path(d) / ENCODER_FILE, metadata={"arch": cfg.model.arch})
                 (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            print(f"[train] epoch {epoch + 1}/{cfg.train.epochs}: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
             # After the checkpoint: a worker lost in between re-runs no epoch, and the epochs this
             # log misses are logged by the next one, or by the driver at the end.
             _log_quietly(inputs, history)
@@ -335,6 +313,8 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(storage_path=storage_path, name=name, callbacks=callbacks,
+                             # Ray Train's INFO (every rank's report, worker-group listings) only on request
+                             logging_config=LoggingConfig(log_level="INFO" if inputs.cfg.verbose else "WARNING"),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(
                                  max_failures=cfg.max_failures,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,9 @@ import ray
 import torch
 
 from agft_core import world
-from agft_core.cache import describe_file, embedding_table, join, upload, write_parquet
-from agft_core.datasets import DatasetInfo, DatasetSpec, load_dataset
+from agft_core.cache import describe_file, embedding_table, file_sha256, join, upload, write_parquet
+from agft_core.catalog import DatasetSpec
+from agft_core.datasets import DatasetInfo, load_dataset
 from agft_core.evaluate import embed_images, zero_shot_accuracy
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, load_weights, logit_scale, \
     preprocess_cfg, save_weights, state_digest
@@ -46,6 +48,12 @@ def describe_dataset(spec: DatasetSpec, image_size: int) -> DatasetInfo:
 
 
 @ray.remote
+def file_digest(location: str) -> str:
+    """The SHA-256 of a weights file, read where it is."""
+    return file_sha256(location)
+
+
+@ray.remote
 def cuda_available() -> bool:
     """Run with a GPU request: whether the node Ray picks for GPU work has CUDA."""
     return torch.cuda.is_available()
@@ -77,9 +85,11 @@ def teacher_shard(arch: str, weights: str | None, spec: DatasetSpec, image_size:
 @ray.remote
 def evaluate_zero_shot(arch: str, weights: str | None, encoders: dict[str, str | None], spec: DatasetSpec,
                        image_size: int, text_emb: np.ndarray, attacks: list[tuple[str, float, float, int]],
-                       batch_size: int, seed: int, loader_workers: int) -> list[dict]:
+                       batch_size: int, seed: int, loader_workers: int) -> dict:
     """Clean and robust accuracy of each encoder (None: the original one, else a fine-tuned image
-    encoder's weights) under each (attack, ε, α, steps): one row per pair."""
+    encoder's weights) under each (attack, ε, α, steps): one row per pair, with when and where the
+    task ran (for the run's timeline)."""
+    start = time.time()
     use_assigned_cpus()
     device = task_device("eval")
     data = load_dataset(spec, image_size)
@@ -99,4 +109,5 @@ def evaluate_zero_shot(arch: str, weights: str | None, encoders: dict[str, str |
                                         loader_workers=loader_workers)
             rows.append({"model": name, "dataset": spec.name, "attack": attack, "eps": eps, "steps": steps,
                          **scores})
-    return rows
+    return {"rows": rows, "dataset": spec.name, "start": start, "end": time.time(),
+            "node": ray.get_runtime_context().get_node_id()}

@@ -47,7 +47,7 @@ def _start(args: list[str], env: dict) -> subprocess.Popen:
 def _stop(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)  # the node this test started, and only it
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=15)  # a raylet with declared GPUs can take a minute to go: its temp dir goes anyway
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
 
@@ -95,3 +95,14 @@ def _alive_nodes(cluster: Cluster) -> int:
     listed = ray_cli("list", "nodes", "--address", cluster.dashboard, "--filter", "state=ALIVE", "--format", "json",
                      env=cluster.env)
     return len(json.loads(listed.stdout)) if listed.returncode == 0 else 0
+
+
+def agft_command(command: str, store: Path, overrides: list[str], *flags: str) -> tuple[list[str], str]:
+    """The argv of `agft <command>` logging to a SQLite store in `store`, with --set for each override,
+    and the store's URI. The store's schema is created now: two first users of one SQLite file race."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    argv = [str(BIN / "agft"), command, "--tracking-uri", uri, *flags]
+    return argv + [arg for o in overrides for arg in ("--set", o)], uri

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from agft_core.cache import CacheEntry, embedding_table, join, write_parquet
-import agft_core.model
-from agft_core.model import EMBEDDED_ARCH, save_weights
+from agft_core.catalog import EMBEDDED_ARCH, EMBEDDED_ARCH_DIR
+from agft_core.model import save_weights
 from pipeline.cli import main
 
 SMALL = ["data.zero_shot=[{name: colours, limit: 16}]", "train.validation=null", "train.epochs=1"]
@@ -85,7 +85,7 @@ def world(tmp_path_factory):
     (files / "parquet" / "train.parquet").write_bytes(data[: len(data) // 2])
     (files / "garbage.safetensors").write_bytes(os.urandom(4096))
     # Another architecture: the tiny CLIP with a wider image tower, registered with open_clip here only.
-    tiny = json.loads((Path(agft_core.model.__file__).parent / "model_configs" / f"{EMBEDDED_ARCH}.json").read_text())
+    tiny = json.loads((EMBEDDED_ARCH_DIR / f"{EMBEDDED_ARCH}.json").read_text())
     tiny["vision_cfg"]["width"] *= 2
     (files / "archs").mkdir()
     (files / "archs" / "agft-tiny-vit-wide.json").write_text(json.dumps(tiny))

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from agft_core.cache import CacheEntry, check_location, embedding_table, embeddings_of, join, read_parquet, \
-    write_parquet
+from agft_core.cache import CacheEntry, embedding_table, embeddings_of, join, read_parquet, write_parquet
+from agft_core.catalog import check_location
 
 
 def _build(entry: CacheEntry, shards: list[np.ndarray]) -> None:

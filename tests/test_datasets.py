@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torchvision import datasets as tvd
 
-from agft_core.datasets import DatasetSpec, LOADERS, check_root, load_dataset
+from agft_core.catalog import LOADERS, DatasetSpec, check_root
+from agft_core.datasets import load_dataset
 
 RNG = np.random.default_rng(0)
 

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -96,9 +97,16 @@ def test_second_run_skips_cached_steps(first, store):
     result, lines = _run(store)
     assert result.cache_hits and all(result.cache_hits.values()), result.cache_hits
     assert any("[teacher shapes] cached, skipping" in line for line in lines)
+    assert "[eval original, finetuned] 4 of 4 results cached, skipping" in lines  # 2 datasets x 2 encoders
     assert result.run_id != first[0].run_id
-    # identical caches and seeds give identical numbers
     assert result.rows == first[0].rows
+
+
+def test_rerun_eval_computes_the_same_numbers_again(first, store):
+    result, lines = _run(store, rerun=("eval",))
+    assert result.cache_hits["eval original, finetuned"] is False and result.cache_hits["train"] is True
+    assert "[eval original, finetuned] 0 of 4 results cached, computing 4" in lines
+    assert result.rows == first[0].rows  # seeded attacks on identical caches: identical numbers
 
 
 def test_changed_prompt_rebuilds_only_its_text_cache(first, store):
@@ -118,37 +126,6 @@ def test_truncated_teacher_shard_is_rebuilt(first, store):
     assert result.cache_hits["teacher shapes"] is False
     assert any(f"corrupt file {shard.parent.name}/part-00000.parquet" in line for line in lines)
     assert result.rows == first[0].rows
-
-
-def test_restarted_training_resumes_from_the_latest_checkpoint(first, store):
-    from pipeline import tracking
-    from pipeline.train import HISTORY_FILE, fit, read_history
-
-    root, uri = store
-
-    def train(epochs):
-        cfg = load_config(None, TINY + [f"cache_dir={root / 'cache'}", f"train.epochs={epochs}"])
-        assert cfg.train.keep_checkpoints == 2
-        run_id = tracking.start_run(uri, "resume-test", {}, {})
-        inputs = Pipeline(cfg, uri, log=lambda line: None).prepare_training(run_id)
-        checkpoint = fit(inputs, str(root / "resume"), "same-name")
-        with checkpoint.as_directory() as d:
-            return run_id, read_history(f"{d}/{HISTORY_FILE}")
-
-    first_run, one = train(1)
-    run_id, two = train(2)  # same storage path and name: a restarted driver
-    assert len(one) == 1 and len(two) == 2 and two[0] == one[0]
-    assert "val_robust_acc" in two[1]
-    # The new run holds the whole history, each epoch once; epoch 1 came from the checkpoint, not from
-    # training again: it carries the time it ended in the first run.
-    client = MlflowClient(uri)
-    (before,) = client.get_metric_history(first_run, "loss")
-    steps = [(m.step, m.timestamp) for m in client.get_metric_history(run_id, "loss")]
-    assert [step for step, _ in steps] == [1, 2] and steps[0][1] == before.timestamp
-    _, three = train(3)
-    assert len(three) == 3
-    kept = [p.name for p in (root / "resume" / "same-name").glob("checkpoint_*") if p.is_dir()]
-    assert len(kept) == 2  # three epochs reported checkpoints; only the newest two are on disk
 
 
 def test_cache_checkpoints_and_artifacts_on_file_uris(first, store, tmp_path):
@@ -194,6 +171,7 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
     root, uri = store
     client = MlflowClient(uri)
     checkpoint = client.download_artifacts(first[0].run_id, "image_encoder.safetensors", str(tmp_path))
+    shutil.rmtree(root / "cache" / "eval")  # computed again, per cell: the comparison with the run below means something
     code = main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}", "--checkpoint",
                  f"agft={checkpoint}"] + _sets(TINY + [
                      "eval.matrix.attacks=[pgd, cw, autoattack]", "eval.matrix.eps=[2/255, 8/255]",

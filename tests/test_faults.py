@@ -1,4 +1,6 @@
-"""Faults injected for real: a SIGKILLed Ray Train worker, a SIGKILLed driver. Nothing is mocked."""
+"""Faults injected for real: a SIGKILLed Ray Train worker or driver, a tracking server that dies, two runs
+building one cache at once. Real processes, signals and servers; nothing is mocked."""
+import json
 import os
 import signal
 import subprocess
@@ -13,13 +15,14 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 from safetensors.torch import load_file
 
-from mlflow_server import status_without_credentials
+from agft_core.cache import CacheEntry
 from pipeline import tracking
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.dag import Pipeline
 from pipeline.train import ENCODER_FILE, HISTORY_FILE, fit, read_history
-from ray_cluster import free_port, ray_cluster
+from mlflow_server import status_without_credentials
+from ray_cluster import agft_command, free_port, ray_cluster
 
 TINY = [
     "pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64",
@@ -91,6 +94,7 @@ def test_a_sigkilled_train_worker_is_replaced_and_the_run_equals_an_uninterrupte
     assert killed["pid"] not in _train_worker_pids()
     assert [m["epoch"] for m in history] == [1, 2, 3]
     assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")] == [1, 2, 3]
+    assert len(_checkpoints(prepared[0] / "train" / "killed")) == 2  # train.keep_checkpoints of the 3
     assert reference.keys() == weights.keys()
     different = [k for k in reference if not torch.equal(reference[k], weights[k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
@@ -102,11 +106,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every
     """`agft run` is SIGKILLed after its first epoch's checkpoint, on a cluster of its own; the same
     command again resumes training from that checkpoint (epoch 1 is not trained twice) and its MLflow
     run carries the whole history, each epoch once. The killed run is left as the killed driver left it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [str(Path(sys.executable).with_name("agft")), "run", "--tracking-uri", uri]
-    for o in TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=driver-kill"]:
-        cmd += ["--set", o]
-    MlflowClient(uri).search_experiments()  # create the store's schema now: two first users of one SQLite file race
+    cmd, uri = agft_command("run", tmp_path, TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=driver-kill"])
     with ray_cluster(head_cpus=2) as cluster:
         env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
@@ -230,3 +230,29 @@ def _experiment_runs(uri: str, name: str) -> list:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_two_runs_on_one_cache_dir_at_once_both_finish_with_one_whole_cache_each(tmp_path):
+    """Two `agft run` of one config, started together on one cluster: they build the same teacher, text
+    and fine-tune caches at the same time. Both finish with the same numbers; every cache ends with one
+    manifest that passes its checks, and at most the two builds' attempts."""
+    cmd, uri = agft_command("run", tmp_path, TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=together",
+                                                      "model.weights=random", "train.num_workers=1", "train.epochs=1"])
+    with ray_cluster(head_cpus=2) as cluster:
+        env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
+        logs = [(tmp_path / f"run{i}.log").open("w") for i in range(2)]
+        runs = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+        codes = [run.wait(timeout=900) for run in runs]
+    assert codes == [0, 0], [(tmp_path / f"run{i}.log").read_text()[-3000:] for i in range(2)]
+    manifests = sorted((tmp_path / "cache").glob("*/*/manifest.json"))
+    assert {m.parent.parent.name for m in manifests} == {"teacher", "text", "finetune"}
+    for manifest in manifests:
+        content = json.loads(manifest.read_text())
+        entry = CacheEntry(tmp_path / "cache", content["kind"], content["inputs"])
+        assert entry.problem() is None, manifest
+        assert 1 <= len(list(manifest.parent.glob("attempt-*"))) <= 2
+    client = MlflowClient(uri)
+    finished = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert [r.info.status for r in finished] == ["FINISHED", "FINISHED"]
+    accuracies = [{k: v for k, v in r.data.metrics.items() if "/" in k} for r in finished]
+    assert accuracies[0] and accuracies[0] == accuracies[1]

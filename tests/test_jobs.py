@@ -25,7 +25,9 @@ TINY = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64
 
 @pytest.fixture(scope="module")
 def head():
-    with ray_cluster(head_cpus=2) as cluster:
+    # 3 CPUs: the trainer's 2 workers and one eval task fit at once, so the original's eval runs beside
+    # the fine-tune (declared; Ray does not check them against the machine's cores)
+    with ray_cluster(head_cpus=3) as cluster:
         yield cluster.dashboard, cluster.env, cluster.temp
 
 
@@ -61,9 +63,19 @@ def test_job_submission_runs_agft_and_writes_mlflow(head, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id])
     assert run.info.status == "FINISHED" and "finetuned_robust/colours" in run.data.metrics
     assert f"MLflow run: {run.info.run_id}" in logs
+    assert f"Browse it:  mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in logs
+    # the console as a log file shows it: each epoch once (rank 0), no Ray Train chatter, no carriage returns
+    assert logs.count("[train] epoch 1/") == 1 and "Reporting training result" not in logs
+    assert "Wrapping provided model in DistributedDataParallel" not in logs and "\r" not in logs
+    assert re.search(r"teacher cache: \d+/\d+ tasks \(100 %", logs)
     # artifacts next to the store, not in the job's working directory, which Ray deletes later
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
-    assert "image_encoder.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"image_encoder.safetensors", "timeline.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # a DAG, not a script: the teacher's eval ran while the fine-tune trained (the cluster holds both)
+    timeline = json.loads(Path(client.download_artifacts(run.info.run_id, "timeline.json", str(tmp_path))).read_text())
+    (train,) = [bar for bar in timeline if bar["step"] == "train"]
+    original = [bar for bar in timeline if bar["step"] == "eval colours (original)"]
+    assert original and original[0]["start"] < train["end"] and original[0]["end"] > train["start"], timeline
     packages = list(Path(temp).glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*[0-9a-f]"))
     files = {f: f.stat().st_size for p in packages for f in p.rglob("*")
              if f.is_file() and "__pycache__" not in f.parts}
@@ -134,7 +146,7 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             "train.use_gpu=true", "train.num_workers=2", "train.epochs=1", "train.batch_size=8",
             "train.warmup_steps=1", "train.validation=null", "resources.task_gpus=0.5", "eval.attack.steps=1"]
         args = ["python", "tests/audited_driver.py", str(audit), f"{data}{os.pathsep}{weights}", "--", "run",
-                "--tracking-uri", server.uri] + [a for o in overrides for a in ("--set", o)]
+                "--tracking-uri", server.uri, "--verbose"] + [a for o in overrides for a in ("--set", o)]
         submission = f"agft-gpu-{secrets.token_hex(4)}"
         submitted = ray_cli("job", "submit", "--address", gpu_cluster.dashboard, "--submission-id", submission,
                             "--working-dir", str(REPO), "--runtime-env", str(tmp_path / "runtime_env.yaml"),
@@ -152,13 +164,15 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             assert run.info.status == "FINISHED" and "finetuned_robust/toys" in run.data.metrics
             assert "image_encoder.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id)}
             assert list(server.artifacts.rglob("image_encoder.safetensors"))
+            experiment = run.info.experiment_id
+            assert f"Browse it:  {server.uri}/#/experiments/{experiment}/runs/{run.info.run_id}" in logs
         finally:
             for key in server.client_env:
                 os.environ.pop(key)
 
     # the driver read neither data nor weights (its audit hook would have failed the job); tasks did
     assert not audit.exists(), audit.read_text()
-    teacher_rows = pq.ParquetDataset(sorted((tmp_path / "cache" / "teacher").glob("*/part-*.parquet"))).read()
+    teacher_rows = pq.ParquetDataset(sorted((tmp_path / "cache" / "teacher").glob("*/attempt-*/part-*.parquet"))).read()
     assert teacher_rows.num_rows == 24
 
     nodes = {n["node_id"]: n for n in _state(gpu_cluster, "nodes") if n["state"] == "ALIVE"}
@@ -176,3 +190,4 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
                  "[train rank 0] WARNING: Ray granted GPU", "[train rank 1] WARNING: Ray granted GPU",
                  "[train] WARNING: train.use_gpu, but CUDA is not available"):
         assert step in logs, step
+    assert "Reporting training result" in logs  # --verbose: Ray Train's INFO is back

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 
 from agft_core.attacks import pgd
 from agft_core.losses import attention_map, fare_loss, kl_divergence, pmg_aft_loss, tga_zsr_loss
-from agft_core.methods import METHODS, build_method
+from agft_core.catalog import METHODS
+from agft_core.methods import build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale
 from pipeline.config import AttackConfig
-from pipeline.train import adversarial_step
+from agft_core.methods import adversarial_step
 
 
 def _log_softmax(row):

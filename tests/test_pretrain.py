@@ -1,5 +1,6 @@
 from agft_core import world
-from agft_core.model import EMBEDDED_ARCH, state_digest
+from agft_core.catalog import EMBEDDED_ARCH
+from agft_core.model import state_digest
 from agft_core.pretrain import pretrain_clip
 
 

@@ -10,7 +10,7 @@ from agft_core.methods import build_method
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, logit_scale, preprocess_cfg, \
     state_digest
 from pipeline.config import AttackConfig, ConfigError, load_config, preflight
-from pipeline.train import adversarial_step
+from agft_core.methods import adversarial_step
 
 
 @pytest.mark.parametrize("arch,method", [("ViT-B-32", "tga_zsr"), ("RN50", "agft")])

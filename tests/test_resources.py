@@ -1,6 +1,4 @@
 """A trainer the cluster can never hold is one clear line before any work, not a wait without end."""
-import pytest
-
 from pipeline.config import load_config
 from pipeline.train import placement_problem
 

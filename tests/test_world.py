@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from agft_core import world
-from agft_core.datasets import DatasetSpec, load_dataset
+from agft_core.catalog import DatasetSpec
+from agft_core.datasets import load_dataset
 
 
 def digest(images) -> set[str]:
