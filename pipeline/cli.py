@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_yaml(cfg), end="")
             return 0
         if args.command == "world":
-            from pipeline.tracking import plot_world
+            from pipeline.report import plot_world
 
             plot_world(Path(args.out), cfg.data.world_seed)
             print(f"wrote {args.out}")
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     _start_ray(args.address, cfg.verbose)
     from pipeline.dag import Pipeline, check_inputs  # heavy imports only once the input is known to be good
-    from pipeline.tracking import TRACKING_ERRORS, format_table
+    from pipeline.report import format_table
+    from pipeline.tracking import TRACKING_ERRORS
 
     try:
         check_inputs(cfg)
@@ -148,7 +149,7 @@ def _compare(cfg, uri: str, out: Path) -> int:
 
 
 def _eval(pipeline, uri: str) -> int:
-    from pipeline.tracking import markdown_table
+    from pipeline.report import markdown_table
 
     result = pipeline.run_eval()
     print()
@@ -160,7 +161,7 @@ def _eval(pipeline, uri: str) -> int:
 
 def _sweep(cfg, uri: str, best_out: Path) -> int:
     from pipeline.sweep import SweepFailed, sweep
-    from pipeline.tracking import markdown_table
+    from pipeline.report import markdown_table
 
     try:
         result = sweep(cfg, uri, best_out)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import report, tracking
 from pipeline.config import Config, dump_yaml, with_overrides
 from pipeline.dag import Pipeline
 
@@ -80,13 +80,9 @@ def summary_table(per_seed: list[dict], fine_tuned: str | None = None) -> list[d
 
 
 def markdown(table: list[dict], seeds: int) -> str:
-    columns = list(table[0])
-    lines = [f"Zero-shot top-1 accuracy (%), mean ± sample std over {seeds} seed(s)", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in table:
-        cells = [row["dataset"]] + [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in list(row.values())[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [{"dataset": row["dataset"], **{column: f"{100 * m:.2f} ± {100 * s:.2f}"
+                                           for column, (m, s) in list(row.items())[1:]}} for row in table]
+    return f"Zero-shot top-1 accuracy (%), mean ± sample std over {seeds} seed(s)\n\n" + report.markdown_table(cells)
 
 
 def _report(uri: str, parent: str, cfg: Config, table: list[dict], per_seed: list[dict], out: Path) -> None:
@@ -98,8 +94,8 @@ def _report(uri: str, parent: str, cfg: Config, table: list[dict], per_seed: lis
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "config.yaml").write_text(dump_yaml(cfg))
-        tracking.write_csv(per_seed, folder / "compare_per_seed.csv")
-        tracking.plot_compare(table[-1], folder / "compare.png",
+        report.write_csv(per_seed, folder / "compare_per_seed.csv")
+        report.plot_compare(table[-1], folder / "compare.png",
                               f"Zero-shot mean over datasets not fine-tuned on, ± std over {len(cfg.compare.seeds)} seed(s)")
         tracking.log_results(uri, parent, metrics, [out, folder / "config.yaml", folder / "compare_per_seed.csv",
                                                    folder / "compare.png"])

@@ -27,7 +27,7 @@ from agft_core.cache import CacheEntry, absolute, describe_file, embeddings_of, 
 from agft_core.datasets import DatasetInfo
 from agft_core.errors import InputError
 from agft_core.pretrain import RECIPE
-from pipeline import tracking
+from pipeline import report, tracking
 from pipeline.config import Config, ConfigError, dump_yaml, preflight
 from pipeline.train import ENCODER_FILE, FINETUNE_RECIPE, HISTORY_FILE, TrainInputs, fit, read_history
 from tasks import steps
@@ -382,8 +382,8 @@ class Pipeline:
             later = {"original": None} if original and not early else {}
             results = self._timed("eval", lambda: (self.finish_eval(early) if early else []) + self.evaluate(
                 later | {"finetuned": tuned.file_named(ENCODER_FILE)}, attacks))
-            rows = tracking.accuracy_rows(results)
-            self._timed("report", self.report, run_id, rows, tuned)
+            rows = report.accuracy_rows(results)
+            self._timed("report", self.publish, run_id, rows, tuned)
         return RunResult(run_id, rows, self.hits, self.seconds)
 
     def run_eval(self) -> RunResult:
@@ -401,29 +401,30 @@ class Pipeline:
             attacks = [(attack, eps, matrix.alpha or eps, matrix.steps) for attack in matrix.attacks
                        for eps in matrix.eps]
             results = self._timed("eval", self.evaluate, {"original": None, **matrix.checkpoints}, attacks, True)
-            rows = tracking.matrix_rows(results)
+            rows = report.matrix_rows(results)
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 (out / "config.yaml").write_text(dump_yaml(cfg))
-                tracking.write_csv(rows, out / "eval_matrix.csv")
-                (out / "eval_matrix.md").write_text(tracking.markdown_table(rows, percent=True))
-                tracking.plot_matrix(rows, out / "eval_matrix.png")
-                tracking.log_results(self.uri, run_id, tracking.matrix_metrics(results),
+                report.write_csv(rows, out / "eval_matrix.csv")
+                (out / "eval_matrix.md").write_text(report.markdown_table(rows, percent=True))
+                report.plot_matrix(rows, out / "eval_matrix.png")
+                tracking.log_results(self.uri, run_id, report.matrix_metrics(results),
                                      [out / n for n in ("config.yaml", "eval_matrix.csv", "eval_matrix.md",
                                                         "eval_matrix.png")])
         return RunResult(run_id, rows, self.hits, self.seconds)
 
-    def report(self, run_id: str, rows: list[dict], tuned: CacheEntry) -> None:
+    def publish(self, run_id: str, rows: list[dict], tuned: CacheEntry) -> None:
+        """The run's table, plots, timeline and fine-tuned encoder, to MLflow."""
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             (out / "config.yaml").write_text(dump_yaml(self.cfg))
-            tracking.write_csv(rows, out / "zero_shot_accuracy.csv")
-            tracking.plot_accuracy(rows, out / "zero_shot_accuracy.png",
+            report.write_csv(rows, out / "zero_shot_accuracy.csv")
+            report.plot_accuracy(rows, out / "zero_shot_accuracy.png",
                                    f"{self.cfg.train.method.upper()}: zero-shot clean vs PGD-{self.cfg.eval.attack.steps}"
                                    f" robust accuracy")
             (out / "timeline.json").write_text(json.dumps(self.timeline, indent=1))
-            tracking.plot_timeline(self.timeline, out / "timeline.png")
-            tracking.log_results(self.uri, run_id, tracking.dataset_metrics(rows),
+            report.plot_timeline(self.timeline, out / "timeline.png")
+            tracking.log_results(self.uri, run_id, report.dataset_metrics(rows),
                                  [out / n for n in ("config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png",
                                                     "timeline.json", "timeline.png")]
                                  + [Path(local_path(tuned.file_named(ENCODER_FILE)))])

@@ -16,7 +16,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from agft_core.cache import exists, filesystem, fingerprint, join, read_bytes, write_bytes
-from pipeline import tracking
+from pipeline import report, tracking
 from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
 from pipeline.dag import Pipeline
 from pipeline.train import TrainInputs, check_resources, fit
@@ -198,9 +198,9 @@ def _trial_row(result, cfg: Config, metric: str) -> dict:
 def _report(uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best: dict, best_out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        tracking.write_csv(trials, out / "trials.csv")
-        (out / "trials.md").write_text(tracking.markdown_table(trials))
-        tracking.plot_sweep(trials, sorted({"calibration.gamma", "calibration.inv_tau", *cfg.sweep.space}), out)
+        report.write_csv(trials, out / "trials.csv")
+        (out / "trials.md").write_text(report.markdown_table(trials))
+        report.plot_sweep(trials, sorted({"calibration.gamma", "calibration.inv_tau", *cfg.sweep.space}), out)
         (out / "best_params.json").write_text(json.dumps(best, indent=2))
         files = [out / "trials.csv", out / "trials.md", out / "best_params.json", best_out,
                  *sorted(out.glob("*.png"))]

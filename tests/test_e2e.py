@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -63,7 +64,7 @@ def first(ray_local, store):
     return CliResult(data["run_id"], data["rows"], data["cache_hits"]), []
 
 
-def test_run_logs_metrics_artifacts_and_epochs(first, store):
+def test_run_logs_metrics_artifacts_and_epochs(first, store, tmp_path):
     result, _ = first
     client = MlflowClient(store[1])
     run = client.get_run(result.run_id)
@@ -75,7 +76,12 @@ def test_run_logs_metrics_artifacts_and_epochs(first, store):
     assert run.data.params["calibration.gamma"] == "1.0"  # configs/demo.yaml
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert artifacts == {"config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png",
-                         "image_encoder.safetensors"}
+                         "image_encoder.safetensors", "timeline.json", "timeline.png"}
+    timeline = json.loads(Path(client.download_artifacts(result.run_id, "timeline.json", str(tmp_path))).read_text())
+    steps = [bar["step"] for bar in timeline if bar["node"] == "driver"]
+    assert steps == ["pretrain", "teacher", "text", "train", "eval"]  # in order; eval tasks carry their node
+    assert all(0 <= bar["start"] <= bar["end"] for bar in timeline)
+    assert not any(bar["cached"] for bar in timeline)  # the first run computes everything
     history = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history)
     assert {m.key for m in client.get_metric_history(result.run_id, "lr")} == {"lr"}

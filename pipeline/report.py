@@ -1,0 +1,242 @@
+"""The human-facing report: result rows, tables, CSV and plots (matplotlib, drawn off-screen)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def accuracy_rows(results: list[dict]) -> list[dict]:
+    """One row per dataset plus the unweighted mean, as in the paper's table; results hold one
+    attack's rows for the models "original" and "finetuned"."""
+    by_dataset: dict[str, dict] = {}
+    for r in results:
+        row = by_dataset.setdefault(r["dataset"], {"dataset": r["dataset"]})
+        row |= {f"{r['model']}_clean": r["clean"], f"{r['model']}_robust": r["robust"]}
+    rows = list(by_dataset.values())
+    columns = [c for c in rows[0] if c != "dataset"]
+    rows.append({"dataset": "mean", **{c: sum(r[c] for r in rows) / len(rows) for c in columns}})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    header = ["dataset"] + [c.replace("_", " ") for c in columns[1:]]
+    body = [[r["dataset"]] + [f"{100 * r[c]:6.2f}" for c in columns[1:]] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = [c for c in rows[0] if c != "dataset"]
+    x = np.arange(len(rows))
+    width = 0.8 / len(columns)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    for i, column in enumerate(columns):
+        values = [100 * r[column] for r in rows]
+        hatch = "//" if column.endswith("robust") else None
+        ax.bar(x + (i - (len(columns) - 1) / 2) * width, values, width, label=column.replace("_", " "), hatch=hatch)
+    ax.set_xticks(x, [r["dataset"] for r in rows], rotation=20)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_timeline(timeline: list[dict], path: Path) -> None:
+    """Each step (and each eval task) as a bar on the run's time axis: what ran, what was cached, what
+    overlapped, and on which node."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(timeline) + 1.2))
+    for i, bar in enumerate(timeline):
+        ax.barh(i, max(bar["end"] - bar["start"], 0.05), left=bar["start"],
+                color="lightgrey" if bar["cached"] else "tab:blue")
+        where = "" if bar["node"] == "driver" else f"  node {bar['node'][:8]}"
+        ax.text(bar["end"], i, f" {bar['end'] - bar['start']:.1f} s{where}", va="center", fontsize=7)
+    ax.set_yticks(range(len(timeline)), [bar["step"] for bar in timeline], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the run started (grey: every cache hit)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def dataset_metrics(rows: list[dict]) -> dict[str, float]:
+    """{"<column>/<dataset>": value} for accuracy_rows' rows."""
+    return {f"{column}/{row['dataset']}": value for row in rows for column, value in row.items() if column != "dataset"}
+
+
+def markdown_table(rows: list[dict], percent: bool = False) -> str:
+    """Floats as fractions to 4 places, or with percent as percentages to 2."""
+    columns = list(rows[0]) if rows else []
+    cell = lambda v: (f"{100 * v:.2f}" if percent else f"{v:.4f}") if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(trials: list[dict], axes: list[str], out: Path) -> None:
+    """frontier.png (validation clean vs robust, Pareto points joined) and robust_vs_<field>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t.get("val_robust_acc") is not None]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.scatter([100 * t["val_clean_acc"] for t in done], [100 * t["val_robust_acc"] for t in done])
+    for t in done:
+        ax.annotate(str(t["trial_id"])[-5:], (100 * t["val_clean_acc"], 100 * t["val_robust_acc"]), fontsize=7)
+    frontier, best_robust = [], -1.0
+    for t in sorted(done, key=lambda t: -t["val_clean_acc"]):
+        if t["val_robust_acc"] > best_robust:
+            frontier.append(t)
+            best_robust = t["val_robust_acc"]
+    ax.plot([100 * t["val_clean_acc"] for t in frontier], [100 * t["val_robust_acc"] for t in frontier], "r--",
+            label="Pareto frontier")
+    ax.set_xlabel("validation clean accuracy (%)")
+    ax.set_ylabel("validation robust accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    plt.close(fig)
+    for axis in axes:
+        points = [(t[axis], 100 * t["val_robust_acc"]) for t in done if isinstance(t.get(axis), (int, float))]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.8))
+        ax.scatter(*zip(*points))
+        ax.set_xlabel(axis)
+        ax.set_ylabel("validation robust accuracy (%)")
+        if axis == "calibration.inv_tau" or "lr" in axis:
+            ax.set_xscale("log")
+        fig.tight_layout()
+        fig.savefig(out / f"robust_vs_{axis}.png", dpi=120)
+        plt.close(fig)
+
+
+def matrix_rows(results: list[dict]) -> list[dict]:
+    """The evaluation matrix as a table: per model, a clean row and one row per (attack, ε), with one
+    column per dataset and the unweighted mean over datasets."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    cells: dict[tuple, dict] = {}
+    for r in results:
+        cells.setdefault((r["model"], "clean", ""), {})[r["dataset"]] = r["clean"]
+        cells.setdefault((r["model"], _attack_name(r), f"{r['eps'] * 255:g}"), {})[r["dataset"]] = r["robust"]
+    rows = []
+    for (model, attack, eps255), values in cells.items():
+        rows.append({"model": model, "attack": attack, "eps (/255)": eps255,
+                     **{d: values[d] for d in datasets}, "mean": sum(values[d] for d in datasets) / len(datasets)})
+    return rows
+
+
+def _attack_name(result: dict) -> str:
+    return f"{result['attack']}-{result['steps']}" if result["attack"] in ("pgd", "cw") else result["attack"]
+
+
+def matrix_metrics(results: list[dict]) -> dict[str, float]:
+    """MLflow metrics named by model, dataset, attack and ε, e.g. robust/finetuned/colours/pgd-20/eps_1."""
+    metrics = {}
+    for r in results:
+        metrics[f"clean/{r['model']}/{r['dataset']}"] = r["clean"]
+        metrics[f"robust/{r['model']}/{r['dataset']}/{_attack_name(r)}/eps_{r['eps'] * 255:g}"] = r["robust"]
+    return metrics
+
+
+def plot_matrix(rows: list[dict], path: Path) -> None:
+    """Mean zero-shot robust accuracy against ε, one line per (model, attack); clean as ε = 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clean = {r["model"]: r["mean"] for r in rows if r["attack"] == "clean"}
+    lines: dict[tuple, list] = {}
+    for r in rows:
+        if r["attack"] != "clean":
+            lines.setdefault((r["model"], r["attack"]), []).append((float(r["eps (/255)"]), r["mean"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (model, attack), points in lines.items():
+        xs, ys = zip(*sorted([(0.0, clean[model])] + points))
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=f"{model} / {attack}")
+    ax.set_xlabel("ε (/255)")
+    ax.set_ylabel("mean zero-shot accuracy (%)")
+    ax.set_title("Zero-shot robustness (ε = 0: clean)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compare(mean_row: dict, path: Path, title: str) -> None:
+    """Clean and robust bars per method, with the std over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(dict.fromkeys(column.rsplit(" ", 1)[0] for column in mean_row if column != "dataset"))
+    x = np.arange(len(methods))
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(methods)), 4))
+    for offset, kind in ((-0.2, "clean"), (0.2, "robust")):
+        means, stds = zip(*(mean_row[f"{m} {kind}"] for m in methods))
+        ax.bar(x + offset, [100 * v for v in means], 0.4, yerr=[100 * v for v in stds], capsize=3, label=kind)
+    ax.set_xticks(x, methods)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_world(path: Path, world_seed: int, per_row: int = 8) -> None:
+    """A grid of what the model sees: pretraining images with their captions, then each embedded
+    task's test images with their labels."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from agft_core import world
+
+    corpus = world.generate("corpus", "pretrain", per_row, world_seed)
+    rows = [("corpus", corpus.images, corpus.captions)]
+    for name, task in world.TASKS.items():
+        data = world.generate(name, "test", per_row, world_seed)
+        rows.append((name, data.images, [task.template.format(task.classnames[y]) for y in data.labels]))
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(1.9 * per_row, 2.3 * len(rows)))
+    for (name, images, labels), line in zip(rows, axes):
+        for k, (ax, image, label) in enumerate(zip(line, images, labels)):
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title("\n".join(textwrap.wrap(label, 22)), fontsize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.set_ylabel(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
