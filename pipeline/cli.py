@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     _start_ray(args.address, cfg.verbose)
+    from ray.exceptions import RayTaskError
+
     from pipeline.dag import Pipeline, check_inputs  # heavy imports only once the input is known to be good
     from pipeline.report import format_table
     from pipeline.tracking import TRACKING_ERRORS
@@ -112,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:  # bad data or weights, found by the tasks that read them, before training
         print(f"agft: error: {exc}", file=sys.stderr)
         return 2
+    except RayTaskError as exc:  # a task failed for a reason that is not the input's: a bug or the machine
+        if cfg.verbose:
+            raise
+        cause = str(exc.cause).strip().splitlines()[-1] if str(exc.cause).strip() else type(exc.cause).__name__
+        print(f"agft: error: task {exc.function_name} failed: {type(exc.cause).__name__}: {cause} "
+              f"(--verbose shows the traceback)", file=sys.stderr)
+        return 1
     except TRACKING_ERRORS as exc:  # MLflow already retried with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES)
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         print(f"agft: error: the tracking server {uri} failed ({reason}); caches and checkpoints are kept: run "

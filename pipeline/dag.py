@@ -108,6 +108,12 @@ def _wait(refs: list, label: str, field: str | None = None) -> list:
     with progress:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
+            try:
+                _get(done, field)
+            except BaseException:  # the first failure ends the step: its sibling tasks are cancelled
+                for ref in pending:
+                    ray.cancel(ref)
+                raise
             progress.update(len(done))
     return _get(list(refs), field)
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.tracking import EPOCH_END, log_history
 from tasks import steps
-from tasks.common import cpu_fallback
+from tasks.common import cpu_fallback, say
 
 ENCODER_FILE = "image_encoder.safetensors"
 STATE_FILE = "train_state.pt"
@@ -175,8 +176,8 @@ def train_loop(inputs: TrainInputs) -> None:
                 save_weights(encoder, Path(d) / ENCODER_FILE, metadata={"arch": cfg.model.arch})
                 (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            print(f"[train] epoch {epoch + 1}/{cfg.train.epochs}: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+            say(f"[train] epoch {epoch + 1}/{cfg.train.epochs}: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
             # After the checkpoint: a worker lost in between re-runs no epoch, and the epochs this
             # log misses are logged by the next one, or by the driver at the end.
             _log_quietly(inputs, history)
@@ -198,21 +199,32 @@ def _resume_point(recorded: Checkpoint | None, newest_on_disk: str | None,
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
             if checkpoint is recorded:
                 raise  # Ray Train's own checkpoint must load
-            print(f"[train] WARNING: {newest_on_disk} is incomplete; resuming from Ray Train's checkpoint",
-                  flush=True)
+            say(f"[train] WARNING: {newest_on_disk} is incomplete; resuming from Ray Train's checkpoint", sys.stderr)
     return None, None
 
 
-def newest_checkpoint(run_dir: str) -> str | None:
-    """The newest checkpoint directory under a Ray Train run that holds all our files. Ray names them
-    checkpoint_<time>, so the name orders them."""
+def _checkpoint_dirs(run_dir: str) -> list[str]:
+    """The checkpoint directories of a Ray Train run, oldest first: Ray names them checkpoint_<time>."""
     fs, path = filesystem(run_dir)
-    found = [info for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    found = [info.base_name for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
              if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
-    for info in sorted(found, key=lambda i: i.base_name, reverse=True):
-        if all(exists(join(run_dir, info.base_name, f)) for f in (STATE_FILE, ENCODER_FILE, HISTORY_FILE)):
-            return join(run_dir, info.base_name)
+    return [join(run_dir, name) for name in sorted(found)]
+
+
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The newest checkpoint directory of a Ray Train run that holds all our files."""
+    for directory in reversed(_checkpoint_dirs(run_dir)):
+        if all(exists(join(directory, f)) for f in (STATE_FILE, ENCODER_FILE, HISTORY_FILE)):
+            return directory
     return None
+
+
+def _prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Ray Train keeps its newest `keep` checkpoints, but not those uploaded by an attempt that failed
+    before Ray recorded them (a worker killed during a report): after the run, only the newest stay."""
+    for directory in _checkpoint_dirs(run_dir)[:-keep]:
+        fs, path = filesystem(directory)
+        fs.delete_dir(path)
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -228,8 +240,7 @@ def _log_quietly(inputs: TrainInputs, history: list[dict]) -> None:
         log_history(inputs.tracking_uri, inputs.run_id, history)
     except Exception as exc:  # noqa: BLE001 - any tracking failure: MlflowException, requests, OSError
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"[train] WARNING: epoch {len(history)} not logged yet ({first_line}); training goes on",
-              flush=True)
+        say(f"[train] WARNING: epoch {len(history)} not logged yet ({first_line}); training goes on", sys.stderr)
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -323,6 +334,7 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} produced no checkpoint")
+    _prune_checkpoints(join(storage_path, name), cfg.keep_checkpoints)
     return result.checkpoint
 
 

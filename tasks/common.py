@@ -12,13 +12,20 @@ def use_assigned_cpus() -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
+def say(line: str, stream=sys.stdout) -> None:
+    """One line on the worker's console, which Ray forwards to the driver's. Not print(): in a Ray Train
+    worker print goes through Train's logger and a job's log shows the line twice."""
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def cpu_fallback(step: str, device: torch.device) -> torch.device:
     """`device` if it can run here; a CUDA device Ray granted on a node without CUDA (a GPU declared
     with `ray start --num-gpus` on a CPU machine, or a driver mismatch) falls back to the CPU, saying so."""
     if device.type != "cuda" or torch.cuda.is_available():
         return device
-    print(f"[{step}] WARNING: Ray granted GPU {ray.get_gpu_ids()} but CUDA is not available on node "
-          f"{ray.get_runtime_context().get_node_id()[:12]}: computing on the CPU", file=sys.stderr, flush=True)
+    say(f"[{step}] WARNING: Ray granted GPU {ray.get_gpu_ids()} but CUDA is not available on node "
+        f"{ray.get_runtime_context().get_node_id()[:12]}: computing on the CPU", sys.stderr)
     return torch.device("cpu")
 
 

@@ -6,6 +6,7 @@ Usage: python tests/audited_driver.py AUDIT_LOG GUARDED[:GUARDED...] -- agft-arg
 import os
 import sys
 
+import torch  # noqa: F401 - loaded before the hook: torch's MKL aborts the process when it loads under one
 from pipeline.cli import main
 
 READS = {"open", "os.listdir", "os.scandir"}
