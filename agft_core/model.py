@@ -19,22 +19,31 @@ from agft_core.cache import local_path
 from agft_core.catalog import EMBEDDED_ARCH_DIR, is_weights_file
 from agft_core.errors import InputError
 
+RANDOM_INIT_SEED = 0
+
+
 def register_embedded_architectures() -> None:
     # open_clip keeps its own registry of architectures; ours must be in it before create_model.
     open_clip.add_model_config(EMBEDDED_ARCH_DIR)
 
 
-def create_clip(arch: str, weights: str | None) -> nn.Module:
+def create_clip(arch: str, weights: str | None, init_seed: int | None = RANDOM_INIT_SEED) -> nn.Module:
     """An open_clip model in eval mode.
 
     weights: None for an explicit random init, a local weights file, or an open_clip
     pretrained tag (e.g. 'openai') resolved from the local open_clip / Hugging Face cache.
+    init_seed: what the random init is drawn from, without touching the caller's random state, so
+    that every task and worker that builds `weights: random` builds the same network; None draws
+    from the caller's state.
     """
     register_embedded_architectures()
     if weights is None or is_weights_file(weights):
         logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" before we load the file
         try:
-            model = open_clip.create_model(arch, pretrained=None)
+            with torch.random.fork_rng(enabled=init_seed is not None):
+                if init_seed is not None:
+                    torch.manual_seed(init_seed)
+                model = open_clip.create_model(arch, pretrained=None)
         finally:
             logging.disable(logging.NOTSET)
         if weights is not None:

@@ -21,7 +21,7 @@ def pretrain_clip(arch: str, images: np.ndarray, captions: list[str], *, epochs:
     """A randomly initialised `arch` whose image and text towers are trained together with
     open_clip's ClipLoss; the seed fixes the init and the data order. Returns it in eval mode."""
     torch.manual_seed(seed)
-    model = create_clip(arch, None)
+    model = create_clip(arch, None, init_seed=None)  # drawn from `seed`, set above
     tokens = open_clip.get_tokenizer(arch)(captions)
     pixels = to_pixels(images)
     encoder = ImageEncoder.from_clip(model)

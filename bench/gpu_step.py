@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from agft_core.methods import adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, preprocess_cfg
 from pipeline.config import AttackConfig
-from agft_core.methods import build_method
-from agft_core.methods import adversarial_step
 
 
 class FlopCount(TorchDispatchMode):

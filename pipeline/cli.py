@@ -91,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start = time.perf_counter()
-    _start_ray(args.address, cfg.verbose)
+    # Heavy imports once the input is known to be good, and before Ray starts: torch reads the working
+    # directory as it loads, which under `ray job submit` is a package directory that Ray manages.
     from ray.exceptions import RayTaskError
 
-    from pipeline.dag import Pipeline, check_inputs  # heavy imports only once the input is known to be good
+    from pipeline.dag import Pipeline, check_inputs
     from pipeline.report import format_table
     from pipeline.tracking import TRACKING_ERRORS
+
+    _start_ray(args.address, cfg.verbose)
 
     try:
         check_inputs(cfg)

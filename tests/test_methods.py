@@ -6,12 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from agft_core.attacks import pgd
-from agft_core.losses import attention_map, fare_loss, kl_divergence, pmg_aft_loss, tga_zsr_loss
 from agft_core.catalog import METHODS
-from agft_core.methods import build_method
+from agft_core.losses import attention_map, fare_loss, kl_divergence, pmg_aft_loss, tga_zsr_loss
+from agft_core.methods import adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale
 from pipeline.config import AttackConfig
-from agft_core.methods import adversarial_step
 
 
 def _log_softmax(row):
@@ -85,7 +84,7 @@ def tiny():
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_attacks_inside_the_ball_and_its_step_lowers_its_loss(tiny, name):
     clip, text, scale = tiny
-    student = ImageEncoder.from_clip(create_clip("agft-tiny-vit", None))  # another init: FARE's loss is not 0
+    student = ImageEncoder.from_clip(create_clip("agft-tiny-vit", None, init_seed=1))  # another init: FARE's loss is not 0
     frozen = ImageEncoder.from_clip(clip).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(8, 3, 32, 32, generator=g), torch.arange(8) % 4

@@ -6,11 +6,10 @@ from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
 from agft_core.evaluate import zero_shot_accuracy
-from agft_core.methods import build_method
+from agft_core.methods import adversarial_step, build_method
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, logit_scale, preprocess_cfg, \
     state_digest
 from pipeline.config import AttackConfig, ConfigError, load_config, preflight
-from agft_core.methods import adversarial_step
 
 
 @pytest.mark.parametrize("arch,method", [("ViT-B-32", "tga_zsr"), ("RN50", "agft")])
@@ -79,3 +78,16 @@ def test_openai_weights_build_quickgelu_towers_and_a_weights_file_keeps_the_conf
         assert all(isinstance(block.mlp.gelu, QuickGELU) for block in tower.resblocks)
     assert state_digest(openai) == state_digest(reference)
     assert type(reference.visual.transformer.resblocks[0].mlp.gelu) is torch.nn.GELU
+
+
+def test_random_init_is_the_same_network_everywhere_and_leaves_the_callers_random_state():
+    """`weights: random` is built in many processes (describe, teacher cache, each train rank, each eval task):
+    all must build the same network, or the 'teacher' differs from task to task."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = state_digest(create_clip("agft-tiny-vit", None))
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is untouched
+    torch.manual_seed(456)
+    assert state_digest(create_clip("agft-tiny-vit", None)) == first
+    assert state_digest(create_clip("agft-tiny-vit", None, init_seed=1)) != first
