@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -80,6 +81,7 @@ def train_loop(inputs: TrainInputs) -> None:
     cfg = inputs.cfg
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    _quiet_train_reports(cfg.verbose)
     # A missed epoch is logged with the next one, so the rank-0 worker retries the tracking server
     # briefly instead of MLflow's default backoff (minutes), which would stall training.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -225,6 +227,15 @@ def _prune_checkpoints(run_dir: str, keep: int) -> None:
     for directory in _checkpoint_dirs(run_dir)[:-keep]:
         fs, path = filesystem(directory)
         fs.delete_dir(path)
+
+
+def _quiet_train_reports(verbose: bool) -> None:
+    """Ray Train 2.60 logs every rank's report ("Reporting training result N: TrainingReport(...)") through
+    a logger named after its file's path, which its LoggingConfig does not reach (that filters the
+    "ray.train" names): it is quieted here, and back with --verbose."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
