@@ -78,3 +78,25 @@ def test_a_relative_sqlite_store_is_refused_on_a_cluster(tmp_path, monkeypatch, 
     assert tracking_uri("sqlite:////shared/mlflow.db", cluster=True) == "sqlite:////shared/mlflow.db"
     assert tracking_uri("http://mlflow:5000", cluster=True) == "http://mlflow:5000"
     assert tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_a_config_is_checked_without_importing_torch_ray_or_mlflow(tmp_path):
+    """What makes a config error answer at once: the CLI validates before the heavy imports."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    probe = ("import sys; from pipeline.cli import main; code = main(['validate', '--config', sys.argv[1]]); "
+             "heavy = sorted({'torch', 'ray', 'mlflow', 'open_clip', 'pyarrow'} & set(sys.modules)); "
+             "print(code, heavy)")
+    out = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "2 []" and "duplicate key 'epochs'" in out.stderr
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"agft {version('agft')}"
