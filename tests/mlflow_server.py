@@ -69,7 +69,7 @@ def status_without_credentials(uri: str) -> int | None:
             return r.status
     except urllib.error.HTTPError as exc:
         return exc.code
-    except urllib.error.URLError:
+    except OSError:  # refused, or reset by a server still starting
         return None
 
 

@@ -150,7 +150,8 @@ def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -170,18 +171,22 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
 
         def outage_during_epoch_2():
             nonlocal server
-            _wait_for(lambda: MlflowClient(uri).get_metric_history(run_id, "loss"), 300, "epoch 1 on the server")
-            _kill(server)
-            storage = _wait_for(lambda: next((Path(cfg.cache_dir) / "ray_train").glob("finetune-*"), None), 60,
-                                "the fine-tune's storage")
-            _wait_for(lambda: len(_checkpoints(storage)) >= 2, 300, "the epoch-2 checkpoint")
-            outage["epochs_trained_while_down"] = len(_checkpoints(storage))
-            server = _start_mlflow(tmp_path, port)
+            try:
+                _wait_for(lambda: MlflowClient(uri).get_metric_history(run_id, "loss"), 300, "epoch 1 on the server")
+                _kill(server)
+                storage = _wait_for(lambda: next((Path(cfg.cache_dir) / "ray_train").glob("finetune-*"), None), 60,
+                                    "the fine-tune's storage")
+                _wait_for(lambda: len(_checkpoints(storage)) >= 2, 300, "the epoch-2 checkpoint")
+                outage["epochs_trained_while_down"] = len(_checkpoints(storage))
+                server = _start_mlflow(tmp_path, port)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test's thread below
+                outage["error"] = exc
 
         watcher = threading.Thread(target=outage_during_epoch_2)
         watcher.start()
         entry = pipeline.finetune(inputs)
         watcher.join()
+        assert "error" not in outage, outage
         history = read_history(entry.file_named(HISTORY_FILE))
         logged = MlflowClient(uri).get_metric_history(run_id, "loss")
     finally:
