@@ -64,6 +64,7 @@ def _start_ray(address: str | None, verbose: bool) -> None:
 
     ray.init(address=address, logging_level=logging.INFO if verbose else logging.WARNING, ignore_reinit_error=True,
              log_to_driver=True, configure_logging=True)
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # "Creating tables..."
 
 
 def main(argv: list[str] | None = None) -> int:
