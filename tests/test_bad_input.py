@@ -150,6 +150,8 @@ CASES = [
      "data.train: k: corrupt image {files}/corrupt/train/dog/2.png"),
     ("truncated-parquet-dataset", RANDOM + ["--set", "data.train={kind: parquet, name: p, split: train, "
                                                      "root: {files}/parquet}"], "data.train: p: cannot read parquet train under {files}/parquet"),
+    ("missing-weights-file", ["--set", "model.arch=RN50", "--set", "model.weights={files}/nowhere/rn50.pt"],
+     "model.weights: weights file {files}/nowhere/rn50.pt does not exist"),
     ("garbage-weights", ["--set", f"model.arch={EMBEDDED_ARCH}", "--set",
                          "model.weights={files}/garbage.safetensors"], "model.weights: {files}/garbage.safetensors is not"),
     ("weights-of-another-architecture", ["--set", f"model.arch={EMBEDDED_ARCH}", "--set",
