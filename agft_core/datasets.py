@@ -22,7 +22,7 @@ from torchvision import transforms as T
 
 from agft_core import world
 from agft_core.catalog import EMBEDDED_COUNTS, LOADERS, DatasetSpec, check_root
-from agft_core.errors import InputError
+from agft_core.errors import InputError, first_line
 
 # CLIP's readable names for EuroSAT's folder names (its zero-shot prompts), as the paper evaluates it.
 EUROSAT_CLASSNAMES = {
@@ -142,7 +142,7 @@ class Checked(Dataset):
         try:
             return self.images[i]
         except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for a truncated or foreign file
-            raise InputError(f"{self.name}: corrupt image {self.where(i)} ({_first_line(exc)}); fix or remove "
+            raise InputError(f"{self.name}: corrupt image {self.where(i)} ({first_line(exc)}); fix or remove "
                              f"it, or set corrupt: skip on this dataset to leave such images out") from None
 
 
@@ -222,11 +222,6 @@ def _decodable(images: Dataset) -> tuple[list[int], list[int]]:
     return good, bad
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
     try:
         images, classnames, files, where = _open(spec, pixel_transform(size))
@@ -235,7 +230,7 @@ def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
     except (OSError, RuntimeError, ValueError, KeyError, IndexError, pa.ArrowException) as exc:
         # what torchvision's loaders and pyarrow raise for an empty, truncated or foreign dataset
         raise InputError(f"{spec.name}: cannot read {spec.kind} {spec.split} under {spec.root} "
-                         f"({_first_line(exc)}); expected layout {LOADERS[spec.kind].layout}") from None
+                         f"({first_line(exc)}); expected layout {LOADERS[spec.kind].layout}") from None
     if len(images) == 0:
         raise InputError(f"{spec.name}: no images in {spec.kind} {spec.split} under {spec.root}; expected layout "
                          f"{LOADERS[spec.kind].layout}")

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
-from agft_core.errors import InputError
+from agft_core.errors import InputError, first_line
 from pipeline.config import ConfigError, check_ray_address, check_sweep, check_tracking, dump_yaml, load_config, \
     on_cluster, tracking_uri
 
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(--verbose shows the traceback)", file=sys.stderr)
         return 1
     except TRACKING_ERRORS as exc:  # MLflow already retried with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES)
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        print(f"agft: error: the tracking server {uri} failed ({reason}); caches and checkpoints are kept: run "
+        print(f"agft: error: the tracking server {uri} failed ({first_line(exc)[:300]}); caches and checkpoints are kept: run "
               f"the same command again once it answers, and the run's record is completed", file=sys.stderr)
         return 1
 

@@ -60,11 +60,12 @@ def _get(refs, field: str | None = None):
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, ConfigError) or (isinstance(exc.cause, InputError) and field is None):
-            raise exc.cause from None
-        if isinstance(exc.cause, InputError):
-            raise ConfigError(f"{field}: {exc.cause}") from None
-        raise
+        cause = exc.cause
+        if not isinstance(cause, InputError):
+            raise
+        if field is None or isinstance(cause, ConfigError):  # a ConfigError already names its field
+            raise cause from None
+        raise ConfigError(f"{field}: {cause}") from None
 
 
 def _field(key: str) -> str:
@@ -105,17 +106,18 @@ def _wait(refs: list, label: str, field: str | None = None) -> list:
     pending = list(refs)
     progress = tqdm(total=len(refs), desc=label, unit="task", leave=False) if sys.stderr.isatty() \
         else _LineProgress(len(refs), label)
+    results = {}
     with progress:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            (ref,), pending = ray.wait(pending, num_returns=1)
             try:
-                _get(done, field)
+                results[ref] = _get(ref, field)
             except BaseException:  # the first failure ends the step: its sibling tasks are cancelled
-                for ref in pending:
-                    ray.cancel(ref)
+                for sibling in pending:
+                    ray.cancel(sibling)
                 raise
-            progress.update(len(done))
-    return _get(list(refs), field)
+            progress.update(1)
+    return [results[ref] for ref in refs]
 
 
 def check_inputs(cfg: Config) -> None:

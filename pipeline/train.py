@@ -26,6 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from agft_core.cache import basename, embeddings_of, exists, filesystem, join, read_bytes, read_parquet
 from agft_core.datasets import load_dataset
+from agft_core.errors import first_line
 from agft_core.evaluate import zero_shot_accuracy
 from agft_core.methods import NEEDS_TEACHER, adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
@@ -250,8 +251,7 @@ def _log_quietly(inputs: TrainInputs, history: list[dict]) -> None:
     try:
         log_history(inputs.tracking_uri, inputs.run_id, history)
     except Exception as exc:  # noqa: BLE001 - any tracking failure: MlflowException, requests, OSError
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        say(f"[train] WARNING: epoch {len(history)} not logged yet ({first_line}); training goes on", sys.stderr)
+        say(f"[train] WARNING: epoch {len(history)} not logged yet ({first_line(exc)}); training goes on", sys.stderr)
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
