@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 from pyautoattack import AutoAttack
+from pyautoattack.autopgd_base import APGDAttack
 
 AUTOATTACK_MIN_CLASSES = 4  # its targeted DLR loss ranks the top three wrong classes
 
@@ -35,6 +36,19 @@ def cw_margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, labels[:, None])[:, 0]
     wrong = logits.masked_fill(torch.nn.functional.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
     return (wrong.amax(dim=1) - true).mean()
+
+
+def apgd_ce(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+            restarts: int = 1, seed: int = 0) -> torch.Tensor:
+    """APGD on the cross-entropy (pyautoattack), under L∞: PGD whose step size adapts to the loss, so it
+    needs no α and converges where a fixed-step PGD can stall. Each restart attacks only the images
+    still classified correctly; an image it cannot fool is returned unchanged."""
+    adversary = APGDAttack(classifier, n_iter=steps, norm="Linf", n_restarts=restarts, eps=eps, seed=seed,
+                           loss="ce", device=x.device)
+    # pyautoattack seeds the global generators; the caller's random state is left as it was
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+            torch.autocast(device_type=x.device.type, enabled=False):
+        return adversary.perturb(x.detach().float(), y).detach()
 
 
 def autoattack(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,

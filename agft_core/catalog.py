@@ -12,7 +12,10 @@ from pathlib import Path
 from agft_core import world
 
 METHODS = ("agft", "tecoa", "pmg_aft", "fare", "tga_zsr")
-ATTACKS = ("pgd", "cw", "autoattack", "autoattack-rand")
+ATTACKS = ("pgd", "cw", "apgd-ce", "autoattack", "autoattack-rand")
+# Robust accuracy as the paper counts it (the attacked image is classified correctly), and the
+# stricter count that also requires the clean image to be.
+ROBUST_DEFINITIONS = ("attacked", "clean_and_attacked")
 
 EMBEDDED_ARCH_DIR = Path(__file__).parent / "model_configs"
 EMBEDDED_ARCH = "agft-tiny-vit"
@@ -50,16 +53,20 @@ class Loader:
     splits: tuple[str, ...]
     layout: str  # what the root must contain, for error messages
     marker: str  # the path under <root> whose absence means a wrong root ({split} is filled in)
-    template: str = CLIP_TEMPLATE  # the paper's single prompt for this dataset
+    # The paper's single prompt for this dataset, as the official AGFT code writes it (clip_dataset.py)
+    template: str = CLIP_TEMPLATE
+    # The images' own side in pixels when they are attacked at it, as the paper does for the small ones;
+    # the model upsamples them inside. None: resized and cropped to the model's input, then attacked.
+    native: int | None = None
 
 
 LOADERS = {
     "imagenet": Loader(("train", "val"), "<root>/{train,val}/<wnid>/*.JPEG", "{split}"),
     "cifar10": Loader(("train", "test"), "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
-                      "cifar-10-batches-py"),
-    "cifar100": Loader(("train", "test"), "<root>/cifar-100-python/{train,test,meta}", "cifar-100-python"),
+                      "cifar-10-batches-py", native=32),
+    "cifar100": Loader(("train", "test"), "<root>/cifar-100-python/{train,test,meta}", "cifar-100-python", native=32),
     "stl10": Loader(("train", "test"), "<root>/stl10_binary/{train,test}_{X,y}.bin + class_names.txt",
-                    "stl10_binary"),
+                    "stl10_binary", native=96),
     "dtd": Loader(("train", "val", "test"), "<root>/dtd/dtd/{images/<class>/*.jpg, labels/{train,val,test}1.txt}",
                   "dtd/dtd/labels", "A surface with a {} texture."),
     "food101": Loader(("train", "test"), "<root>/food-101/{images/<class>/<id>.jpg, meta/{train,test}.json}",
@@ -69,18 +76,18 @@ LOADERS = {
     "aircraft": Loader(("train", "val", "trainval", "test"), "<root>/fgvc-aircraft-2013b/data/{images/<id>.jpg, "
                        "variants.txt, images_variant_<split>.txt}", "fgvc-aircraft-2013b/data",
                        "A photo of a {}, a type of aircraft."),
-    "eurosat": Loader(("all",), "<root>/eurosat/2750/<Class>/*.jpg", "eurosat/2750", "A centered satellite photo of {}."),
+    "eurosat": Loader(("all",), "<root>/eurosat/2750/<Class>/*.jpg", "eurosat/2750",
+                      "A centered satellite photo of {}."),
     "caltech101": Loader(("all",), "<root>/caltech101/101_ObjectCategories/<category>/*.jpg",
                          "caltech101/101_ObjectCategories", "A photo of a {}."),
     "caltech256": Loader(("all",), "<root>/caltech256/256_ObjectCategories/<NNN.category>/<NNN>_<nnnn>.jpg",
                          "caltech256/256_ObjectCategories", "A photo of a {}."),
-    "sun397": Loader(("all",), "<root>/SUN397/{ClassName.txt, <letter>/<category>/sun_*.jpg}", "SUN397/ClassName.txt",
-                     "A photo of a {}."),
+    "sun397": Loader(("all",), "<root>/SUN397/{ClassName.txt, <letter>/<category>/sun_*.jpg}", "SUN397/ClassName.txt"),
     "flowers102": Loader(("train", "val", "test"), "<root>/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, "
                          "setid.mat}", "flowers-102/setid.mat", "A photo of a {}, a type of flower."),
     "cars": Loader(("train", "test"), "<root>/stanford_cars/{devkit/{cars_meta.mat,cars_train_annos.mat}, cars_train/, "
                    "cars_test_annos_withlabels.mat, cars_test/}", "stanford_cars/devkit/cars_meta.mat",
-                   "A photo of a {}, a type of car."),
+                   "A photo of a {}."),
     "pcam": Loader(("train", "val", "test"), "<root>/pcam/camelyonpatch_level_2_split_<split>_{x,y}.h5",
                    "pcam/camelyonpatch_level_2_split_{split}_y.h5", "This is a photo of {}."),
     "imagefolder": Loader(("train", "val", "test"), "<root>/<split>/<class name>/*.{jpg,png}", "{split}"),

@@ -1,7 +1,8 @@
 """Classification datasets with their class names and prompt templates.
 
 Two sources: the embedded world (generated, offline, the default) and torchvision loaders
-reading a local root. Every dataset yields pixels in [0, 1] at the model's image size.
+reading a local root. Every dataset yields pixels in [0, 1], at the size it is attacked at: the
+model's input size, or the images' own for the small ones (the embedded world, CIFAR, STL-10).
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,18 +27,19 @@ from agft_core import world
 from agft_core.catalog import EMBEDDED_COUNTS, LOADERS, DatasetSpec, check_root
 from agft_core.errors import InputError, first_line
 
-# CLIP's readable names for EuroSAT's folder names (its zero-shot prompts), as the paper evaluates it.
-EUROSAT_CLASSNAMES = {
-    "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
-    "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
-    "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
-    "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea",
-}
-# CLIP's names for the Caltech101 folders that are not plain object names; the rest are used as they are.
-CALTECH101_CLASSNAMES = {"Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard",
-                         "Motorbikes": "motorbike"}
-# CLIP's readable names for PCAM's two labels (0: normal tissue, 1: metastasis).
-PCAM_CLASSNAMES = ["lymph node", "lymph node containing metastatic tumor tissue"]
+@cache
+def clip_classnames() -> dict[str, list[str]]:
+    """CLIP's curated class names of the zero-shot datasets, as clip-benchmark ships them."""
+    return json.loads(resources.files("clip_benchmark.datasets").joinpath("en_classnames.json").read_text())
+
+
+def _curated(name: str, key: str, own: list[str]) -> dict[str, str]:
+    """The dataset's own class folders (sorted, as CLIP's list is) -> CLIP's curated name."""
+    curated = clip_classnames()[key]
+    if len(curated) != len(own):
+        raise InputError(f"{name}: found {len(own)} class folders, but CLIP's curated names (clip-benchmark's "
+                         f"{key}) are for the {len(curated)} of the whole dataset; give the whole dataset")
+    return dict(zip(own, curated))
 
 
 @dataclass
@@ -82,18 +86,17 @@ def _limited(data: ClassificationData, limit: int | None) -> ClassificationData:
     return data
 
 
-def _embedded(spec: DatasetSpec, size: int) -> ClassificationData:
+def _embedded(spec: DatasetSpec) -> ClassificationData:
+    """At the world's own resolution: its images are small, and attacked as they are."""
     task = world.TASKS[spec.name]
     count = min(spec.limit or EMBEDDED_COUNTS[spec.split], EMBEDDED_COUNTS[spec.split])
     generated = world.generate(spec.name, spec.split, count, spec.world_seed)
     pixels = torch.from_numpy(generated.images).permute(0, 3, 1, 2).float().div_(255)
-    if size != world.IMAGE_SIZE:
-        pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic").clamp_(0, 1)
     content = hashlib.sha256(generated.images.tobytes() + generated.labels.tobytes()).hexdigest()
     return ClassificationData(spec.name, TensorDataset(pixels, torch.from_numpy(generated.labels)),
                               list(task.classnames), [task.template],
                               {"kind": "embedded", "name": spec.name, "split": spec.split, "content": content,
-                               "size": size})
+                               "size": world.IMAGE_SIZE})
 
 
 def _listing_digest(paths) -> str:
@@ -168,6 +171,9 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         images = {"dtd": tvd.DTD, "food101": tvd.Food101, "pets": tvd.OxfordIIITPet, "aircraft": tvd.FGVCAircraft,
                   "flowers102": tvd.Flowers102, "cars": tvd.StanfordCars}[spec.kind](
             str(root), split=spec.split, transform=transform)
+        if spec.kind == "flowers102":  # CLIP's names fix three of torchvision's ("pink-yellow dahlia?")
+            return images, clip_classnames()["flowers"], [Path(f) for f in images._image_files], \
+                lambda i: images._image_files[i]
         if spec.kind == "pets":
             files = [Path(f) for f in images._images]
         elif spec.kind == "cars":
@@ -179,17 +185,20 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         images = tvd.PCAM(str(root), split=spec.split, transform=transform)
         folder = root / "pcam"
         files = sorted(folder.glob(f"camelyonpatch_level_2_split_{spec.split}_*.h5"))
-        return images, PCAM_CLASSNAMES, files, lambda i: f"{files[0]} item {i}"
+        return images, clip_classnames()["pcam"], files, lambda i: f"{files[0]} item {i}"
     if spec.kind == "eurosat":
         images = tvd.ImageFolder(str(root / "eurosat" / "2750"), transform=transform)
         files = [Path(p) for p, _ in images.samples]
-        return images, [EUROSAT_CLASSNAMES.get(c, c) for c in images.classes], files, lambda i: files[i]
+        names = _curated(spec.name, "eurosat", images.classes)
+        return images, [names[c] for c in images.classes], files, lambda i: files[i]
     if spec.kind == "caltech101":
         images = tvd.Caltech101(str(root), target_type="category", transform=transform)
         folder = root / "caltech101" / "101_ObjectCategories"
         files = [folder / images.categories[y] / f"image_{n:04d}.jpg" for y, n in zip(images.y, images.index)]
-        names = [CALTECH101_CLASSNAMES.get(c, c.replace("_", " ")) for c in images.categories]
-        return images, names, files, lambda i: files[i]
+        # CLIP's list names every folder, the background too, which torchvision leaves out: matched by
+        # folder, since by position every label would take its neighbour's name
+        names = _curated(spec.name, "caltech101", sorted(p.name for p in folder.iterdir() if p.is_dir()))
+        return images, [names[c] for c in images.categories], files, lambda i: files[i]
     if spec.kind == "caltech256":
         images = tvd.Caltech256(str(root), transform=transform)
         folder = root / "caltech256" / "256_ObjectCategories"
@@ -223,6 +232,7 @@ def _decodable(images: Dataset) -> tuple[list[int], list[int]]:
 
 
 def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
+    size = LOADERS[spec.kind].native or size
     try:
         images, classnames, files, where = _open(spec, pixel_transform(size))
     except InputError:
@@ -247,10 +257,11 @@ def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
 
 
 def load_dataset(spec: DatasetSpec, size: int) -> ClassificationData:
+    """size: the model's input size, which datasets attacked at their own resolution ignore."""
     problem = check_root(spec)
     if problem:
         raise FileNotFoundError(problem)
-    data = _embedded(spec, size) if spec.kind == "embedded" else _from_root(spec, size)
+    data = _embedded(spec) if spec.kind == "embedded" else _from_root(spec, size)
     if spec.templates:
         data.templates = list(spec.templates)
     return _limited(data, spec.limit)

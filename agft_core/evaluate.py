@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from agft_core.attacks import autoattack, cw_margin_loss, pgd
+from agft_core.attacks import apgd_ce, autoattack, cw_margin_loss, pgd
+from agft_core.catalog import ROBUST_DEFINITIONS
 from agft_core.losses import zero_shot_logits
 
 
@@ -48,29 +49,38 @@ class ZeroShotClassifier(nn.Module):
 
 def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float, images: Dataset, *,
                        eps: float, alpha: float, steps: int, batch_size: int, device="cpu",
-                       generator: torch.Generator | None = None, attack: str = "pgd",
+                       generator: torch.Generator | None = None, attack: str = "pgd", restarts: int = 1,
                        loader_workers: int = 0) -> dict[str, float]:
-    """Top-1 accuracy on clean images and under an L∞ attack at the model's logit scale:
-    pgd (hard-label cross-entropy), cw (PGD on the margin loss), autoattack or autoattack-rand.
+    """Top-1 accuracy on clean images and under an L∞ attack at the model's logit scale: pgd (hard-label
+    cross-entropy), cw (PGD on the margin loss), apgd-ce (steps iterations and restarts, no α),
+    autoattack or autoattack-rand.
 
-    An image counts as robust only if it is classified correctly both clean and attacked:
-    the attacker may always leave the image alone, so robust accuracy never exceeds clean.
+    Robust accuracy under both definitions in use: "attacked", the paper's (the attacked image is
+    classified correctly), and "clean_and_attacked" (the clean one is too).
     """
     classifier = ZeroShotClassifier(encoder.float().eval(), text_emb.to(device).float(), scale)
-    clean = robust = total = 0
+    counts = dict.fromkeys(("clean", *ROBUST_DEFINITIONS), 0)
+    total = 0
     for x, y in batches(images, batch_size, device=device, loader_workers=loader_workers):
         x = x.float()
         with torch.no_grad():
             clean_ok = classifier(x).argmax(-1) == y
-        if attack.startswith("autoattack"):
-            x_adv = autoattack(classifier, x, y, eps, version=attack.partition("-")[2] or "standard",
-                               seed=int(torch.randint(0, 2**31, (1,), generator=generator)), batch_size=batch_size)
-        else:
+        if attack in ("pgd", "cw"):
             loss = F.cross_entropy if attack == "pgd" else cw_margin_loss
             x_adv = pgd(lambda z: loss(classifier(z), y), x, eps, alpha, steps, generator=generator)
+        else:
+            seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+            x_adv = apgd_ce(classifier, x, y, eps, steps, restarts, seed) if attack == "apgd-ce" else \
+                autoattack(classifier, x, y, eps, version=attack.partition("-")[2] or "standard", seed=seed,
+                           batch_size=batch_size)
         with torch.no_grad():
             adv_ok = classifier(x_adv).argmax(-1) == y
-        clean += int(clean_ok.sum())
-        robust += int((clean_ok & adv_ok).sum())
+        for name, ok in robust_outcomes(clean_ok, adv_ok).items():
+            counts[name] += int(ok.sum())
         total += len(y)
-    return {"clean": clean / total, "robust": robust / total, "n": total}
+    return {name: count / total for name, count in counts.items()} | {"n": total}
+
+
+def robust_outcomes(clean_ok: torch.Tensor, adv_ok: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image: correct clean, and robust under each of ROBUST_DEFINITIONS."""
+    return {"clean": clean_ok, "attacked": adv_ok, "clean_and_attacked": clean_ok & adv_ok}

@@ -137,24 +137,33 @@ class ImageEncoder(nn.Module):
     """Pixels in [0, 1] to an L2-normalised embedding.
 
     Normalisation lives inside the module so that every attack perturbs raw pixels and
-    its ε-ball and [0, 1] box mean what they say.
+    its ε-ball and [0, 1] box mean what they say. So does resizing: images smaller than the
+    model's input (CIFAR at 32 px) are attacked at their own resolution, as the paper does, and
+    upsampled here, differentiably.
     """
 
-    def __init__(self, visual: nn.Module, mean, std):
+    def __init__(self, visual: nn.Module, mean, std, size: int, interpolation: str = "bicubic"):
         super().__init__()
-        self.visual = visual
+        self.visual, self.size, self.interpolation = visual, size, interpolation
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_clip(cls, model: nn.Module) -> "ImageEncoder":
-        cfg = model.visual.preprocess_cfg
-        return cls(model.visual, cfg["mean"], cfg["std"])
+        cfg = preprocess_cfg(model)
+        return cls(model.visual, cfg["mean"], cfg["std"], cfg["size"][0], cfg["interpolation"])
+
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels at the model's size."""
+        if pixels.shape[-1] != self.size or pixels.shape[-2] != self.size:
+            pixels = F.interpolate(pixels, size=(self.size, self.size), mode=self.interpolation,
+                                   align_corners=False).clamp(0, 1)
+        return (pixels - self.mean) / self.std
 
     def forward(self, pixels: torch.Tensor, output: str = "embedding"):
         """output: "embedding" (L2-normalised), "features" (unnormalised, as FARE compares them), or
         "tokens" (the normalised embedding and the normalised, projected patch tokens, for TGA-ZSR)."""
-        x = (pixels - self.mean) / self.std
+        x = self.model_input(pixels)
         if output == "tokens":
             if getattr(self.visual, "proj", None) is None or not hasattr(self.visual, "output_tokens"):
                 raise ValueError(f"patch tokens need a ViT image tower with a projection, not "

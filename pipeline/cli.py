@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.verbose:
             raise
         cause = str(exc.cause).strip().splitlines()[-1] if str(exc.cause).strip() else type(exc.cause).__name__
-        print(f"agft: error: task {exc.function_name} failed: {type(exc.cause).__name__}: {cause} "
+        task = getattr(exc, "function_name", None) or "(unnamed)"  # unset when the task failed to import
+        print(f"agft: error: task {task} failed: {type(exc.cause).__name__}: {cause} "
               f"(--verbose shows the traceback)", file=sys.stderr)
         return 1
     except TRACKING_ERRORS as exc:  # MLflow already retried with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES)
@@ -131,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     print()
-    print(f"Zero-shot top-1 accuracy (%), clean and PGD-{cfg.eval.attack.steps} robust at "
-          f"eps={cfg.eval.attack.eps:.5f}: original teacher vs {cfg.train.method.upper()} fine-tuned")
+    print(f"Zero-shot top-1 accuracy (%): original teacher vs {cfg.train.method.upper()} fine-tuned")
+    print(cfg.eval.caption())
     print(format_table(result.rows))
     print()
     total = round(time.perf_counter() - start, 2)
@@ -161,11 +162,13 @@ def _compare(cfg, uri: str, out: Path) -> int:
 
 
 def _eval(pipeline, uri: str) -> int:
+    from pipeline.config import ROBUST_MEANING
     from pipeline.report import markdown_table
 
     result = pipeline.run_eval()
     print()
     print("Zero-shot top-1 accuracy (%): clean, and robust under each attack and eps")
+    print(ROBUST_MEANING[pipeline.cfg.eval.robust])
     print(markdown_table(result.rows, percent=True), end="")
     print(f"step seconds: {result.seconds}")
     return _browse("run", result.run_id, uri)

@@ -39,7 +39,9 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
         for i, seed in enumerate(spec.seeds):
             for j, method in enumerate(spec.methods):
                 log(f"[compare] run {i * len(spec.methods) + j + 1}/{total}: {method}, seed {seed}")
-                run_cfg = with_overrides(cfg, {"seed": seed, "train.method": method})
+                # The table shows the headline attack only: the quick view would cost time for nothing
+                run_cfg = with_overrides(cfg, {"seed": seed, "train.method": method, "eval.quick": None,
+                                               **spec.per_method.get(method, {})})
                 result = Pipeline(run_cfg, uri, log=log).run(parent_run_id=parent, original=j == 0)
                 for row in result.rows:
                     if row["dataset"] == "mean":
@@ -79,14 +81,18 @@ def summary_table(per_seed: list[dict], fine_tuned: str | None = None) -> list[d
     return rows
 
 
-def markdown(table: list[dict], seeds: int) -> str:
+def markdown(table: list[dict], seeds: int, caption: str) -> str:
+    """caption: what the robust columns are (attack and count) and how each method was trained."""
     cells = [{"dataset": row["dataset"], **{column: f"{100 * m:.2f} ± {100 * s:.2f}"
                                            for column, (m, s) in list(row.items())[1:]}} for row in table]
-    return f"Zero-shot top-1 accuracy (%), mean ± sample std over {seeds} seed(s)\n\n" + report.markdown_table(cells)
+    return f"Zero-shot top-1 accuracy (%), mean ± sample std over {seeds} seed(s)\n{caption}\n\n" + \
+        report.markdown_table(cells)
 
 
 def _report(uri: str, parent: str, cfg: Config, table: list[dict], per_seed: list[dict], out: Path) -> None:
-    text = markdown(table, len(cfg.compare.seeds))
+    tuned = "".join(f"; {method}: " + ", ".join(f"{k} = {v}" for k, v in values.items())
+                    for method, values in cfg.compare.per_method.items())
+    text = markdown(table, len(cfg.compare.seeds), f"{cfg.eval.caption()}\n{cfg.train.recipe_caption()}{tuned}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     metrics = {f"{column.replace(' ', '_')}/{row['dataset'].replace(' ', '_')}": mean

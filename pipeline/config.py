@@ -10,8 +10,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agft_core import catalog, world
-from agft_core.catalog import ATTACKS, EMBEDDED_ARCH, METHODS, architectures, check_location, has_vit_tower, \
-    is_weights_file
+from agft_core.catalog import ATTACKS, EMBEDDED_ARCH, METHODS, ROBUST_DEFINITIONS, architectures, check_location, \
+    has_vit_tower, is_weights_file
 from agft_core.errors import InputError
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # installed as package data
@@ -133,6 +133,31 @@ class AttackConfig(Section):
     steps: int = Field(2, ge=0)
 
 
+class EvalAttack(AttackConfig):
+    """An attack the evaluation reports: apgd-ce and autoattack choose their own step sizes (no α)."""
+
+    name: Literal[ATTACKS] = "pgd"
+    steps: int = Field(20, gt=0, description="iterations (pgd, cw, apgd-ce)")
+    restarts: int = Field(1, gt=0, description="apgd-ce: runs from new random starts on what the last one "
+                                               "did not fool")
+
+    @model_validator(mode="after")
+    def _restarts_only_for_apgd(self) -> "EvalAttack":
+        if self.restarts > 1 and self.name != "apgd-ce":
+            raise ValueError(f"restarts: only apgd-ce restarts, not {self.name}")
+        return self
+
+    def label(self) -> str:
+        """How every table names it, e.g. "PGD-20 (α = 1/255), ε = 1/255"."""
+        steps = f"-{self.steps}" if self.name in ("pgd", "cw", "apgd-ce") else ""
+        restarts = f" × {self.restarts} restarts" if self.restarts > 1 else ""
+        alpha = f" (α = {255 * self.alpha:g}/255)" if self.name in ("pgd", "cw") else ""
+        return f"{self.name.upper()}{steps}{restarts}{alpha}, ε = {255 * self.eps:g}/255"
+
+    def as_tuple(self) -> tuple:
+        return self.name, self.eps, self.alpha, self.steps, self.restarts
+
+
 class ValidationConfig(Section):
     """A held-out set scored every epoch (clean and robust), e.g. for ASHA in a sweep."""
 
@@ -145,8 +170,30 @@ class LossWeights(Section):
     beta: float = Field(ge=0)
 
 
+# Each method as its authors trained it (README, "Published recipes", gives the source of every value). The
+# budget (epochs, batch size, warm-up) stays the config's, so that every method gets the same one.
+PUBLISHED_RECIPES = {
+    "agft": {"optimizer": "sgd", "lr": 4e-4, "momentum": 0.9, "weight_decay": 0.0,
+             "attack": {"eps": 1 / 255, "alpha": 1 / 255, "steps": 2}},
+    "tecoa": {"optimizer": "sgd", "lr": 1e-5, "momentum": 0.9, "weight_decay": 0.0,
+              "attack": {"eps": 1 / 255, "alpha": 1 / 255, "steps": 2}},
+    "pmg_aft": {"optimizer": "sgd", "lr": 5e-5, "momentum": 0.9, "weight_decay": 0.0,
+                "attack": {"eps": 1 / 255, "alpha": 1 / 255, "steps": 2}},
+    "fare": {"optimizer": "adamw", "lr": 1e-5, "momentum": 0.9, "weight_decay": 1e-4,
+             "attack": {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10}},
+    "tga_zsr": {"optimizer": "sgd", "lr": 1e-4, "momentum": 0.9, "weight_decay": 0.0,
+                "attack": {"eps": 1 / 255, "alpha": 1 / 255, "steps": 2}},
+}
+RECIPE_FIELDS = tuple(PUBLISHED_RECIPES["agft"])
+
+
 class TrainConfig(Section):
     method: Literal[METHODS] = "agft"
+    recipe: Literal["shared", "published"] = Field(
+        "shared", description="shared: every method trains with this section's optimizer, lr, weight decay and "
+                              "attack; published: each method with its authors' (PUBLISHED_RECIPES), which "
+                              "replace them")
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     pmg_aft: LossWeights = Field(LossWeights(alpha=1.0, beta=1.0),
                                  description="α: KL to the frozen model on x_adv; β: KL to the student on x")
     tga_zsr: LossWeights = Field(LossWeights(alpha=0.08, beta=0.05),
@@ -169,6 +216,19 @@ class TrainConfig(Section):
     attack: AttackConfig = AttackConfig()
     validation: ValidationConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _published_recipe(cls, raw: Any) -> Any:
+        recipe = isinstance(raw, dict) and raw.get("recipe") == "published" and \
+            PUBLISHED_RECIPES.get(raw.get("method", "agft"))
+        return {**raw, **recipe} if recipe else raw
+
+    def recipe_caption(self) -> str:
+        if self.recipe == "published":
+            return "training: each method at its published recipe (optimizer, lr, weight decay, attack)"
+        return (f"training: every method at the same recipe ({self.optimizer}, lr {self.lr:g}, weight decay "
+                f"{self.weight_decay:g}, PGD-{self.attack.steps} at ε = {255 * self.attack.eps:g}/255)")
+
 
 class MatrixConfig(Section):
     """`agft eval`: every zero-shot dataset × attack × ε, for the original encoder and each checkpoint."""
@@ -176,7 +236,7 @@ class MatrixConfig(Section):
     attacks: list[Literal[ATTACKS]] = Field(["pgd"], min_length=1)
     eps: list[PixelBudget] = Field([1 / 255], min_length=1)
     steps: int = Field(20, gt=0, description="iterations of pgd and cw")
-    alpha: PixelBudget | None = Field(None, description="PGD/CW step; default α = ε as in the paper's protocol")
+    alpha: PixelBudget = Field(1 / 255, description="PGD/CW step at every ε: the paper's 1/255")
     checkpoints: dict[str, str] = Field(default_factory=dict,
                                         description="name -> fine-tuned image-encoder weights (image_encoder.safetensors)")
 
@@ -190,8 +250,23 @@ class MatrixConfig(Section):
 
 class EvalConfig(Section):
     batch_size: int = Field(256, gt=0)
-    attack: AttackConfig = AttackConfig(steps=20)
+    attack: EvalAttack = Field(EvalAttack(), description="the headline robust accuracy of `agft run` and `compare`; "
+                                                         "default the paper's PGD-20, α = ε = 1/255")
+    quick: EvalAttack | None = Field(None, description="a cheaper attack reported beside it, labelled as such")
+    robust: Literal[ROBUST_DEFINITIONS] = Field("attacked", description="attacked: the attacked image is classified "
+                                                "correctly (the paper's); clean_and_attacked: the clean one too")
     matrix: MatrixConfig = MatrixConfig()
+
+    def caption(self) -> str:
+        """What every table of `agft run` and `compare` says its robust numbers are."""
+        quick = f"; quick: {self.quick.label()}" if self.quick else ""
+        return f"robust: {self.attack.label()}{quick}; {ROBUST_MEANING[self.robust]}"
+
+
+ROBUST_MEANING = {"attacked": "an image counts as robust when its attacked version is classified correctly "
+                              "(the paper's count)",
+                  "clean_and_attacked": "an image counts as robust when its clean and its attacked version are "
+                                        "both classified correctly"}
 
 
 class ResourcesConfig(Section):
@@ -246,6 +321,9 @@ class CompareConfig(Section):
 
     methods: list[Literal[METHODS]] = Field(["tecoa", "agft"], min_length=1)
     seeds: list[int] = Field([0, 1, 2], min_length=1)
+    per_method: dict[Literal[METHODS], dict[str, Any]] = Field(
+        default_factory=dict, description="fields set for one method's runs only, e.g. each method's tuned values: "
+                                          "{tecoa: {train.lr: 2.0e-4}, agft: {calibration.gamma: 0.7}}")
 
 
 class SweepConfig(Section):
@@ -293,6 +371,16 @@ class Config(Section):
                              f"{self.model.arch} has none (use agft, tecoa, pmg_aft or fare)")
         return self
 
+    @model_validator(mode="after")
+    def _per_method_fields_exist(self) -> "Config":
+        for method, values in self.compare.per_method.items():
+            try:
+                with_overrides(self, {"compare.per_method": {}, "train.method": method, **values})
+            except (ConfigError, ValidationError) as exc:
+                detail = _format(exc) if isinstance(exc, ValidationError) else str(exc)
+                raise ValueError(f"compare.per_method.{method}: {detail}") from None
+        return self
+
     def max_epochs(self) -> int:
         """The most epochs any sweep trial trains: train.epochs, or the largest value of its axis."""
         axis = self.sweep.space.get("train.epochs")
@@ -309,6 +397,9 @@ class Config(Section):
         base = self.model_dump(mode="json")
         base["sweep"]["space"] = {}
         for key, domain in self.sweep.space.items():
+            if self.train.recipe == "published" and key.split(".")[:2] in [["train", f] for f in RECIPE_FIELDS]:
+                raise ValueError(f"sweep.space.{key}: train.recipe published sets it for each method; use "
+                                 f"recipe: shared to search it")
             for value in domain.extremes():
                 raw = copy.deepcopy(base)
                 try:

@@ -28,12 +28,12 @@ from agft_core.datasets import DatasetInfo
 from agft_core.errors import InputError
 from agft_core.pretrain import RECIPE
 from pipeline import report, tracking
-from pipeline.config import Config, ConfigError, dump_yaml, preflight
+from pipeline.config import ROBUST_MEANING, Config, ConfigError, dump_yaml, preflight
 from pipeline.train import ENCODER_FILE, FINETUNE_RECIPE, HISTORY_FILE, TrainInputs, fit, read_history
 from tasks import steps
 
 EVAL_FILE = "result.json"
-EVAL_RECIPE = 1  # part of every eval result's fingerprint: changes when the same cell would score differently
+EVAL_RECIPE = 2  # part of every eval result's fingerprint: changes when the same cell would score differently
 
 
 @dataclass
@@ -118,6 +118,11 @@ def _wait(refs: list, label: str, field: str | None = None) -> list:
                 raise
             progress.update(1)
     return [results[ref] for ref in refs]
+
+
+def _attack_of(row: dict) -> tuple:
+    """The (attack, ε, α, steps, restarts) an eval result row was computed under."""
+    return row["attack"], row["eps"], row["alpha"], row["steps"], row["restarts"]
 
 
 def check_inputs(cfg: Config) -> None:
@@ -223,9 +228,10 @@ class Pipeline:
             "recipe": FINETUNE_RECIPE, "weights": self.digest, "text": self.texts["train"].fingerprint,
             "teacher": self.teacher.fingerprint,
             "val_text": val_text.fingerprint if val_text else None, "seed": cfg.seed,
+            "val_robust": cfg.eval.robust if val_text else None,  # what the history's val_robust_acc counts
             "train": cfg.train.model_dump(mode="json", exclude={"num_workers", "cpus_per_worker", "use_gpu",
                                                                 "max_failures", "start_timeout_s",
-                                                                "keep_checkpoints"}),
+                                                                "keep_checkpoints", "recipe"}),
             "calibration": cfg.calibration.model_dump(mode="json"), "world_size": cfg.train.num_workers})
         if self._cached("train", entry):
             tracking.log_history(self.uri, inputs.run_id, read_history(entry.file_named(HISTORY_FILE)))
@@ -246,7 +252,7 @@ class Pipeline:
     # -- eval ----------------------------------------------------------------------------------
     def evaluate(self, encoders: dict[str, str | None], attacks: list[tuple], per_cell: bool = False) -> list[dict]:
         """Zero-shot accuracy of each encoder (None: the teacher, else a weights file) under each (attack, ε, α,
-        steps) on every zero-shot dataset: one row per (dataset, encoder, attack)."""
+        steps, restarts) on every zero-shot dataset: one row per (dataset, encoder, attack)."""
         return self.finish_eval(self.start_eval(encoders, attacks, per_cell))
 
     def start_eval(self, encoders: dict[str, str | None], attacks: list[tuple], per_cell: bool = False) -> "_Eval":
@@ -291,15 +297,15 @@ class Pipeline:
                            "end": out["end"] - self.t0, "cached": False, "node": out["node"]} for out in outputs]
         computed = [row for out in outputs for row in out["rows"]]
         key_of = {self.specs[key].name: key for key, _, _ in pending.cells}
-        attack_of = {(a[0], a[1], a[3]): a for a in pending.attacks}
-        by_cell = {(key_of[r["dataset"]], r["model"], attack_of[r["attack"], r["eps"], r["steps"]]): r for r in computed}
+        by_cell = {(key_of[r["dataset"]], r["model"], _attack_of(r)): r for r in computed}
         for cell, row in by_cell.items():
             entry = pending.cells[cell]
             with entry.attempt() as attempt:
                 write_bytes(join(attempt, EVAL_FILE), json.dumps({k: v for k, v in row.items() if k != "model"}).encode())
                 entry.commit(attempt, [describe_file(join(attempt, EVAL_FILE), rows=1)])
-        return [by_cell.get(cell) or {**json.loads(read_bytes(entry.file_named(EVAL_FILE))), "model": cell[1]}
+        rows = [by_cell.get(cell) or {**json.loads(read_bytes(entry.file_named(EVAL_FILE))), "model": cell[1]}
                 for cell, entry in pending.cells.items()]
+        return [row | {"robust": row[self.cfg.eval.robust]} for row in rows]
 
     def _room_beside_training(self) -> bool:
         """Whether the cluster holds the trainer and an eval task at once. Only then does the original's
@@ -381,8 +387,7 @@ class Pipeline:
         with tracking.finishing(self.uri, run_id):
             inputs = replace(inputs, run_id=run_id)
             tracking.tag_run(self.uri, run_id, {"weights_digest": self.digest})
-            attack = cfg.eval.attack
-            attacks = [("pgd", attack.eps, attack.alpha, attack.steps)]
+            attacks = [a.as_tuple() for a in (cfg.eval.attack, cfg.eval.quick) if a]
             # The teacher's numbers do not depend on the fine-tune: evaluated beside it where there is room
             early = self.start_eval({"original": None}, attacks) if original and self._room_beside_training() \
                 else None
@@ -390,7 +395,8 @@ class Pipeline:
             later = {"original": None} if original and not early else {}
             results = self._timed("eval", lambda: (self.finish_eval(early) if early else []) + self.evaluate(
                 later | {"finetuned": tuned.file_named(ENCODER_FILE)}, attacks))
-            rows = report.accuracy_rows(results)
+            headline = [r for r in results if _attack_of(r) == cfg.eval.attack.as_tuple()]
+            rows = report.accuracy_rows(headline, [r for r in results if r not in headline])
             self._timed("report", self.publish, run_id, rows, tuned)
         return RunResult(run_id, rows, self.hits, self.seconds)
 
@@ -406,15 +412,15 @@ class Pipeline:
                 raise ConfigError(f"eval.matrix.attacks: AutoAttack's DLR losses need at least "
                                   f"{AUTOATTACK_MIN_CLASSES} classes; "
                                   f"{', '.join(few)} have fewer (drop them from data.zero_shot or use pgd, cw)")
-            attacks = [(attack, eps, matrix.alpha or eps, matrix.steps) for attack in matrix.attacks
-                       for eps in matrix.eps]
+            attacks = [(attack, eps, matrix.alpha, matrix.steps, 1) for attack in matrix.attacks for eps in matrix.eps]
             results = self._timed("eval", self.evaluate, {"original": None, **matrix.checkpoints}, attacks, True)
             rows = report.matrix_rows(results)
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 (out / "config.yaml").write_text(dump_yaml(cfg))
                 report.write_csv(rows, out / "eval_matrix.csv")
-                (out / "eval_matrix.md").write_text(report.markdown_table(rows, percent=True))
+                caption = f"Zero-shot top-1 accuracy (%); {ROBUST_MEANING[cfg.eval.robust]}\n\n"
+                (out / "eval_matrix.md").write_text(caption + report.markdown_table(rows, percent=True))
                 report.plot_matrix(rows, out / "eval_matrix.png")
                 tracking.log_results(self.uri, run_id, report.matrix_metrics(results),
                                      [out / n for n in ("config.yaml", "eval_matrix.csv", "eval_matrix.md",
@@ -428,8 +434,8 @@ class Pipeline:
             (out / "config.yaml").write_text(dump_yaml(self.cfg))
             report.write_csv(rows, out / "zero_shot_accuracy.csv")
             report.plot_accuracy(rows, out / "zero_shot_accuracy.png",
-                                   f"{self.cfg.train.method.upper()}: zero-shot clean vs PGD-{self.cfg.eval.attack.steps}"
-                                   f" robust accuracy")
+                                 f"{self.cfg.train.method.upper()}: zero-shot clean vs robust accuracy\n"
+                                 f"{self.cfg.eval.caption()}")
             (out / "timeline.json").write_text(json.dumps(self.timeline, indent=1))
             report.plot_timeline(self.timeline, out / "timeline.png")
             tracking.log_results(self.uri, run_id, report.dataset_metrics(rows),

@@ -5,13 +5,15 @@ import csv
 from pathlib import Path
 
 
-def accuracy_rows(results: list[dict]) -> list[dict]:
-    """One row per dataset plus the unweighted mean, as in the paper's table; results hold one
-    attack's rows for the models "original" and "finetuned"."""
+def accuracy_rows(results: list[dict], quick: list[dict] = ()) -> list[dict]:
+    """One row per dataset plus the unweighted mean, as in the paper's table; results hold the headline
+    attack's rows for the models "original" and "finetuned", quick another attack's (the "_quick" columns)."""
     by_dataset: dict[str, dict] = {}
     for r in results:
         row = by_dataset.setdefault(r["dataset"], {"dataset": r["dataset"]})
         row |= {f"{r['model']}_clean": r["clean"], f"{r['model']}_robust": r["robust"]}
+    for r in quick:
+        by_dataset[r["dataset"]][f"{r['model']}_quick"] = r["robust"]
     rows = list(by_dataset.values())
     columns = [c for c in rows[0] if c != "dataset"]
     rows.append({"dataset": "mean", **{c: sum(r[c] for r in rows) / len(rows) for c in columns}})
@@ -141,17 +143,25 @@ def matrix_rows(results: list[dict]) -> list[dict]:
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
     cells: dict[tuple, dict] = {}
     for r in results:
-        cells.setdefault((r["model"], "clean", ""), {})[r["dataset"]] = r["clean"]
-        cells.setdefault((r["model"], _attack_name(r), f"{r['eps'] * 255:g}"), {})[r["dataset"]] = r["robust"]
+        cells.setdefault((r["model"], "clean", "", ""), {})[r["dataset"]] = r["clean"]
+        cells.setdefault((r["model"], _attack_name(r), f"{r['eps'] * 255:g}", _alpha(r)), {})[r["dataset"]] = \
+            r["robust"]
     rows = []
-    for (model, attack, eps255), values in cells.items():
-        rows.append({"model": model, "attack": attack, "eps (/255)": eps255,
+    for (model, attack, eps255, alpha255), values in cells.items():
+        rows.append({"model": model, "attack": attack, "eps (/255)": eps255, "alpha (/255)": alpha255,
                      **{d: values[d] for d in datasets}, "mean": sum(values[d] for d in datasets) / len(datasets)})
     return rows
 
 
 def _attack_name(result: dict) -> str:
-    return f"{result['attack']}-{result['steps']}" if result["attack"] in ("pgd", "cw") else result["attack"]
+    if result["attack"] not in ("pgd", "cw", "apgd-ce"):
+        return result["attack"]
+    return f"{result['attack']}-{result['steps']}" + (f"x{result['restarts']}" if result["restarts"] > 1 else "")
+
+
+def _alpha(result: dict) -> str:
+    """PGD's fixed step; APGD and AutoAttack adapt theirs."""
+    return f"{result['alpha'] * 255:g}" if result["attack"] in ("pgd", "cw") else "adaptive"
 
 
 def matrix_metrics(results: list[dict]) -> dict[str, float]:

@@ -73,6 +73,12 @@ class _Indexed(Dataset):
         return x, y, i
 
 
+def make_optimizer(train: TrainConfig, parameters) -> torch.optim.Optimizer:
+    if train.optimizer == "adamw":  # FARE's published recipe
+        return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+
+
 def _lr_lambda(warmup: int, total: int):
     return lambda step: (step + 1) / warmup if step < warmup else \
         0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -104,8 +110,7 @@ def train_loop(inputs: TrainInputs) -> None:
     loader = DataLoader(_Indexed(data.images), batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.resources.loader_workers, pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
-    optimizer = torch.optim.SGD(encoder.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(cfg.train, encoder.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(min(cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs),
                               steps_per_epoch * cfg.train.epochs))
@@ -162,7 +167,7 @@ def train_loop(inputs: TrainInputs) -> None:
                                         generator=torch.Generator(device).manual_seed(cfg.seed + rank),
                                         loader_workers=cfg.resources.loader_workers)
             totals = torch.cat([totals, totals.new_tensor([scores["clean"] * scores["n"],
-                                                           scores["robust"] * scores["n"], scores["n"]])])
+                                                           scores[cfg.eval.robust] * scores["n"], scores["n"]])])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         metrics = {"epoch": epoch + 1, "loss": totals[0].item() / totals[2].item(),

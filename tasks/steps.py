@@ -84,10 +84,10 @@ def teacher_shard(arch: str, weights: str | None, spec: DatasetSpec, image_size:
 
 @ray.remote
 def evaluate_zero_shot(arch: str, weights: str | None, encoders: dict[str, str | None], spec: DatasetSpec,
-                       image_size: int, text_emb: np.ndarray, attacks: list[tuple[str, float, float, int]],
+                       image_size: int, text_emb: np.ndarray, attacks: list[tuple[str, float, float, int, int]],
                        batch_size: int, seed: int, loader_workers: int) -> dict:
     """Clean and robust accuracy of each encoder (None: the original one, else a fine-tuned image
-    encoder's weights) under each (attack, ε, α, steps): one row per pair, with when and where the
+    encoder's weights) under each (attack, ε, α, steps, restarts): one row per pair, with when and where the
     task ran (for the run's timeline)."""
     start = time.time()
     use_assigned_cpus()
@@ -102,12 +102,12 @@ def evaluate_zero_shot(arch: str, weights: str | None, encoders: dict[str, str |
         if encoder_weights is not None:
             load_weights(encoder, encoder_weights)
         encoder.to(device)
-        for attack, eps, alpha, steps in attacks:
+        for attack, eps, alpha, steps, restarts in attacks:
             generator = torch.Generator(device).manual_seed(seed)
             scores = zero_shot_accuracy(encoder, text, scale, data.images, eps=eps, alpha=alpha, steps=steps,
                                         batch_size=batch_size, device=device, generator=generator, attack=attack,
-                                        loader_workers=loader_workers)
-            rows.append({"model": name, "dataset": spec.name, "attack": attack, "eps": eps, "steps": steps,
-                         **scores})
+                                        restarts=restarts, loader_workers=loader_workers)
+            rows.append({"model": name, "dataset": spec.name, "attack": attack, "eps": eps, "alpha": alpha,
+                         "steps": steps, "restarts": restarts, **scores})
     return {"rows": rows, "dataset": spec.name, "start": start, "end": time.time(),
             "node": ray.get_runtime_context().get_node_id()}

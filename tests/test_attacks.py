@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agft_core.attacks import autoattack, cw_margin_loss, pgd
+from agft_core.attacks import apgd_ce, autoattack, cw_margin_loss, pgd
+from agft_core.evaluate import robust_outcomes
 
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -109,9 +110,12 @@ def test_accuracy_never_rises_as_the_attack_gets_stronger(trained_mlp):
                "pgd20": _accuracy(model, pgd(ce, x, eps, eps / 8, 20, generator=g()), y),
                "cw20": _accuracy(model, pgd(lambda z: cw_margin_loss(model(z), y), x, eps, eps / 8, 20,
                                             generator=g()), y),
+               "apgd_ce5": _accuracy(model, apgd_ce(model, x, y, eps, 5), y),
+               "apgd_ce50": _accuracy(model, apgd_ce(model, x, y, eps, 50, restarts=2), y),
                "autoattack": _accuracy(model, autoattack(model, x, y, eps, "standard", batch_size=100), y)}
     assert results["clean"] >= 0.9, results
     assert results["clean"] >= results["pgd2"] >= results["pgd20"] >= results["autoattack"], results
+    assert results["clean"] >= results["apgd_ce5"] >= results["apgd_ce50"] >= results["autoattack"], results
     assert results["autoattack"] <= results["cw20"], results
     assert results["pgd20"] < results["pgd2"] < results["clean"], results  # the attacks bite at this ε
 
@@ -130,3 +134,23 @@ def test_autoattack_refuses_too_few_classes(trained_mlp):
     two = torch.nn.Sequential(model, torch.nn.Linear(5, 2))
     with pytest.raises(ValueError, match="at least 4 classes, this task has 2"):
         autoattack(two, x[:4], y[:4] % 2, 4 / 255)
+
+
+def test_apgd_ce_stays_in_the_ball_leaves_the_random_state_alone_and_restarts_only_help(trained_mlp):
+    model, x, y = trained_mlp
+    eps = 8 / 255  # where the attacks bite (test above)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    x_adv = apgd_ce(model, x, y, eps, 10, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)  # pyautoattack reseeds the global generator
+    assert (x_adv - x).abs().max().item() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+    assert torch.equal(x_adv, apgd_ce(model, x, y, eps, 10, seed=7))  # seeded: the same images
+    one, three = (_accuracy(model, apgd_ce(model, x, y, eps, 10, restarts=r, seed=7), y) for r in (1, 3))
+    assert three <= one < _accuracy(model, x, y)
+
+
+def test_both_robust_counts_by_hand():
+    clean_ok = torch.tensor([True, False, True, False])
+    adv_ok = torch.tensor([True, True, False, False])  # image 1: wrong clean, right once attacked
+    counts = {k: int(v.sum()) for k, v in robust_outcomes(clean_ok, adv_ok).items()}
+    assert counts == {"clean": 2, "attacked": 2, "clean_and_attacked": 1}

@@ -7,8 +7,8 @@ from pipeline.cli import main
 
 TINY = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64", "data.train.limit=128",
         "data.zero_shot=[{name: shapes, limit: 48}, {name: colours, limit: 48}, {name: sizes, limit: 48}]",
-        "train.epochs=1", "train.batch_size=32", "train.validation=null", "eval.attack.steps=2",
-        "compare.methods=[tecoa, agft]", "compare.seeds=[0, 1]"]
+        "train.epochs=1", "train.batch_size=32", "train.validation=null", "eval.attack.steps=2", "eval.quick=null",
+        "compare.methods=[tecoa, agft]", "compare.seeds=[0, 1]", "compare.per_method={tecoa: {train.lr: 1.0e-3}}"]
 
 
 def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, capsys):
@@ -22,24 +22,25 @@ def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, ca
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["agft-seed0", "agft-seed1", "tecoa-seed0", "tecoa-seed1"]
     assert all(c.info.status == "FINISHED" for c in children)
+    assert {c.info.run_name: c.data.params["train.lr"] for c in children} == {  # compare.per_method: TeCoA's only
+        "agft-seed0": "0.0005", "agft-seed1": "0.0005", "tecoa-seed0": "0.001", "tecoa-seed1": "0.001"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"compare.md", "compare.png",
                                                                          "compare_per_seed.csv"}
-    # every cell of every run: robust never above clean
-    for child in children:
-        m = child.data.metrics
-        for dataset in ("shapes", "colours", "sizes"):
-            assert m[f"finetuned_robust/{dataset}"] <= m[f"finetuned_clean/{dataset}"]
     # the parent's numbers are the mean over the children's
     for method in ("tecoa", "agft"):
         runs = [c for c in children if c.info.run_name.startswith(method)]
         expected = statistics.fmean(c.data.metrics["finetuned_robust/mean"] for c in runs)
         assert abs(parent.data.metrics[f"{method}_robust/mean"] - expected) < 1e-12
-        assert parent.data.metrics[f"{method}_robust/mean"] <= parent.data.metrics[f"{method}_clean/mean"]
         # the zero-shot mean leaves out the fine-tuned task (shapes)
         held_out = statistics.fmean(c.data.metrics[f"finetuned_robust/{d}"] for c in runs for d in ("colours", "sizes"))
         assert abs(parent.data.metrics[f"{method}_robust/zero-shot_mean"] - held_out) < 1e-12
     table = out.read_text()
     assert "mean ± sample std over 2 seed(s)" in table and "| original clean | original robust |" in table
+    # what the robust columns are, and how the methods were trained
+    assert "robust: APGD-CE-2, ε = 2/255; an image counts as robust when its attacked version is classified " \
+           "correctly (the paper's count)" in table
+    assert "training: every method at the same recipe (sgd, lr 0.0005, weight decay 0, PGD-2 at ε = 2/255); " \
+           "tecoa: train.lr = 0.001" in table
     sizes_row = next(line for line in table.splitlines() if line.startswith("| sizes |"))
     agft_seed_values = [100 * c.data.metrics["finetuned_clean/sizes"] for c in children
                         if c.info.run_name.startswith("agft")]

@@ -16,6 +16,57 @@ def test_paper_config_validates_with_the_paper_setting():
     assert (cfg.train.attack.steps, cfg.train.lr, cfg.train.epochs) == (2, 4e-4, 10)
 
 
+def test_paper_config_evaluates_with_the_papers_protocol():
+    cfg = load_config(REPO / "configs" / "vitb32_imagenet.yaml")
+    assert cfg.eval.attack.as_tuple() == ("pgd", pytest.approx(1 / 255), pytest.approx(1 / 255), 20, 1)
+    assert cfg.eval.robust == "attacked" and cfg.eval.matrix.alpha == pytest.approx(1 / 255)
+    assert cfg.eval.caption().startswith("robust: PGD-20 (α = 1/255), ε = 1/255; an image counts as robust when "
+                                         "its attacked version is classified correctly (the paper's count)")
+    assert load_config(None, ["eval.matrix.eps=[4/255]"]).eval.matrix.alpha == pytest.approx(1 / 255)  # not α = ε
+
+
+@pytest.mark.parametrize("method, optimizer, lr, weight_decay, eps255, steps", [
+    ("agft", "sgd", 4e-4, 0.0, 1, 2), ("tecoa", "sgd", 1e-5, 0.0, 1, 2), ("pmg_aft", "sgd", 5e-5, 0.0, 1, 2),
+    ("fare", "adamw", 1e-5, 1e-4, 4, 10), ("tga_zsr", "sgd", 1e-4, 0.0, 1, 2)])
+def test_published_recipe_replaces_the_shared_one_per_method(method, optimizer, lr, weight_decay, eps255, steps):
+    from pipeline.config import with_overrides
+
+    shared = load_config(None, [f"train.method={method}"])  # demo.yaml: lr 5e-4 and ε = 2/255 for every method
+    assert (shared.train.optimizer, shared.train.lr, round(255 * shared.train.attack.eps)) == ("sgd", 5e-4, 2)
+    published = with_overrides(load_config(None, ["train.recipe=published"]), {"train.method": method})
+    train = published.train
+    assert (train.optimizer, train.lr, train.weight_decay, train.attack.steps) == (optimizer, lr, weight_decay, steps)
+    assert train.attack.eps == pytest.approx(eps255 / 255) and train.attack.alpha == pytest.approx(1 / 255)
+    assert (train.epochs, train.batch_size) == (shared.train.epochs, shared.train.batch_size)  # the same budget
+    assert "published recipe" in train.recipe_caption() and "lr 0.0005" in shared.train.recipe_caption()
+
+
+def test_the_recipes_optimizer_is_the_one_that_trains():
+    import torch
+
+    from pipeline.config import with_overrides
+    from pipeline.train import make_optimizer
+
+    fare = with_overrides(load_config(None, ["train.recipe=published"]), {"train.method": "fare"}).train
+    optimizer = make_optimizer(fare, [torch.nn.Parameter(torch.zeros(2))])
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 1e-4
+    assert type(make_optimizer(load_config(None).train, [torch.nn.Parameter(torch.zeros(2))])) is torch.optim.SGD
+
+
+def test_per_method_compare_settings_are_checked_like_the_config():
+    assert load_config(None, ["compare.per_method={fare: {train.attack.eps: 4/255}}"]).compare.per_method == {
+        "fare": {"train.attack.eps": "4/255"}}
+    with pytest.raises(ConfigError, match=r"compare\.per_method\.tecoa: train\.lrr: Extra inputs"):
+        load_config(None, ["compare.per_method={tecoa: {train.lrr: 1.0e-4}}"])
+    with pytest.raises(ConfigError, match=r"compare\.per_method\.fare: train\.attack\.eps: .*less than or equal"):
+        load_config(None, ["compare.per_method={fare: {train.attack.eps: 2}}"])
+
+
+def test_a_published_recipe_cannot_be_swept():
+    with pytest.raises(ConfigError, match=r"sweep\.space\.train\.lr: train\.recipe published sets it"):
+        load_config(None, ["train.recipe=published", "sweep.space={train.lr: {choice: [1.0e-5, 1.0e-4]}}"])
+
+
 def test_set_overrides_one_field_and_parses_fractions():
     cfg = load_config(None, ["train.epochs=7", "eval.attack.eps=4/255"])
     assert cfg.train.epochs == 7
@@ -30,6 +81,7 @@ def test_set_overrides_one_field_and_parses_fractions():
     ("calibration.gamma=1.2", "calibration.gamma"),
     ("calibration.inv_tau=0", "calibration.inv_tau"),
     ("model.arch=ViT-Q-99", "model.arch"),
+    ("eval.quick.restarts=2", "eval.quick: restarts: only apgd-ce restarts, not pgd"),
 ])
 def test_bad_values_are_rejected_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

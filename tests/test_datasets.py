@@ -13,7 +13,8 @@ from PIL import Image
 from torchvision import datasets as tvd
 
 from agft_core.catalog import LOADERS, DatasetSpec, check_root
-from agft_core.datasets import load_dataset
+from agft_core.datasets import clip_classnames, load_dataset
+from agft_core.errors import InputError
 
 RNG = np.random.default_rng(0)
 
@@ -36,10 +37,10 @@ def _jpeg(path, side=8, colour=None):
     Image.fromarray(_pixels(1, side)[0] if colour is None else np.full((side, side, 3), colour, np.uint8)).save(path)
 
 
-def _check(data, n, classnames, template):
+def _check(data, n, classnames, template, side=16):
     assert len(data) == n and data.classnames == classnames and data.templates == [template]
     x, y = data.images[0]
-    assert x.shape == (3, 16, 16) and 0 <= x.min() and x.max() <= 1 and 0 <= int(y) < len(classnames)
+    assert x.shape == (3, side, side) and 0 <= x.min() and x.max() <= 1 and 0 <= int(y) < len(classnames)
 
 
 @pytest.mark.parametrize("kind, folder, labels_key, names_key, meta", [
@@ -56,7 +57,7 @@ def test_cifar_pickles(tmp_path, no_md5, kind, folder, labels_key, names_key, me
         (base / name).write_bytes(pickle.dumps({"data": data, labels_key: labels}))
     (base / meta).write_bytes(pickle.dumps({names_key: names}))
     data = load_dataset(DatasetSpec(kind, kind, "test", str(tmp_path)), 16)
-    _check(data, 5, ["apple", "maple tree", "bus"], "This is a photo of a {}.")
+    _check(data, 5, ["apple", "maple tree", "bus"], "This is a photo of a {}.", side=32)  # attacked at 32 px
     assert [int(data.images[i][1]) for i in range(5)] == [0, 1, 2, 1, 0]
 
 
@@ -68,7 +69,7 @@ def test_stl10_binaries(tmp_path, no_md5):
     np.array([1, 3, 2, 3], np.uint8).tofile(base / "test_y.bin")  # labels are 1-based on disk
     (base / "class_names.txt").write_text("airplane\nbird\ncar\n")
     data = load_dataset(DatasetSpec("stl10", "stl10", "test", str(tmp_path)), 16)
-    _check(data, 4, ["airplane", "bird", "car"], "This is a photo of a {}.")
+    _check(data, 4, ["airplane", "bird", "car"], "This is a photo of a {}.", side=96)  # attacked at 96 px
     assert [int(data.images[i][1]) for i in range(4)] == [0, 2, 1, 2]
 
 
@@ -164,22 +165,43 @@ def test_fgvc_aircraft_reads_its_variant_lists(tmp_path):
     assert [int(data.images[i][1]) for i in range(2)] == [1, 0]
 
 
+EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+                   "PermanentCrop", "Residential", "River", "SeaLake"]
+
+
 def test_eurosat_folders_get_clips_readable_class_names(tmp_path):
-    for cls in ("AnnualCrop", "SeaLake"):
+    for cls in reversed(EUROSAT_FOLDERS):
         _jpeg(tmp_path / "eurosat" / "2750" / cls / f"{cls}_1.jpg")
     data = load_dataset(DatasetSpec("eurosat", "eurosat", "all", str(tmp_path)), 16)
-    _check(data, 2, ["annual crop land", "lake or sea"], "A centered satellite photo of {}.")
+    _check(data, 10, clip_classnames()["eurosat"], "A centered satellite photo of {}.")
+    by_folder = {str(path).split("/")[-2]: data.classnames[label] for path, label in data.images.images.samples}
+    assert by_folder["AnnualCrop"] == "annual crop land" and by_folder["SeaLake"] == "lake or sea"
+    assert by_folder["HerbaceousVegetation"] == "brushland or shrubland"
 
 
-def test_caltech101_ignores_the_background_class_and_converts_greyscale(tmp_path):
+def test_eurosat_with_missing_class_folders_is_refused(tmp_path):
+    for cls in ("AnnualCrop", "SeaLake"):  # by position, SeaLake would be called "forest"
+        _jpeg(tmp_path / "eurosat" / "2750" / cls / f"{cls}_1.jpg")
+    with pytest.raises(InputError, match="found 2 class folders.*eurosat.*10 of the whole dataset"):
+        load_dataset(DatasetSpec("eurosat", "eurosat", "all", str(tmp_path)), 16)
+
+
+def test_caltech101_takes_clips_names_by_folder_and_converts_greyscale(tmp_path):
     base = tmp_path / "caltech101" / "101_ObjectCategories"
-    _jpeg(base / "BACKGROUND_Google" / "image_0001.jpg")
-    _jpeg(base / "accordion" / "image_0001.jpg")
-    (base / "Faces_easy").mkdir(parents=True)
+    # The real dataset's first folders in sorted order, then stand-ins for the other 96 categories
+    for folder in ("BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "Motorbikes", "accordion", "airplanes",
+                   *(f"zz_{i:02d}" for i in range(95))):
+        _jpeg(base / folder / "image_0001.jpg")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(base / "Faces_easy" / "image_0001.jpg")  # greyscale
     data = load_dataset(DatasetSpec("caltech101", "caltech101", "all", str(tmp_path)), 16)
-    assert data.classnames == ["centered face", "accordion"] and len(data) == 2  # CLIP's name for Faces_easy
-    assert all(data.images[i][0].shape == (3, 16, 16) for i in range(2))
+    assert len(data.classnames) == 101 and len(data) == 101  # the background is not a class
+    name_of = {folder: data.classnames[label] for label, folder in
+               ((int(data.images[i][1]), data.images.images.categories[int(data.images[i][1])]) for i in range(7))}
+    # clip-benchmark's list starts with "background": matched by position, Faces would be "background"
+    assert name_of == {"Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard",
+                       "Motorbikes": "motorbike", "accordion": "accordion", "airplanes": "airplane",
+                       "zz_00": "anchor"}
+    assert all(data.images[i][0].shape == (3, 16, 16) for i in range(3))
 
 
 def test_caltech256_numbered_folders_become_plain_names(tmp_path):
@@ -198,7 +220,7 @@ def test_sun397_reads_its_class_list(tmp_path):
     _jpeg(base / "a" / "abbey" / "sun_aaa.jpg")
     _jpeg(base / "a" / "apartment_building" / "outdoor" / "sun_bbb.jpg")
     data = load_dataset(DatasetSpec("sun397", "sun397", "all", str(tmp_path)), 16)
-    _check(data, 2, ["abbey", "apartment building outdoor"], "A photo of a {}.")
+    _check(data, 2, ["abbey", "apartment building outdoor"], "This is a photo of a {}.")
 
 
 def test_flowers102_reads_its_mat_label_and_split_files(tmp_path, no_md5):
@@ -210,8 +232,9 @@ def test_flowers102_reads_its_mat_label_and_split_files(tmp_path, no_md5):
     savemat(base / "imagelabels.mat", {"labels": np.array([[3, 1, 2]])})  # 1-based labels of images 1..3
     savemat(base / "setid.mat", {"trnid": np.array([[1]]), "valid": np.array([[2]]), "tstid": np.array([[3, 1]])})
     data = load_dataset(DatasetSpec("flowers102", "flowers102", "test", str(tmp_path)), 16)
-    _check(data, 2, list(tvd.Flowers102.classes), "A photo of a {}, a type of flower.")
+    _check(data, 2, clip_classnames()["flowers"], "A photo of a {}, a type of flower.")
     assert data.classnames[:2] == ["pink primrose", "hard-leaved pocket orchid"]
+    assert "pink and yellow dahlia" in data.classnames and "pink-yellow dahlia?" in tvd.Flowers102.classes
     assert [int(data.images[i][1]) for i in range(2)] == [1, 2]  # image 3 is class 2, image 1 class 3 (0-based)
 
 
@@ -227,7 +250,7 @@ def test_stanford_cars_reads_its_devkit_mat_files(tmp_path):
     annotations = np.array([("00001.jpg", 2), ("00002.jpg", 1)], dtype=[("fname", object), ("class", object)])
     savemat(base / "cars_test_annos_withlabels.mat", {"annotations": annotations[None, :]})
     data = load_dataset(DatasetSpec("cars", "cars", "test", str(tmp_path)), 16)
-    _check(data, 2, list(names), "A photo of a {}, a type of car.")
+    _check(data, 2, list(names), "A photo of a {}.")
     assert [int(data.images[i][1]) for i in range(2)] == [1, 0]
 
 
@@ -243,3 +266,50 @@ def test_pcam_reads_its_h5_patches(tmp_path):
     data = load_dataset(DatasetSpec("pcam", "pcam", "test", str(tmp_path)), 16)
     _check(data, 3, ["lymph node", "lymph node containing metastatic tumor tissue"], "This is a photo of {}.")
     assert [int(data.images[i][1]) for i in range(3)] == [0, 1, 1]
+
+
+def test_small_images_are_attacked_at_their_own_resolution_and_upsampled_inside_the_model(tmp_path, no_md5):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    from agft_core.attacks import pgd
+    from agft_core.model import ImageEncoder
+
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    (base / "test_batch").write_bytes(pickle.dumps({"data": _pixels(4, 32).transpose(0, 3, 1, 2).reshape(4, -1),
+                                                    "labels": [0, 1, 0, 1]}))
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": ["cat", "dog"]}))
+    data = load_dataset(DatasetSpec("cifar10", "cifar10", "test", str(tmp_path)), 224)
+    x = torch.stack([data.images[i][0] for i in range(4)])
+    assert x.shape == (4, 3, 32, 32)  # not resized to the model's 224 first
+    torch.manual_seed(0)
+    visual = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(16))
+    encoder = ImageEncoder(visual, [0.5] * 3, [0.25] * 3, size=64)
+    upsampled = resize(x, [64, 64], InterpolationMode.BICUBIC, antialias=False).clamp(0, 1)
+    expected = torch.nn.functional.normalize(visual((upsampled - 0.5) / 0.25), dim=-1)
+    assert torch.allclose(encoder(x), expected, atol=1e-6)
+    eps = 2 / 255
+    x_adv = pgd(lambda z: encoder(z).sum(), x, eps, eps / 2, 3, generator=torch.Generator().manual_seed(0))
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= eps + 1e-6  # the ε-ball is in 32-px space
+
+
+# The official AGFT code's prompt per dataset (clip_dataset.py; TeCoA's and TGA-ZSR's are the same but for
+# a missing full stop): the paper's 15 zero-shot datasets.
+PAPER_PROMPTS = {
+    "caltech101": "A photo of a {}.", "caltech256": "A photo of a {}.", "cifar10": "This is a photo of a {}.",
+    "cifar100": "This is a photo of a {}.", "dtd": "A surface with a {} texture.",
+    "eurosat": "A centered satellite photo of {}.", "aircraft": "A photo of a {}, a type of aircraft.",
+    "flowers102": "A photo of a {}, a type of flower.", "food101": "A photo of {}, a type of food.",
+    "imagenet": "This is a photo of a {}.", "pets": "A photo of a {}, a type of pet.",
+    "pcam": "This is a photo of {}.", "cars": "A photo of a {}.", "stl10": "This is a photo of a {}.",
+    "sun397": "This is a photo of a {}."}
+
+
+def test_the_paper_config_evaluates_its_15_datasets_with_the_official_prompts():
+    from pipeline.config import load_config
+
+    cfg = load_config("vitb32_imagenet")
+    assert sorted(d.kind for d in cfg.data.zero_shot) == sorted(PAPER_PROMPTS)
+    assert {kind: LOADERS[kind].template for kind in PAPER_PROMPTS} == PAPER_PROMPTS
+    assert {kind for kind, loader in LOADERS.items() if loader.native} == {"cifar10", "cifar100", "stl10"}

@@ -18,7 +18,7 @@ TINY = [
     "data.train.limit=256",
     "data.zero_shot=[{name: colours, limit: 64}, {name: shapes, limit: 64}]",
     "train.epochs=2", "train.batch_size=32", "train.num_workers=2",
-    "eval.attack.steps=2", "eval.batch_size=64",
+    "eval.attack.steps=2", "eval.quick.steps=2", "eval.batch_size=64",
 ]
 
 
@@ -85,13 +85,6 @@ def test_run_logs_metrics_artifacts_and_epochs(first, store, tmp_path):
     history = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history)
     assert {m.key for m in client.get_metric_history(result.run_id, "lr")} == {"lr"}
-
-
-def test_robust_never_exceeds_clean(first):
-    result, _ = first
-    for row in result.rows:
-        for role in ("original", "finetuned"):
-            assert row[f"{role}_robust"] <= row[f"{role}_clean"]
 
 
 def test_first_run_builds_every_step(first):
@@ -169,8 +162,6 @@ def test_baselines_that_need_the_frozen_encoder_train_under_ddp(first, store, me
     assert result.cache_hits["train"] is False
     run = MlflowClient(store[1]).get_run(result.run_id)
     assert run.data.params["train.method"] == method and math.isfinite(run.data.metrics["loss"])
-    for row in result.rows:
-        assert row["finetuned_robust"] <= row["finetuned_clean"]
 
 
 def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp_path):
@@ -180,28 +171,30 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
     shutil.rmtree(root / "cache" / "eval")  # computed again, per cell: the comparison with the run below means something
     code = main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}", "--checkpoint",
                  f"agft={checkpoint}"] + _sets(TINY + [
-                     "eval.matrix.attacks=[pgd, cw, autoattack]", "eval.matrix.eps=[2/255, 8/255]",
+                     "eval.matrix.attacks=[pgd, cw, apgd-ce, autoattack]", "eval.matrix.eps=[2/255, 8/255]",
                      "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2"]))
     assert code == 0
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "tags.kind = 'eval'")
     metrics = run.data.metrics
     robust = {k: v for k, v in metrics.items() if k.startswith("robust/")}
-    assert len(robust) == 2 * 2 * 3 * 2 and len([k for k in metrics if k.startswith("clean/")]) == 2 * 2
+    assert len(robust) == 2 * 2 * 4 * 2 and len([k for k in metrics if k.startswith("clean/")]) == 2 * 2
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
         "config.yaml", "eval_matrix.csv", "eval_matrix.md", "eval_matrix.png"}
     for model in ("original", "agft"):
         for dataset in ("colours", "shapes"):
             clean = metrics[f"clean/{model}/{dataset}"]
-            for attack in ("pgd-2", "cw-2", "autoattack"):
+            for attack in ("pgd-2", "cw-2", "apgd-ce-2", "autoattack"):
                 weak, strong = (metrics[f"robust/{model}/{dataset}/{attack}/eps_{e}"] for e in (2, 8))
                 assert clean >= weak >= strong, (model, dataset, attack)
             assert metrics[f"robust/{model}/{dataset}/autoattack/eps_2"] <= \
                 metrics[f"robust/{model}/{dataset}/pgd-2/eps_2"]
-    # The same PGD, ε, α, steps and seed as `agft run`'s evaluation: the same numbers.
+    # The same attacks, ε, α, steps and seed as `agft run`'s headline (APGD-CE) and quick view (PGD): the same
+    # numbers.
     run_metrics = client.get_run(first[0].run_id).data.metrics
     for dataset in ("colours", "shapes"):
-        assert metrics[f"robust/original/{dataset}/pgd-2/eps_2"] == run_metrics[f"original_robust/{dataset}"]
-        assert metrics[f"robust/agft/{dataset}/pgd-2/eps_2"] == run_metrics[f"finetuned_robust/{dataset}"]
+        for model, role in (("original", "original"), ("agft", "finetuned")):
+            assert metrics[f"robust/{model}/{dataset}/apgd-ce-2/eps_2"] == run_metrics[f"{role}_robust/{dataset}"]
+            assert metrics[f"robust/{model}/{dataset}/pgd-2/eps_2"] == run_metrics[f"{role}_quick/{dataset}"]
         assert metrics[f"clean/agft/{dataset}"] == run_metrics[f"finetuned_clean/{dataset}"]
 
 

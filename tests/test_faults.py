@@ -28,7 +28,7 @@ TINY = [
     "pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64",
     "data.train.limit=256", "data.zero_shot=[{name: colours, limit: 32}]",
     "train.epochs=3", "train.batch_size=32", "train.num_workers=2", "train.validation=null",
-    "eval.attack.steps=2", "eval.batch_size=64",
+    "eval.attack.steps=2", "eval.quick=null", "eval.batch_size=64",
 ]
 
 

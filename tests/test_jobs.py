@@ -20,7 +20,7 @@ from ray_cluster import ray_cli, ray_cluster
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64", "data.train.limit=128",
         "data.zero_shot=[{name: colours, limit: 32}]", "train.epochs=1", "train.batch_size=32",
-        "train.validation=null", "eval.attack.steps=1"]
+        "train.validation=null", "eval.attack.steps=1", "eval.quick=null"]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,8 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             f"data.train={{kind: imagefolder, name: toys, split: train, root: {data}}}",
             f"data.zero_shot=[{{kind: imagefolder, name: toys, split: test, root: {data}}}]",
             "train.use_gpu=true", "train.num_workers=2", "train.epochs=1", "train.batch_size=8",
-            "train.warmup_steps=1", "train.validation=null", "resources.task_gpus=0.5", "eval.attack.steps=1"]
+            "train.warmup_steps=1", "train.validation=null", "resources.task_gpus=0.5", "eval.attack.steps=1",
+            "eval.quick=null"]
         args = ["python", "tests/audited_driver.py", str(audit), f"{data}{os.pathsep}{weights}", "--", "run",
                 "--tracking-uri", server.uri, "--verbose"] + [a for o in overrides for a in ("--set", o)]
         submission = f"agft-gpu-{secrets.token_hex(4)}"

@@ -38,7 +38,7 @@ def test_random_init_model_from_a_weights_file_trains_and_evaluates(tmp_path, ar
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
     scores = zero_shot_accuracy(student, text, logit_scale(clip), TensorDataset(x, y), eps=1 / 255, alpha=1 / 255,
                                 steps=1, batch_size=2)
-    assert scores["n"] == 2 and scores["robust"] <= scores["clean"]
+    assert scores["n"] == 2 and set(scores) == {"clean", "attacked", "clean_and_attacked", "n"}
 
 
 def _fake_hf_cache(root, repo: str, state: dict) -> None:
