@@ -7,7 +7,7 @@ import torch
 from pyautoattack import AutoAttack
 from pyautoattack.autopgd_base import APGDAttack
 
-AUTOATTACK_MIN_CLASSES = 4  # its targeted DLR loss ranks the top three wrong classes
+AUTOATTACK_MIN_CLASSES = 4  # its targeted DLR loss (APGD-T) ranks the top three wrong classes
 
 
 def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, alpha: float,
@@ -45,22 +45,28 @@ def apgd_ce(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
     still classified correctly; an image it cannot fool is returned unchanged."""
     adversary = APGDAttack(classifier, n_iter=steps, norm="Linf", n_restarts=restarts, eps=eps, seed=seed,
                            loss="ce", device=x.device)
-    # pyautoattack seeds the global generators; the caller's random state is left as it was
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+    # pyautoattack seeds the global generators, CUDA's too; the caller's random state is left as it was
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []), \
             torch.autocast(device_type=x.device.type, enabled=False):
         return adversary.perturb(x.detach().float(), y).detach()
 
 
 def autoattack(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                version: str = "standard", seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """AutoAttack (pyautoattack) under L∞: 'standard' (APGD-CE, APGD-T, FAB-T, Square) or 'rand'
-    (APGD-CE and APGD-DLR with EOT, for randomised models). classifier maps pixels to logits."""
+    """AutoAttack (pyautoattack) under L∞: 'standard' (APGD-CE, APGD-T, FAB-T, Square; on fewer than
+    AUTOATTACK_MIN_CLASSES classes the same without APGD-T) or 'rand' (APGD-CE and APGD-DLR with EOT, for
+    randomised models). classifier maps pixels to logits."""
     with torch.no_grad():
         classes = classifier(x[:1].float()).shape[1]
-    if classes < AUTOATTACK_MIN_CLASSES:
-        raise ValueError(f"AutoAttack's DLR losses need at least {AUTOATTACK_MIN_CLASSES} classes, "
-                         f"this task has {classes}")
-    adversary = AutoAttack(classifier, eps=eps, version=version, device=x.device, seed=seed)
+    if classes >= AUTOATTACK_MIN_CLASSES:
+        adversary = AutoAttack(classifier, eps=eps, version=version, device=x.device, seed=seed)
+    elif version == "standard":  # e.g. PCAM's two classes
+        adversary = AutoAttack(classifier, eps=eps, version="custom", attacks=["apgd-ce", "fab-t", "square"],
+                               device=x.device, seed=seed)
+        adversary.apgd.n_restarts = adversary.fab.n_restarts = 1  # as the standard version sets them
+    else:
+        raise ValueError(f"AutoAttack's rand version needs the DLR loss, hence at least {AUTOATTACK_MIN_CLASSES} "
+                         f"classes; this task has {classes}")
     targets = min(9, classes - 1)  # the standard 9 target classes need 10 classes
     adversary.apgd_targeted.n_target_classes = targets
     adversary.fab.n_target_classes = targets

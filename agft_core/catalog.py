@@ -13,6 +13,15 @@ from agft_core import world
 
 METHODS = ("agft", "tecoa", "pmg_aft", "fare", "tga_zsr")
 ATTACKS = ("pgd", "cw", "apgd-ce", "autoattack", "autoattack-rand")
+
+
+def attack_key(name: str, eps: float, alpha: float | None, steps: int | None, restarts: int = 1) -> tuple:
+    """(attack, ε, α, steps, restarts) with what the attack does not use set to None: equal attacks share
+    their cached results whatever the config's unused fields say."""
+    return (name, eps, alpha if name in ("pgd", "cw") else None,
+            steps if name in ("pgd", "cw", "apgd-ce") else None, restarts)
+
+
 # Robust accuracy as the paper counts it (the attacked image is classified correctly), and the
 # stricter count that also requires the clean image to be.
 ROBUST_DEFINITIONS = ("attacked", "clean_and_attacked")

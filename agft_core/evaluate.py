@@ -69,7 +69,8 @@ def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float,
             loss = F.cross_entropy if attack == "pgd" else cw_margin_loss
             x_adv = pgd(lambda z: loss(classifier(z), y), x, eps, alpha, steps, generator=generator)
         else:
-            seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+            seed = int(torch.randint(0, 2**31, (1,), generator=generator,
+                                     device=generator.device if generator is not None else "cpu"))
             x_adv = apgd_ce(classifier, x, y, eps, steps, restarts, seed) if attack == "apgd-ce" else \
                 autoattack(classifier, x, y, eps, version=attack.partition("-")[2] or "standard", seed=seed,
                            batch_size=batch_size)

@@ -156,8 +156,8 @@ class ImageEncoder(nn.Module):
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels at the model's size."""
         if pixels.shape[-1] != self.size or pixels.shape[-2] != self.size:
-            pixels = F.interpolate(pixels, size=(self.size, self.size), mode=self.interpolation,
-                                   align_corners=False).clamp(0, 1)
+            pixels = F.interpolate(pixels, size=(self.size, self.size), mode=self.interpolation, align_corners=False,
+                                   antialias=pixels.shape[-1] > self.size).clamp(0, 1)
         return (pixels - self.mean) / self.std
 
     def forward(self, pixels: torch.Tensor, output: str = "embedding"):

@@ -10,8 +10,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agft_core import catalog, world
-from agft_core.catalog import ATTACKS, EMBEDDED_ARCH, METHODS, ROBUST_DEFINITIONS, architectures, check_location, \
-    has_vit_tower, is_weights_file
+from agft_core.catalog import ATTACKS, EMBEDDED_ARCH, METHODS, ROBUST_DEFINITIONS, architectures, attack_key, \
+    check_location, has_vit_tower, is_weights_file
 from agft_core.errors import InputError
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # installed as package data
@@ -155,7 +155,7 @@ class EvalAttack(AttackConfig):
         return f"{self.name.upper()}{steps}{restarts}{alpha}, ε = {255 * self.eps:g}/255"
 
     def as_tuple(self) -> tuple:
-        return self.name, self.eps, self.alpha, self.steps, self.restarts
+        return attack_key(self.name, self.eps, self.alpha, self.steps, self.restarts)
 
 
 class ValidationConfig(Section):
@@ -374,6 +374,13 @@ class Config(Section):
     @model_validator(mode="after")
     def _per_method_fields_exist(self) -> "Config":
         for method, values in self.compare.per_method.items():
+            if method not in self.compare.methods:
+                raise ValueError(f"compare.per_method.{method}: {method} is not in compare.methods "
+                                 f"{self.compare.methods}")
+            fixed = [k for k in values if self.train.recipe == "published" and _is_recipe_field(k)]
+            if fixed:
+                raise ValueError(f"compare.per_method.{method}.{fixed[0]}: train.recipe published sets it for each "
+                                 f"method; use recipe: shared to choose it")
             try:
                 with_overrides(self, {"compare.per_method": {}, "train.method": method, **values})
             except (ConfigError, ValidationError) as exc:
@@ -397,7 +404,7 @@ class Config(Section):
         base = self.model_dump(mode="json")
         base["sweep"]["space"] = {}
         for key, domain in self.sweep.space.items():
-            if self.train.recipe == "published" and key.split(".")[:2] in [["train", f] for f in RECIPE_FIELDS]:
+            if self.train.recipe == "published" and _is_recipe_field(key):
                 raise ValueError(f"sweep.space.{key}: train.recipe published sets it for each method; use "
                                  f"recipe: shared to search it")
             for value in domain.extremes():
@@ -409,6 +416,10 @@ class Config(Section):
                     detail = _format(exc) if isinstance(exc, ValidationError) else str(exc)
                     raise ValueError(f"sweep.space.{key}: value {value!r} is not valid here ({detail})") from None
         return self
+
+
+def _is_recipe_field(key: str) -> bool:
+    return key.split(".")[:2] in [["train", field] for field in RECIPE_FIELDS]
 
 
 def _format(exc: ValidationError) -> str:

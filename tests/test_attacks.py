@@ -129,11 +129,14 @@ def test_autoattack_stays_inside_the_eps_ball_and_the_box(trained_mlp, version):
     assert 0 <= x_adv.min().item() and x_adv.max().item() <= 1
 
 
-def test_autoattack_refuses_too_few_classes(trained_mlp):
+def test_autoattack_on_two_classes_runs_without_its_targeted_dlr_attack(trained_mlp):
     model, x, y = trained_mlp
     two = torch.nn.Sequential(model, torch.nn.Linear(5, 2))
-    with pytest.raises(ValueError, match="at least 4 classes, this task has 2"):
-        autoattack(two, x[:4], y[:4] % 2, 4 / 255)
+    x_adv = autoattack(two, x[:8], y[:8] % 2, 8 / 255, batch_size=8)
+    assert (x_adv - x[:8]).abs().max().item() <= 8 / 255 + 1e-6
+    assert _accuracy(two, x_adv, y[:8] % 2) <= _accuracy(two, apgd_ce(two, x[:8], y[:8] % 2, 8 / 255, 5), y[:8] % 2)
+    with pytest.raises(ValueError, match="rand version needs the DLR loss, hence at least 4 classes; this task has 2"):
+        autoattack(two, x[:4], y[:4] % 2, 4 / 255, version="rand")
 
 
 def test_apgd_ce_stays_in_the_ball_leaves_the_random_state_alone_and_restarts_only_help(trained_mlp):

@@ -54,12 +54,17 @@ def test_the_recipes_optimizer_is_the_one_that_trains():
 
 
 def test_per_method_compare_settings_are_checked_like_the_config():
-    assert load_config(None, ["compare.per_method={fare: {train.attack.eps: 4/255}}"]).compare.per_method == {
+    assert load_config(None, ["compare.methods=[fare]", "compare.per_method={fare: {train.attack.eps: 4/255}}"]
+                       ).compare.per_method == {
         "fare": {"train.attack.eps": "4/255"}}
     with pytest.raises(ConfigError, match=r"compare\.per_method\.tecoa: train\.lrr: Extra inputs"):
         load_config(None, ["compare.per_method={tecoa: {train.lrr: 1.0e-4}}"])
+    with pytest.raises(ConfigError, match=r"compare\.per_method\.fare: fare is not in compare\.methods"):
+        load_config(None, ["compare.per_method={fare: {train.attack.eps: 4/255}}"])
     with pytest.raises(ConfigError, match=r"compare\.per_method\.fare: train\.attack\.eps: .*less than or equal"):
-        load_config(None, ["compare.per_method={fare: {train.attack.eps: 2}}"])
+        load_config(None, ["compare.methods=[fare]", "compare.per_method={fare: {train.attack.eps: 2}}"])
+    with pytest.raises(ConfigError, match=r"compare\.per_method\.tecoa\.train\.lr: train\.recipe published sets"):
+        load_config(None, ["train.recipe=published", "compare.per_method={tecoa: {train.lr: 1.0e-4}}"])
 
 
 def test_a_published_recipe_cannot_be_swept():

@@ -198,11 +198,19 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
         assert metrics[f"clean/agft/{dataset}"] == run_metrics[f"finetuned_clean/{dataset}"]
 
 
-def test_autoattack_on_a_two_class_dataset_is_one_clear_error(first, store, capsys):
+def test_autoattack_on_a_two_class_dataset_runs_without_apgd_t_and_says_so(first, store, capsys, tmp_path):
     root, uri = store
-    code = main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"]
-                + _sets(TINY + ["data.zero_shot=[{name: sizes, limit: 16}]", "eval.matrix.attacks=[autoattack]"]))
-    assert code == 2
+    argv = ["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"] + _sets(
+        TINY + ["data.zero_shot=[{name: sizes, limit: 16}]", "eval.matrix.steps=2"])
+    assert main(argv + ["--set", "eval.matrix.attacks=[autoattack-rand]"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "agft: error: eval.matrix.attacks: AutoAttack's DLR losses need at least 4 classes; sizes have fewer "
-        "(drop them from data.zero_shot or use pgd, cw)")
+        "agft: error: eval.matrix.attacks: autoattack-rand needs the DLR loss, hence at least 4 classes; sizes have "
+        "fewer (use autoattack, apgd-ce, pgd or cw)")
+    assert main(argv + ["--set", "eval.matrix.attacks=[apgd-ce, autoattack]"]) == 0
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "tags.kind = 'eval'",
+                             order_by=["attributes.start_time DESC"])[0]
+    table = Path(client.download_artifacts(run.info.run_id, "eval_matrix.md", str(tmp_path))).read_text()
+    assert "AutoAttack on sizes (under 4 classes): APGD-CE, FAB-T and Square, without APGD-T" in table
+    metrics = run.data.metrics
+    assert metrics["robust/original/sizes/autoattack/eps_2"] <= metrics["robust/original/sizes/apgd-ce-2/eps_2"]
