@@ -405,11 +405,11 @@ class Pipeline:
     def run_eval(self) -> RunResult:
         """`agft eval`: the evaluation matrix of eval.matrix, without training."""
         cfg, matrix = self.cfg, self.cfg.eval.matrix
+        self.prepare_text(training=False)
+        note = self._few_classes("eval.matrix.attacks", matrix.attacks)
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
                                     {"mlflow.runName": "eval-matrix", "kind": "eval"}, cfg.artifact_location)
         with tracking.finishing(self.uri, run_id):
-            self.prepare_text(training=False)
-            note = self._few_classes("eval.matrix.attacks", matrix.attacks)
             attacks = [attack_key(attack, eps, matrix.alpha, matrix.steps) for attack in matrix.attacks
                        for eps in matrix.eps]
             results = self._timed("eval", self.evaluate, {"original": None, **matrix.checkpoints}, attacks, True)

@@ -37,7 +37,7 @@ def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, ca
     table = out.read_text()
     assert "mean ± sample std over 2 seed(s)" in table and "| original clean | original robust |" in table
     # what the robust columns are, and how the methods were trained
-    assert "robust: APGD-CE-2, ε = 2/255; an image counts as robust when its attacked version is classified " \
+    assert "robust: APGD-CE-2 × 2 restarts, ε = 2/255; an image counts as robust when its attacked version is classified " \
            "correctly (the paper's count)" in table
     assert "training: every method at the same recipe (sgd, lr 0.0005, weight decay 0, PGD-2 at ε = 2/255); " \
            "tecoa: train.lr = 0.001" in table

@@ -96,7 +96,7 @@ def test_second_run_skips_cached_steps(first, store):
     result, lines = _run(store)
     assert result.cache_hits and all(result.cache_hits.values()), result.cache_hits
     assert any("[teacher shapes] cached, skipping" in line for line in lines)
-    assert "[eval original, finetuned] 4 of 4 results cached, skipping" in lines  # 2 datasets x 2 encoders
+    assert "[eval original, finetuned] 8 of 8 results cached, skipping" in lines  # 2 datasets x 2 encoders x 2 attacks
     assert result.run_id != first[0].run_id
     assert result.rows == first[0].rows
 
@@ -104,7 +104,7 @@ def test_second_run_skips_cached_steps(first, store):
 def test_rerun_eval_computes_the_same_numbers_again(first, store):
     result, lines = _run(store, rerun=("eval",))
     assert result.cache_hits["eval original, finetuned"] is False and result.cache_hits["train"] is True
-    assert "[eval original, finetuned] 0 of 4 results cached, computing 4" in lines
+    assert "[eval original, finetuned] 0 of 8 results cached, computing 8" in lines
     assert result.rows == first[0].rows  # seeded attacks on identical caches: identical numbers
 
 
@@ -200,17 +200,20 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
 
 def test_autoattack_on_a_two_class_dataset_runs_without_apgd_t_and_says_so(first, store, capsys, tmp_path):
     root, uri = store
+    client = MlflowClient(uri)
+    eval_runs = lambda: client.search_runs([client.get_experiment_by_name("agft").experiment_id],  # noqa: E731
+                                           "tags.kind = 'eval'", order_by=["attributes.start_time DESC"])
+    before = len(eval_runs())
     argv = ["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"] + _sets(
         TINY + ["data.zero_shot=[{name: sizes, limit: 16}]", "eval.matrix.steps=2"])
     assert main(argv + ["--set", "eval.matrix.attacks=[autoattack-rand]"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "agft: error: eval.matrix.attacks: autoattack-rand needs the DLR loss, hence at least 4 classes; sizes have "
         "fewer (use autoattack, apgd-ce, pgd or cw)")
+    assert len(eval_runs()) == before  # refused before the MLflow run starts
     assert main(argv + ["--set", "eval.matrix.attacks=[apgd-ce, autoattack]"]) == 0
-    client = MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "tags.kind = 'eval'",
-                             order_by=["attributes.start_time DESC"])[0]
+    run = eval_runs()[0]
     table = Path(client.download_artifacts(run.info.run_id, "eval_matrix.md", str(tmp_path))).read_text()
     assert "AutoAttack on sizes (under 4 classes): APGD-CE, FAB-T and Square, without APGD-T" in table
     metrics = run.data.metrics
-    assert metrics["robust/original/sizes/autoattack/eps_2"] <= metrics["robust/original/sizes/apgd-ce-2/eps_2"]
+    assert metrics["robust/original/sizes/autoattack/eps_1"] <= metrics["robust/original/sizes/apgd-ce-2/eps_1"]
