@@ -13,13 +13,15 @@ from agft_core import world
 
 METHODS = ("agft", "tecoa", "pmg_aft", "fare", "tga_zsr")
 ATTACKS = ("pgd", "cw", "apgd-ce", "autoattack", "autoattack-rand")
+FIXED_STEP_ATTACKS = ("pgd", "cw")  # the attacks that take a step size α; APGD and AutoAttack adapt theirs
+COUNTED_STEP_ATTACKS = ("pgd", "cw", "apgd-ce")  # the attacks that take a number of steps
 
 
 def attack_key(name: str, eps: float, alpha: float | None, steps: int | None, restarts: int = 1) -> tuple:
     """(attack, ε, α, steps, restarts) with what the attack does not use set to None: equal attacks share
     their cached results whatever the config's unused fields say."""
-    return (name, eps, alpha if name in ("pgd", "cw") else None,
-            steps if name in ("pgd", "cw", "apgd-ce") else None, restarts)
+    return (name, eps, alpha if name in FIXED_STEP_ATTACKS else None,
+            steps if name in COUNTED_STEP_ATTACKS else None, restarts)
 
 
 # Robust accuracy as the paper counts it (the attacked image is classified correctly), and the

@@ -27,6 +27,7 @@ from agft_core import world
 from agft_core.catalog import EMBEDDED_COUNTS, LOADERS, DatasetSpec, check_root
 from agft_core.errors import InputError, first_line
 
+
 @cache
 def clip_classnames() -> dict[str, list[str]]:
     """CLIP's curated class names of the zero-shot datasets, as clip-benchmark ships them."""

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from agft_core.attacks import apgd_ce, autoattack, cw_margin_loss, pgd
-from agft_core.catalog import ROBUST_DEFINITIONS
+from agft_core.catalog import FIXED_STEP_ATTACKS, ROBUST_DEFINITIONS
 from agft_core.losses import zero_shot_logits
 
 
@@ -65,7 +65,7 @@ def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float,
         x = x.float()
         with torch.no_grad():
             clean_ok = classifier(x).argmax(-1) == y
-        if attack in ("pgd", "cw"):
+        if attack in FIXED_STEP_ATTACKS:
             loss = F.cross_entropy if attack == "pgd" else cw_margin_loss
             x_adv = pgd(lambda z: loss(classifier(z), y), x, eps, alpha, steps, generator=generator)
         else:

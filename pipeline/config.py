@@ -149,10 +149,10 @@ class EvalAttack(AttackConfig):
 
     def label(self) -> str:
         """How every table names it, e.g. "PGD-20 (α = 1/255), ε = 1/255"."""
-        steps = f"-{self.steps}" if self.name in ("pgd", "cw", "apgd-ce") else ""
-        restarts = f" × {self.restarts} restarts" if self.restarts > 1 else ""
-        alpha = f" (α = {255 * self.alpha:g}/255)" if self.name in ("pgd", "cw") else ""
-        return f"{self.name.upper()}{steps}{restarts}{alpha}, ε = {255 * self.eps:g}/255"
+        name, eps, alpha, steps, restarts = self.as_tuple()
+        return (name.upper() + (f"-{steps}" if steps is not None else "")
+                + (f" × {restarts} restarts" if restarts > 1 else "")
+                + (f" (α = {255 * alpha:g}/255)" if alpha is not None else "") + f", ε = {255 * eps:g}/255")
 
     def as_tuple(self) -> tuple:
         return attack_key(self.name, self.eps, self.alpha, self.steps, self.restarts)

@@ -154,14 +154,14 @@ def matrix_rows(results: list[dict]) -> list[dict]:
 
 
 def _attack_name(result: dict) -> str:
-    if result["attack"] not in ("pgd", "cw", "apgd-ce"):
+    """Rows hold attack_key's fields: None where the attack takes no such parameter."""
+    if result["steps"] is None:
         return result["attack"]
     return f"{result['attack']}-{result['steps']}" + (f"x{result['restarts']}" if result["restarts"] > 1 else "")
 
 
 def _alpha(result: dict) -> str:
-    """PGD's fixed step; APGD and AutoAttack adapt theirs."""
-    return f"{result['alpha'] * 255:g}" if result["attack"] in ("pgd", "cw") else "adaptive"
+    return "adaptive" if result["alpha"] is None else f"{result['alpha'] * 255:g}"
 
 
 def matrix_metrics(results: list[dict]) -> dict[str, float]:
