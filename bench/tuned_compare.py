@@ -3,7 +3,9 @@ hyperparameters (the same number of trials each, scored on the validation split)
 the tuned methods over 3 seeds, each method at its best values (compare.per_method).
 
 Usage: .venv/bin/python bench/tuned_compare.py [--out bench/results/tuned_compare.json] [--cache-dir DIR]
+                                                [--reuse EARLIER.json]
 Writes the JSON (the search spaces, each sweep's trials and choice, wall times) and the table next to it.
+--reuse takes the choices of the methods an earlier run of this script swept, and sweeps only the others.
 """
 import argparse
 import json
@@ -22,6 +24,9 @@ SPACES = {
     "agft": {"calibration.gamma": {"grid": [0.4, 1.0]}, "calibration.inv_tau": {"grid": [15, 30]}},
     "tecoa": {"train.lr": {"grid": [1.0e-4, 2.0e-4, 5.0e-4, 1.0e-3]}},
     "fare": {"train.lr": {"grid": [2.0e-4, 5.0e-4]}, "train.attack.eps": {"grid": ["2/255", "4/255"]}},
+    # Like TeCoA, cross-entropy methods with the authors' loss weights (train.pmg_aft, train.tga_zsr): the lr.
+    "pmg_aft": {"train.lr": {"grid": [1.0e-4, 2.0e-4, 5.0e-4, 1.0e-3]}},
+    "tga_zsr": {"train.lr": {"grid": [1.0e-4, 2.0e-4, 5.0e-4, 1.0e-3]}},
 }
 SEEDS = [0, 1, 2]
 
@@ -36,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/tuned_compare.json")
     parser.add_argument("--cache-dir", help="reuse a cache (the teacher); default: a fresh one")
+    parser.add_argument("--reuse", help="an earlier result of this script: its sweeps' choices are kept")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -43,9 +49,11 @@ def main() -> None:
         cache = args.cache_dir or f"{tmp}/cache"
         common = ["--set", f"cache_dir={cache}", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
         report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "spaces": SPACES,
-                  "seeds": SEEDS, "sweeps": {}}
-        tuned = {}
+                  "seeds": SEEDS, "sweeps": json.loads(Path(args.reuse).read_text())["sweeps"] if args.reuse else {}}
+        tuned = {method: sweep["chosen"] for method, sweep in report["sweeps"].items()}
         for method, space in SPACES.items():
+            if method in tuned:
+                continue
             best = Path(tmp) / f"best-{method}.yaml"
             seconds = agft("sweep", *common, "--set", f"train.method={method}",
                            "--set", f"sweep.space={json.dumps(space)}", "--set", "sweep.num_samples=1",

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.exceptions import RayTaskError
 
     from pipeline.dag import Pipeline, check_inputs
-    from pipeline.report import format_table
+    from pipeline.report import table
     from pipeline.tracking import TRACKING_ERRORS
 
     _start_ray(args.address, cfg.verbose)
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Zero-shot top-1 accuracy (%): original teacher vs {cfg.train.method.upper()} fine-tuned")
     print(cfg.eval.caption())
-    print(format_table(result.rows))
-    print()
+    print(table([{c.replace("_", " "): v for c, v in r.items()} for r in result.rows], percent=True,
+                markdown=False))
     total = round(time.perf_counter() - start, 2)
     print(f"step seconds: {result.seconds}   total: {total}s")
     if args.summary:
@@ -163,20 +163,20 @@ def _compare(cfg, uri: str, out: Path) -> int:
 
 def _eval(pipeline, uri: str) -> int:
     from pipeline.config import ROBUST_MEANING
-    from pipeline.report import markdown_table
+    from pipeline.report import table
 
     result = pipeline.run_eval()
     print()
     print("Zero-shot top-1 accuracy (%): clean, and robust under each attack and eps")
     print(ROBUST_MEANING[pipeline.cfg.eval.robust])
-    print(markdown_table(result.rows, percent=True), end="")
+    print(table(result.rows, percent=True), end="")
     print(f"step seconds: {result.seconds}")
     return _browse("run", result.run_id, uri)
 
 
 def _sweep(cfg, uri: str, best_out: Path) -> int:
     from pipeline.sweep import SweepFailed, sweep
-    from pipeline.report import markdown_table
+    from pipeline.report import table
 
     try:
         result = sweep(cfg, uri, best_out)
@@ -184,7 +184,7 @@ def _sweep(cfg, uri: str, best_out: Path) -> int:
         print(f"agft: error: {exc}", file=sys.stderr)
         return 1
     print()
-    print(markdown_table(result.trials), end="")
+    print(table(result.trials), end="")
     print(f"seconds: {result.seconds}")
     print(f"best: {result.best_params}  ->  {result.best_config_path}")
     print(f"reproduce it: agft run --config {result.best_config_path}")

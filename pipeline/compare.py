@@ -42,11 +42,14 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
                 # The table shows the headline attack only: the quick view would cost time for nothing
                 run_cfg = with_overrides(cfg, {"seed": seed, "train.method": method, "eval.quick": None,
                                                **spec.per_method.get(method, {})})
-                result = Pipeline(run_cfg, uri, log=log).run(parent_run_id=parent, original=j == 0)
+                # No seed changes the teacher's weights, only its attack's random start: it is evaluated
+                # once, in the first run, instead of spending a run's eval on it per seed
+                first = i == 0 and j == 0
+                result = Pipeline(run_cfg, uri, log=log).run(parent_run_id=parent, original=first)
                 for row in result.rows:
                     if row["dataset"] == "mean":
                         continue
-                    if j == 0:  # the teacher's numbers, once per seed (the PGD start depends on it)
+                    if first:
                         per_seed.append({"method": ORIGINAL, "seed": seed, "dataset": row["dataset"],
                                          "clean": row["original_clean"], "robust": row["original_robust"]})
                     per_seed.append({"method": method, "seed": seed, "dataset": row["dataset"],
@@ -57,17 +60,18 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
 
 
 def summary_table(per_seed: list[dict], fine_tuned: str | None = None) -> list[dict]:
-    """Mean and sample std over seeds, per dataset and for two averages that first average over
-    datasets within a seed: "mean" over every dataset (the paper's, which counts ImageNet val),
-    and, last, "zero-shot mean" over the datasets other than the `fine_tuned` one."""
+    """Mean and sample std over each method's seeds (None for one seed, as the original teacher has),
+    per dataset and for two averages that first average over datasets within a seed: "mean" over every
+    dataset (the paper's, which counts ImageNet val), and, last, "zero-shot mean" over the datasets other
+    than the `fine_tuned` one."""
     methods = list(dict.fromkeys(r["method"] for r in per_seed))
     datasets = list(dict.fromkeys(r["dataset"] for r in per_seed))
-    seeds = list(dict.fromkeys(r["seed"] for r in per_seed))
+    seeds = {m: list(dict.fromkeys(r["seed"] for r in per_seed if r["method"] == m)) for m in methods}
     value = {(r["method"], r["seed"], r["dataset"], k): r[k] for r in per_seed for k in ("clean", "robust")}
     averages = {"mean": datasets, "zero-shot mean": [d for d in datasets if d != fine_tuned]}
 
-    def stats(samples: list[float]) -> tuple[float, float]:
-        return statistics.fmean(samples), statistics.stdev(samples) if len(samples) > 1 else 0.0
+    def stats(samples: list[float]) -> tuple[float, float | None]:
+        return statistics.fmean(samples), statistics.stdev(samples) if len(samples) > 1 else None
 
     rows = []
     for name in datasets + list(averages):
@@ -76,17 +80,18 @@ def summary_table(per_seed: list[dict], fine_tuned: str | None = None) -> list[d
             for kind in ("clean", "robust"):
                 over = averages.get(name, [name])
                 row[f"{method} {kind}"] = stats([statistics.fmean(value[method, s, d, kind] for d in over)
-                                                 for s in seeds])
+                                                 for s in seeds[method]])
         rows.append(row)
     return rows
 
 
 def markdown(table: list[dict], seeds: int, caption: str) -> str:
     """caption: what the robust columns are (attack and count) and how each method was trained."""
-    cells = [{"dataset": row["dataset"], **{column: f"{100 * m:.2f} ± {100 * s:.2f}"
+    cells = [{"dataset": row["dataset"], **{column: f"{100 * m:.2f}" + ("" if s is None else f" ± {100 * s:.2f}")
                                            for column, (m, s) in list(row.items())[1:]}} for row in table]
-    return f"Zero-shot top-1 accuracy (%), mean ± sample std over {seeds} seed(s)\n{caption}\n\n" + \
-        report.markdown_table(cells)
+    return f"Zero-shot top-1 accuracy (%), mean ± sample std over {seeds} seed(s) of each fine-tune; the original " \
+        f"teacher (no seed changes its weights) evaluated once, at the first seed's attack start\n{caption}\n\n" + \
+        report.table(cells)
 
 
 def _report(uri: str, parent: str, cfg: Config, table: list[dict], per_seed: list[dict], out: Path) -> None:

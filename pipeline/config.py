@@ -122,8 +122,21 @@ class DataConfig(Section):
         return zero_shot
 
 
+def _gamma(value: Any) -> Any:
+    if value == "auto":
+        return value
+    try:
+        gamma = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number; use a number in (0, 1] or auto") from None
+    if not 0 < gamma <= 1:
+        raise ValueError(f"{value!r} is not in (0, 1]; use a number in (0, 1] or auto")
+    return gamma
+
+
 class CalibrationConfig(Section):
-    gamma: float = Field(0.4, gt=0, le=1)
+    # auto: the teacher's temperature-scaling fit on the teacher cache (agft_core/calibration.py)
+    gamma: Annotated[float | Literal["auto"], BeforeValidator(_gamma)] = 0.4
     inv_tau: float = Field(180.0, gt=0)
 
 
@@ -320,7 +333,9 @@ class CompareConfig(Section):
     """`agft compare`: the original teacher and each method fine-tuned from it, over several seeds."""
 
     methods: list[Literal[METHODS]] = Field(["tecoa", "agft"], min_length=1)
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    # Two seeds keep the default under 20 minutes on a 2-core machine (bench/compare_budget.py); a
+    # comparison worth reporting takes more (bench/tuned_compare.py uses three).
+    seeds: list[int] = Field([0, 1], min_length=1)
     per_method: dict[Literal[METHODS], dict[str, Any]] = Field(
         default_factory=dict, description="fields set for one method's runs only, e.g. each method's tuned values: "
                                           "{tecoa: {train.lr: 2.0e-4}, agft: {calibration.gamma: 0.7}}")

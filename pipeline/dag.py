@@ -1,4 +1,4 @@
-"""The AGFT DAG on Ray Core: pretrain* → describe → teacher cache → text cache → train → eval → report,
+"""The AGFT DAG on Ray Core: pretrain* → describe → (teacher cache ∥ text caches) → train → eval → report,
 with the original teacher's eval beside the fine-tune where the cluster has room for both.
 
 Steps run in dependency order; the tasks inside a step run in parallel and hand their
@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,13 +24,14 @@ from agft_core import world
 from agft_core.attacks import AUTOATTACK_MIN_CLASSES
 from agft_core.cache import CacheEntry, absolute, describe_file, embeddings_of, filesystem, join, local_path, \
     read_bytes, read_parquet, upload, write_bytes
-from agft_core.catalog import attack_key
+from agft_core.calibration import Calibration
+from agft_core.catalog import DatasetSpec, attack_key
 from agft_core.datasets import DatasetInfo
 from agft_core.errors import InputError
 from agft_core.pretrain import RECIPE
 from pipeline import report, tracking
 from pipeline.config import ROBUST_MEANING, Config, ConfigError, dump_yaml, preflight
-from pipeline.train import ENCODER_FILE, FINETUNE_RECIPE, HISTORY_FILE, TrainInputs, fit, read_history
+from pipeline.train import ENCODER_FILE, FINETUNE_RECIPE, HISTORY_FILE, TrainInputs, fit, read_history, resolved
 from tasks import steps
 
 EVAL_FILE = "result.json"
@@ -42,9 +43,46 @@ class _Eval:
     """An evaluation under way: its cells' caches and the Ray tasks computing the missing ones."""
 
     label: str
-    cells: dict[tuple, CacheEntry]
-    attacks: list[tuple]
+    cells: dict[tuple, CacheEntry]  # (dataset key, encoder name, attack) -> its cache entry
+    key_of: dict[str, str]  # dataset name -> dataset key
     refs: list
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The model every step starts from: its weights (None: a random init), their content digest and the
+    preprocessing its image tower expects."""
+
+    weights: str | None
+    digest: str
+    preprocess: dict
+
+    @property
+    def size(self) -> int:
+        return self.preprocess["size"][0]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the steps before training and evaluation hand on. Datasets are keyed "zs<i>:<name>" (zero-shot)
+    and, when training, "train" and "val"; each has its spec, its info and its class-prompt cache."""
+
+    teacher: Teacher
+    specs: dict[str, DatasetSpec]
+    infos: dict[str, DatasetInfo]
+    texts: dict[str, CacheEntry]
+    teacher_cache: CacheEntry | None = None  # the frozen teacher's embeddings of data.train, when training
+    calibration: Calibration | None = None  # γ fitted on the teacher cache, for calibration.gamma: auto
+
+
+@dataclass
+class _Build:
+    """A cache step under way: for each entry it builds, the attempt folder and the Ray tasks filling it."""
+
+    step: str
+    config_field: str | None  # where a task's bad input is reported
+    jobs: list[tuple[CacheEntry, str, dict]]  # (entry, attempt, {ref of a task writing a file: the task's name})
+    start: float  # time.time() before its caches were checked
 
 
 @dataclass
@@ -100,8 +138,9 @@ class _LineProgress:
         pass
 
 
-def _wait(refs: list, label: str, field: str | None = None) -> list:
-    """ray.get with progress over task completions: a bar on a terminal, plain lines in a log."""
+def _wait(refs: list, label: str, field: str | None | dict = None) -> list:
+    """ray.get with progress over task completions: a bar on a terminal, plain lines in a log. field: the
+    config field a task's bad input is reported under, one for all or by ref."""
     if not refs:
         return []
     pending = list(refs)
@@ -112,7 +151,7 @@ def _wait(refs: list, label: str, field: str | None = None) -> list:
         while pending:
             (ref,), pending = ray.wait(pending, num_returns=1)
             try:
-                results[ref] = _get(ref, field)
+                results[ref] = _get(ref, field.get(ref) if isinstance(field, dict) else field)
             except BaseException:  # the first failure ends the step: its sibling tasks are cancelled
                 for sibling in pending:
                     ray.cancel(sibling)
@@ -186,54 +225,76 @@ class Pipeline:
         return max(1, int(min(max(per_node, default=1), ray.available_resources().get("CPU", 1))))
 
     # -- text cache: one Parquet per dataset ---------------------------------------------------
-    def text_caches(self, weights, digest, data: dict[str, tuple], size) -> dict[str, CacheEntry]:
-        entries, pending = {}, {}
-        for key, (spec, d) in data.items():
-            entry = CacheEntry(self.root, "text", {"weights": digest, "arch": self.cfg.model.arch, "dataset": d.name,
-                                                   "classnames": d.classnames, "templates": d.templates})
+    def start_text(self, teacher: Teacher, specs: dict, infos: dict, stack: ExitStack) -> tuple[dict, _Build]:
+        """The class-prompt caches of every dataset, and the build of those missing (attempts on `stack`)."""
+        start, entries, pending = time.time(), {}, {}
+        for key, info in infos.items():
+            entry = CacheEntry(self.root, "text", {"weights": teacher.digest, "arch": self.cfg.model.arch,
+                                                   "dataset": info.name, "classnames": info.classnames,
+                                                   "templates": info.templates})
             seen = any(e.fingerprint == entry.fingerprint for e in entries.values())  # one task, two splits
             entries[key] = entry
-            label = d.name if key.startswith("zs") else f"{d.name} ({key})"
-            if not seen and not self._cached("text", entry, label, len(d.classnames)):
-                pending[entry.fingerprint] = (entry, spec)
+            label = info.name if key.startswith("zs") else f"{info.name} ({key})"
+            if not seen and not self._cached("text", entry, label, len(info.classnames)):
+                pending[entry.fingerprint] = (entry, specs[key], label)
         task = steps.embed_class_prompts.options(**self._task_resources())
-        with ExitStack() as stack:
-            builds = [(entry, stack.enter_context(entry.attempt()), spec) for entry, spec in pending.values()]
-            refs = [task.remote(self.cfg.model.arch, weights, spec, size, join(attempt, "part-00000.parquet"))
-                    for _, attempt, spec in builds]
-            for (entry, attempt, _), file in zip(builds, _wait(refs, "text cache")):
-                entry.commit(attempt, [file])
-        return entries
+        jobs = []
+        for entry, spec, label in pending.values():
+            attempt = stack.enter_context(entry.attempt())
+            ref = task.remote(self.cfg.model.arch, teacher.weights, spec, teacher.size,
+                              join(attempt, "part-00000.parquet"))
+            jobs.append((entry, attempt, {ref: f"text {label}"}))
+        return entries, _Build("text", None, jobs, start)
 
     # -- teacher cache: sharded Parquet of the frozen teacher's image embeddings -----------
-    def teacher_cache(self, weights, digest, spec, data: DatasetInfo, model_pre: dict) -> CacheEntry:
-        entry = CacheEntry(self.root, "teacher", {"weights": digest, "dataset": data.identity,
-                                                  "preprocess": model_pre})
-        n = data.size
-        if not self._cached("teacher", entry, data.name, n):
+    def start_teacher_cache(self, teacher: Teacher, spec: DatasetSpec, info: DatasetInfo,
+                            stack: ExitStack) -> tuple[CacheEntry, _Build]:
+        entry = CacheEntry(self.root, "teacher", {"weights": teacher.digest, "dataset": info.identity,
+                                                  "preprocess": teacher.preprocess})
+        start, n, jobs = time.time(), info.size, []
+        if not self._cached("teacher", entry, info.name, n):
             shards = self.cfg.teacher_cache_shards
             bounds = [(n * i // shards, n * (i + 1) // shards) for i in range(shards)]
             task = steps.teacher_shard.options(**self._task_resources())
-            with entry.attempt() as attempt:
-                refs = [task.remote(self.cfg.model.arch, weights, spec, model_pre["size"][0], a, b,
-                                    self.cfg.eval.batch_size, self.cfg.resources.loader_workers,
-                                    join(attempt, f"part-{i:05d}.parquet")) for i, (a, b) in enumerate(bounds)]
-                entry.commit(attempt, _wait(refs, "teacher cache", "data.train"))
-        return entry
+            attempt = stack.enter_context(entry.attempt())
+            jobs.append((entry, attempt, {
+                task.remote(self.cfg.model.arch, teacher.weights, spec, teacher.size, a, b, self.cfg.eval.batch_size,
+                            self.cfg.resources.loader_workers, join(attempt, f"part-{i:05d}.parquet")):
+                f"teacher shard {i + 1}/{shards}" for i, (a, b) in enumerate(bounds)}))
+        return entry, _Build("teacher", "data.train", jobs, start)
+
+    def finish_builds(self, builds: list[_Build]) -> None:
+        """Waits for the builds' tasks together (the first failure cancels the rest) and commits each entry.
+        Each build is a bar on the timeline from its cache check to its last task's end, and each of its
+        tasks a bar of its own: when and where it ran."""
+        owner = {ref: build for build in builds for _, _, refs in build.jobs for ref in refs}
+        names = [b.step for b in builds if b.jobs]
+        outputs = dict(zip(owner, _wait(list(owner), f"{' and '.join(names)} cache{'s' * (len(names) > 1)}",
+                                        {ref: build.config_field for ref, build in owner.items()})))
+        for build in builds:
+            for entry, attempt, refs in build.jobs:
+                entry.commit(attempt, [outputs[ref]["file"] for ref in refs])
+            ran = {name: outputs[ref] for _, _, refs in build.jobs for ref, name in refs.items()}
+            end = max((out["end"] for out in ran.values()), default=build.start)
+            self.seconds[build.step] = round(end - build.start, 2)
+            self.timeline.append({"step": build.step, "start": build.start - self.t0, "end": end - self.t0,
+                                  "cached": not build.jobs, "node": "driver"})
+            self._task_bars(ran)
 
     # -- train ---------------------------------------------------------------------------------
-    def finetune(self, inputs: TrainInputs) -> CacheEntry:
+    def finetune(self, prepared: Prepared, inputs: TrainInputs) -> CacheEntry:
         cfg = self.cfg
-        val_text = self.texts.get("val")
+        calibration = resolved(cfg, prepared.calibration).calibration  # the fine-tune is keyed by the γ it uses
+        val_text = prepared.texts.get("val")
         entry = CacheEntry(self.root, "finetune", {
-            "recipe": FINETUNE_RECIPE, "weights": self.digest, "text": self.texts["train"].fingerprint,
-            "teacher": self.teacher.fingerprint,
+            "recipe": FINETUNE_RECIPE, "weights": prepared.teacher.digest, "text": prepared.texts["train"].fingerprint,
+            "teacher": prepared.teacher_cache.fingerprint,
             "val_text": val_text.fingerprint if val_text else None, "seed": cfg.seed,
             "val_robust": cfg.eval.robust if val_text else None,  # what the history's val_robust_acc counts
             "train": cfg.train.model_dump(mode="json", exclude={"num_workers", "cpus_per_worker", "use_gpu",
                                                                 "max_failures", "start_timeout_s",
                                                                 "keep_checkpoints", "recipe"}),
-            "calibration": cfg.calibration.model_dump(mode="json"), "world_size": cfg.train.num_workers})
+            "calibration": calibration.model_dump(mode="json"), "world_size": cfg.train.num_workers})
         if self._cached("train", entry):
             tracking.log_history(self.uri, inputs.run_id, read_history(entry.file_named(HISTORY_FILE)))
             return entry
@@ -251,12 +312,14 @@ class Pipeline:
         return entry
 
     # -- eval ----------------------------------------------------------------------------------
-    def evaluate(self, encoders: dict[str, str | None], attacks: list[tuple], per_cell: bool = False) -> list[dict]:
+    def evaluate(self, prepared: Prepared, encoders: dict[str, str | None], attacks: list[tuple],
+                 per_cell: bool = False) -> list[dict]:
         """Zero-shot accuracy of each encoder (None: the teacher, else a weights file) under each (attack, ε, α,
         steps, restarts) on every zero-shot dataset: one row per (dataset, encoder, attack)."""
-        return self.finish_eval(self.start_eval(encoders, attacks, per_cell))
+        return self.finish_eval(self.start_eval(prepared, encoders, attacks, per_cell))
 
-    def start_eval(self, encoders: dict[str, str | None], attacks: list[tuple], per_cell: bool = False) -> "_Eval":
+    def start_eval(self, prepared: Prepared, encoders: dict[str, str | None], attacks: list[tuple],
+                   per_cell: bool = False) -> _Eval:
         """Submits the evaluation and returns at once. Each result is a cache of its own, keyed by the
         encoder's content, the dataset, its class-prompt embeddings and the attack, so a warm run
         evaluates nothing. What is missing runs as one Ray task per dataset, or with per_cell one per
@@ -264,15 +327,16 @@ class Pipeline:
         cfg = self.cfg
         files = {name: weights for name, weights in encoders.items() if weights is not None}
         light = {"num_cpus": cfg.resources.task_cpus}
-        digests = dict(zip(files, _get([steps.file_digest.options(**light).remote(w) for w in files.values()],
-                                       "eval.matrix.checkpoints"))) | {n: self.digest for n in encoders if n not in files}
+        digests = {name: prepared.teacher.digest for name in encoders} | dict(zip(files, _get(
+            [steps.file_digest.options(**light).remote(w) for w in files.values()], "eval.matrix.checkpoints")))
         cells = {}  # (dataset key, encoder name, attack) -> its cache entry
-        for key in (k for k in self.specs if k.startswith("zs")):
+        zero_shot = [key for key in prepared.specs if key.startswith("zs")]
+        for key in zero_shot:
             for name in encoders:
                 for attack in attacks:
                     cells[key, name, attack] = CacheEntry(self.root, "eval", {
                         "recipe": EVAL_RECIPE, "arch": cfg.model.arch, "encoder": digests[name],
-                        "dataset": self.infos[key].identity, "text": self.texts[key].fingerprint,
+                        "dataset": prepared.infos[key].identity, "text": prepared.texts[key].fingerprint,
                         "attack": list(attack), "batch_size": cfg.eval.batch_size, "seed": cfg.seed})
         missing = [cell for cell, entry in cells.items() if "eval" in self.rerun or entry.problem(1) is not None]
         self.hits[f"eval {', '.join(encoders)}"] = not missing
@@ -284,25 +348,25 @@ class Pipeline:
             todo = list(dict.fromkeys(a for k, _, a in missing if k == key))
             groups = [({n: encoders[n]}, [a]) for n in names for a in todo if (key, n, a) in missing] if per_cell \
                 else [({n: encoders[n] for n in names}, todo)]
-            text = ray.put(embeddings_of(read_parquet(self.texts[key].files())))
+            text = ray.put(embeddings_of(read_parquet(prepared.texts[key].files())))
             task = steps.evaluate_zero_shot.options(**self._task_resources())
-            refs += [task.remote(cfg.model.arch, self.weights, group, self.specs[key], self.size, text, group_attacks,
-                                 cfg.eval.batch_size, cfg.seed, cfg.resources.loader_workers)
+            refs += [task.remote(cfg.model.arch, prepared.teacher.weights, group, prepared.specs[key],
+                                 prepared.teacher.size, text, group_attacks, cfg.eval.batch_size, cfg.seed,
+                                 cfg.resources.loader_workers)
                      for group, group_attacks in groups]
-        return _Eval(", ".join(encoders), cells, attacks, refs)
+        return _Eval(", ".join(encoders), cells, {prepared.specs[key].name: key for key in zero_shot}, refs)
 
-    def finish_eval(self, pending: "_Eval") -> list[dict]:
+    def finish_eval(self, pending: _Eval) -> list[dict]:
         """Waits for a start_eval(), caches what it computed and returns every row, cached or not."""
         outputs = _wait(pending.refs, f"zero-shot eval ({pending.label})")
-        self.timeline += [{"step": f"eval {out['dataset']} ({pending.label})", "start": out["start"] - self.t0,
-                           "end": out["end"] - self.t0, "cached": False, "node": out["node"]} for out in outputs]
+        self._task_bars({f"eval {out['dataset']} ({pending.label})": out for out in outputs})
         computed = [row for out in outputs for row in out["rows"]]
-        key_of = {self.specs[key].name: key for key, _, _ in pending.cells}
-        by_cell = {(key_of[r["dataset"]], r["model"], _attack_of(r)): r for r in computed}
+        by_cell = {(pending.key_of[r["dataset"]], r["model"], _attack_of(r)): r for r in computed}
         for cell, row in by_cell.items():
             entry = pending.cells[cell]
             with entry.attempt() as attempt:
-                write_bytes(join(attempt, EVAL_FILE), json.dumps({k: v for k, v in row.items() if k != "model"}).encode())
+                result = {k: v for k, v in row.items() if k != "model"}
+                write_bytes(join(attempt, EVAL_FILE), json.dumps(result).encode())
                 entry.commit(attempt, [describe_file(join(attempt, EVAL_FILE), rows=1)])
         rows = [by_cell.get(cell) or {**json.loads(read_bytes(entry.file_named(EVAL_FILE))), "model": cell[1]}
                 for cell, entry in pending.cells.items()]
@@ -317,6 +381,11 @@ class Pipeline:
         return total.get("CPU", 0) >= train.num_workers * train.cpus_per_worker + res.task_cpus and \
             total.get("GPU", 0) >= gpus
 
+    def _task_bars(self, ran: dict[str, dict]) -> None:
+        """A timeline bar per Ray task, by name: when (its "start" and "end") and where ("node") it ran."""
+        self.timeline += [{"step": name, "start": out["start"] - self.t0, "end": out["end"] - self.t0,
+                           "cached": False, "node": out["node"]} for name, out in ran.items()]
+
     def _timed(self, name: str, fn, *args):
         """Runs one step, recording its seconds and its bar on the run's timeline (cached: every cache it
         checked was valid)."""
@@ -328,38 +397,64 @@ class Pipeline:
                               "cached": bool(hits) and all(hits), "node": "driver"})
         return out
 
-    def describe(self, training: bool) -> dict[str, tuple]:
-        """The teacher's weights, digest and preprocessing, and each dataset's classes and size, read by
-        Ray tasks where the data is (the driver sees no images). Bad weights or data fail here, before
-        anything is written. Returns (spec, DatasetInfo) by key: zero-shot sets, and for training the
-        training and validation sets."""
+    def describe(self, training: bool) -> tuple[Teacher, dict[str, DatasetSpec], dict[str, DatasetInfo]]:
+        """The teacher, and each dataset's spec and info (classes, size) by key, read by Ray tasks where the
+        data is (the driver sees no images). Bad weights or data fail here, before anything is written.
+        Zero-shot sets, and for training the training and validation sets."""
         cfg = self.cfg
-        self.weights = self._timed("pretrain", self.teacher_weights)
+        weights = self._timed("pretrain", self.teacher_weights)
         light = {"num_cpus": cfg.resources.task_cpus}
-        self.digest, self.preprocess = _get(steps.describe_model.options(**light).remote(cfg.model.arch,
-                                                                                         self.weights), "model.weights")
-        self.size = self.preprocess["size"][0]
+        digest, preprocess = _get(steps.describe_model.options(**light).remote(cfg.model.arch, weights),
+                                  "model.weights")
+        teacher = Teacher(weights, digest, preprocess)
         datasets = {f"zs{i}:{d.name}": d for i, d in enumerate(cfg.data.zero_shot)}
         if training:
             datasets = {"train": cfg.data.train} | datasets
             if cfg.train.validation:
                 datasets["val"] = cfg.train.validation.dataset
-        self.specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
-        refs = {key: steps.describe_dataset.options(**light).remote(spec, self.size) for key, spec in self.specs.items()}
-        self.infos = {key: _get(ref, _field(key)) for key, ref in refs.items()}
-        return {key: (self.specs[key], info) for key, info in self.infos.items()}
+        specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
+        refs = {key: steps.describe_dataset.options(**light).remote(spec, teacher.size) for key, spec in specs.items()}
+        return teacher, specs, {key: _get(ref, _field(key)) for key, ref in refs.items()}
 
-    def prepare_text(self, training: bool) -> dict[str, tuple]:
-        data = self.describe(training)
-        self.texts = self._timed("text", self.text_caches, self.weights, self.digest, data, self.size)
-        return data
+    def prepare(self, training: bool) -> Prepared:
+        """Everything before training and evaluation: the teacher, the datasets' descriptions, their text
+        caches and, for training, the teacher cache (it decodes every training image, so a corrupt one stops
+        the run here). The text and teacher caches do not depend on each other and build at once."""
+        teacher, specs, infos = self.describe(training)
+        if training:
+            self._check_training_set(infos["train"])
+        with ExitStack() as stack:  # an attempt whose build fails leaves nothing behind
+            texts, text_build = self.start_text(teacher, specs, infos, stack)
+            cache, teacher_build = self.start_teacher_cache(teacher, specs["train"], infos["train"], stack) \
+                if training else (None, None)
+            self.finish_builds([b for b in (teacher_build, text_build) if b])
+        calibration = self._timed("calibration", self.calibrate, cache, texts["train"]) \
+            if training and self.cfg.calibration.gamma == "auto" else None
+        return Prepared(teacher, specs, infos, texts, cache, calibration)
 
-    def prepare_training(self, run_id: str = "") -> TrainInputs:
-        """Everything before training: the teacher, the teacher cache (it decodes every training image,
-        so a corrupt one stops the run here) and the text caches."""
+    def calibrate(self, teacher_cache: CacheEntry, train_text: CacheEntry) -> Calibration:
+        inv_tau = self.cfg.calibration.inv_tau
+        fitted = _get(steps.calibrate_gamma.options(num_cpus=self.cfg.resources.task_cpus).remote(
+            teacher_cache.files(), train_text.files(), inv_tau))
+        clipped = f" (the NLL still falls up to γ = {fitted.unclipped_gamma:.2f}; γ is at most 1)" \
+            if fitted.unclipped_gamma > 1 else ""
+        self.log(f"[calibration] gamma auto: γ = {fitted.gamma:.3f}, the teacher's NLL minimised on a held-out fifth "
+                 f"of {self.cfg.data.train.name} at 1/τ = {inv_tau:g}{clipped}")
+        return fitted
+
+    def log_calibration(self, run_id: str, calibration: Calibration | None) -> None:
+        """The fitted γ as the run's metric calibration_gamma, with the curve it minimised."""
+        if calibration is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            (out / "calibration.json").write_text(json.dumps(asdict(calibration), indent=1))
+            report.plot_calibration(calibration, self.cfg.calibration.inv_tau, out / "calibration.png")
+            tracking.log_results(self.uri, run_id, {"calibration_gamma": calibration.gamma},
+                                 [out / "calibration.json", out / "calibration.png"])
+
+    def _check_training_set(self, train: DatasetInfo) -> None:
         cfg = self.cfg
-        data = self.describe(training=True)
-        train = data["train"][1]
         per_worker = train.size // cfg.train.num_workers
         if per_worker < cfg.train.batch_size:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {per_worker} images each of "
@@ -368,11 +463,16 @@ class Pipeline:
         if cfg.teacher_cache_shards > train.size:
             raise ConfigError(f"teacher_cache_shards: {cfg.teacher_cache_shards} shards for the {train.size} images of "
                               f"data.train; use at most {train.size}")
-        self.teacher = self._timed("teacher", self.teacher_cache, self.weights, self.digest, *data["train"],
-                                   self.preprocess)
-        self.texts = self._timed("text", self.text_caches, self.weights, self.digest, data, self.size)
-        return TrainInputs(cfg, self.weights, self.size, self.texts["train"].files(), self.teacher.files(), self.uri,
-                           run_id, self.texts["val"].files() if "val" in self.texts else [])
+
+    def train_inputs(self, prepared: Prepared, run_id: str) -> TrainInputs:
+        texts = prepared.texts
+        return TrainInputs(self.cfg, prepared.teacher.weights, prepared.teacher.size, texts["train"].files(),
+                           prepared.teacher_cache.files(), self.uri, run_id,
+                           texts["val"].files() if "val" in texts else [], prepared.calibration)
+
+    def prepare_training(self, run_id: str = "") -> TrainInputs:
+        """What a Ray Train run of the fine-tune needs, every cache built."""
+        return self.train_inputs(self.prepare(training=True), run_id)
 
     def run(self, parent_run_id: str | None = None, original: bool = True) -> RunResult:
         """The whole DAG as one MLflow run (nested under parent_run_id if given), started once the
@@ -382,21 +482,22 @@ class Pipeline:
         tags = {"mlflow.runName": f"{cfg.train.method}-{cfg.data.train.name}"}
         if parent_run_id:
             tags |= {"mlflow.parentRunId": parent_run_id, "mlflow.runName": f"{cfg.train.method}-seed{cfg.seed}"}
-        inputs = self.prepare_training()
-        self._few_classes("eval.attack", [a.name for a in (cfg.eval.attack, cfg.eval.quick) if a])
+        prepared = self.prepare(training=True)
+        self._few_classes(prepared, "eval.attack", [a.name for a in (cfg.eval.attack, cfg.eval.quick) if a])
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"), tags,
                                     cfg.artifact_location)
         with tracking.finishing(self.uri, run_id):
-            inputs = replace(inputs, run_id=run_id)
-            tracking.tag_run(self.uri, run_id, {"weights_digest": self.digest})
+            tracking.tag_run(self.uri, run_id, {"weights_digest": prepared.teacher.digest})
+            if cfg.train.method == "agft":  # the only method whose targets γ shapes
+                self.log_calibration(run_id, prepared.calibration)
             attacks = [a.as_tuple() for a in (cfg.eval.attack, cfg.eval.quick) if a]
             # The teacher's numbers do not depend on the fine-tune: evaluated beside it where there is room
-            early = self.start_eval({"original": None}, attacks) if original and self._room_beside_training() \
-                else None
-            tuned = self._timed("train", self.finetune, inputs)
+            early = self.start_eval(prepared, {"original": None}, attacks) \
+                if original and self._room_beside_training() else None
+            tuned = self._timed("train", self.finetune, prepared, self.train_inputs(prepared, run_id))
             later = {"original": None} if original and not early else {}
             results = self._timed("eval", lambda: (self.finish_eval(early) if early else []) + self.evaluate(
-                later | {"finetuned": tuned.file_named(ENCODER_FILE)}, attacks))
+                prepared, later | {"finetuned": tuned.file_named(ENCODER_FILE)}, attacks))
             headline = [r for r in results if _attack_of(r) == cfg.eval.attack.as_tuple()]
             rows = report.accuracy_rows(headline, [r for r in results if r not in headline])
             self._timed("report", self.publish, run_id, rows, tuned)
@@ -405,31 +506,33 @@ class Pipeline:
     def run_eval(self) -> RunResult:
         """`agft eval`: the evaluation matrix of eval.matrix, without training."""
         cfg, matrix = self.cfg, self.cfg.eval.matrix
-        self.prepare_text(training=False)
-        note = self._few_classes("eval.matrix.attacks", matrix.attacks)
+        prepared = self.prepare(training=False)
+        note = self._few_classes(prepared, "eval.matrix.attacks", matrix.attacks)
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
                                     {"mlflow.runName": "eval-matrix", "kind": "eval"}, cfg.artifact_location)
         with tracking.finishing(self.uri, run_id):
             attacks = [attack_key(attack, eps, matrix.alpha, matrix.steps) for attack in matrix.attacks
                        for eps in matrix.eps]
-            results = self._timed("eval", self.evaluate, {"original": None, **matrix.checkpoints}, attacks, True)
+            results = self._timed("eval", self.evaluate, prepared, {"original": None, **matrix.checkpoints}, attacks,
+                                  True)
             rows = report.matrix_rows(results)
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 (out / "config.yaml").write_text(dump_yaml(cfg))
                 report.write_csv(rows, out / "eval_matrix.csv")
                 caption = f"Zero-shot top-1 accuracy (%); {ROBUST_MEANING[cfg.eval.robust]}{note}\n\n"
-                (out / "eval_matrix.md").write_text(caption + report.markdown_table(rows, percent=True))
+                (out / "eval_matrix.md").write_text(caption + report.table(rows, percent=True))
                 report.plot_matrix(rows, out / "eval_matrix.png")
                 tracking.log_results(self.uri, run_id, report.matrix_metrics(results),
                                      [out / n for n in ("config.yaml", "eval_matrix.csv", "eval_matrix.md",
                                                         "eval_matrix.png")])
         return RunResult(run_id, rows, self.hits, self.seconds)
 
-    def _few_classes(self, field: str, attacks: list[str]) -> str:
+    @staticmethod
+    def _few_classes(prepared: Prepared, field: str, attacks: list[str]) -> str:
         """AutoAttack on zero-shot datasets with too few classes for its targeted DLR loss: refused for
         autoattack-rand; for autoattack, the caption's note that it ran there without APGD-T."""
-        few = [info.name for key, info in self.infos.items()
+        few = [info.name for key, info in prepared.infos.items()
                if key.startswith("zs") and len(info.classnames) < AUTOATTACK_MIN_CLASSES]
         if few and "autoattack-rand" in attacks:
             raise ConfigError(f"{field}: autoattack-rand needs the DLR loss, hence at least {AUTOATTACK_MIN_CLASSES} "

@@ -16,10 +16,11 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from agft_core.cache import exists, filesystem, fingerprint, join, read_bytes, write_bytes
+from agft_core.calibration import Calibration
 from pipeline import report, tracking
 from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
 from pipeline.dag import Pipeline
-from pipeline.train import TrainInputs, check_resources, fit
+from pipeline.train import TrainInputs, check_resources, fit, resolved
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
@@ -60,7 +61,7 @@ def _scheduler(sweep: SweepConfig, max_epochs: int):
 
 def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage: str) -> None:
     """One trial: a full Ray Train fine-tune of the base config with `params` applied."""
-    cfg = with_overrides(inputs.cfg, params)
+    cfg = resolved(with_overrides(inputs.cfg, params), inputs.calibration)  # γ: auto at this trial's 1/τ
     trial_id = tune.get_context().get_trial_id()
     run_id = tracking.trial_run(inputs.tracking_uri, cfg.experiment, parent_run_id, trial_id,
                                 cfg.model_dump(mode="json"), {f"sweep.{k}": str(v) for k, v in params.items()})
@@ -129,7 +130,8 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     spec = cfg.sweep
     clock = time.perf_counter()
     pipeline = Pipeline(cfg, tracking_uri, log=log)
-    inputs = pipeline.prepare_training()
+    prepared = pipeline.prepare(training=True)
+    inputs = pipeline.train_inputs(prepared, run_id="")
     seconds = {"caches": time.perf_counter() - clock}
     storage = pipeline.storage("ray_tune")
     name = f"sweep-{fingerprint(cfg.model_dump(mode='json', exclude={'verbose'}))}"  # console verbosity: same sweep
@@ -142,6 +144,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     else:
         parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.model_dump(mode="json"),
                                            {"mlflow.runName": name, "sweep": "parent"}, cfg.artifact_location)
+        pipeline.log_calibration(parent_run_id, prepared.calibration)
     trainable = tune.with_parameters(run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage)
     # The trial driver only waits on its trainer, whose workers hold the CPUs/GPUs; Ray refuses an
     # empty request, so the driver asks for the memory it actually uses.
@@ -171,7 +174,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     grid = tuner.fit()
     seconds["trials"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    trials = [_trial_row(r, cfg, spec.metric) for r in grid]
+    trials = [_trial_row(r, cfg, prepared.calibration, spec.metric) for r in grid]
     if not any(not r.error and (r.metrics or {}).get(spec.metric) is not None for r in grid):
         tracking.finish_run(tracking_uri, parent_run_id, "FAILED")
         first_error = next((r.error for r in grid if r.error), None)
@@ -186,9 +189,9 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
                        {k: round(v, 2) for k, v in seconds.items()})
 
 
-def _trial_row(result, cfg: Config, metric: str) -> dict:
+def _trial_row(result, cfg: Config, calibration: Calibration | None, metric: str) -> dict:
     m = result.metrics or {}
-    trial_cfg = with_overrides(cfg, result.config)
+    trial_cfg = resolved(with_overrides(cfg, result.config), calibration)
     return {"trial_id": m.get("trial_id"), **result.config,
             "calibration.gamma": trial_cfg.calibration.gamma, "calibration.inv_tau": trial_cfg.calibration.inv_tau,
             "epochs": m.get("epoch"), "val_clean_acc": m.get("val_clean_acc"),
@@ -199,7 +202,7 @@ def _report(uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         report.write_csv(trials, out / "trials.csv")
-        (out / "trials.md").write_text(report.markdown_table(trials))
+        (out / "trials.md").write_text(report.table(trials))
         report.plot_sweep(trials, sorted({"calibration.gamma", "calibration.inv_tau", *cfg.sweep.space}), out)
         (out / "best_params.json").write_text(json.dumps(best, indent=2))
         files = [out / "trials.csv", out / "trials.md", out / "best_params.json", best_out,

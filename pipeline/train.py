@@ -25,12 +25,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from agft_core.cache import basename, embeddings_of, exists, filesystem, join, read_bytes, read_parquet
+from agft_core.calibration import Calibration
 from agft_core.datasets import load_dataset
 from agft_core.errors import first_line
 from agft_core.evaluate import zero_shot_accuracy
 from agft_core.methods import NEEDS_TEACHER, adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
-from pipeline.config import Config, ConfigError, TrainConfig
+from agft_core.optim import warmup_cosine
+from pipeline.config import Config, ConfigError, TrainConfig, with_overrides
 from pipeline.tracking import EPOCH_END, log_history
 from tasks import steps
 from tasks.common import cpu_fallback, say
@@ -54,6 +56,7 @@ class TrainInputs:
     tracking_uri: str
     run_id: str
     val_text_files: list[str] = ()
+    calibration: Calibration | None = None  # the teacher's fitted logit scale, for calibration.gamma: auto
     # The newest complete checkpoint directory in the run's storage, which Ray Train may not know of:
     # a driver killed after a checkpoint's upload but before the controller recorded it.
     newest_on_disk: str | None = None
@@ -79,9 +82,14 @@ def make_optimizer(train: TrainConfig, parameters) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
-def _lr_lambda(warmup: int, total: int):
-    return lambda step: (step + 1) / warmup if step < warmup else \
-        0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def resolved(cfg: Config, calibration: Calibration | None) -> Config:
+    """cfg with calibration.gamma: auto replaced by the γ the teacher's fitted logit scale gives at cfg's own
+    1/τ (which a sweep's trial may have changed)."""
+    if cfg.calibration.gamma != "auto":
+        return cfg
+    if calibration is None:
+        raise ConfigError("calibration.gamma: auto needs the fit on the teacher cache; this run has none")
+    return with_overrides(cfg, {"calibration.gamma": calibration.gamma_for(cfg.calibration.inv_tau)})
 
 
 def train_loop(inputs: TrainInputs) -> None:
@@ -111,9 +119,7 @@ def train_loop(inputs: TrainInputs) -> None:
                         num_workers=cfg.resources.loader_workers, pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
     optimizer = make_optimizer(cfg.train, encoder.parameters())
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(min(cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs),
-                              steps_per_epoch * cfg.train.epochs))
+    schedule = warmup_cosine(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
 
     start_epoch, history = 0, []
@@ -335,7 +341,8 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     cfg = inputs.cfg.train
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=replace(inputs, newest_on_disk=newest_checkpoint(join(storage_path, name))),
+        train_loop_config=replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration),
+                                  newest_on_disk=newest_checkpoint(join(storage_path, name))),
         torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import ray
 import torch
@@ -32,3 +33,8 @@ def cpu_fallback(step: str, device: torch.device) -> torch.device:
 def task_device(step: str) -> torch.device:
     """Where a Ray task computes: the GPU Ray granted it (CUDA_VISIBLE_DEVICES names only that one), else the CPU."""
     return cpu_fallback(step, torch.device("cuda" if ray.get_gpu_ids() else "cpu"))
+
+
+def ran_since(start: float) -> dict:
+    """When and where a task ran, for the run's timeline: its start (time.time()), its end, its node."""
+    return {"start": start, "end": time.time(), "node": ray.get_runtime_context().get_node_id()}

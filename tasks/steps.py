@@ -10,14 +10,16 @@ import ray
 import torch
 
 from agft_core import world
-from agft_core.cache import describe_file, embedding_table, file_sha256, join, upload, write_parquet
+from agft_core.cache import describe_file, embedding_table, embeddings_of, file_sha256, join, read_parquet, upload, \
+    write_parquet
+from agft_core.calibration import Calibration, fit_gamma
 from agft_core.catalog import DatasetSpec
 from agft_core.datasets import DatasetInfo, load_dataset
 from agft_core.evaluate import embed_images, zero_shot_accuracy
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, load_weights, logit_scale, \
     preprocess_cfg, save_weights, state_digest
 from agft_core.pretrain import pretrain_clip
-from tasks.common import task_device, use_assigned_cpus
+from tasks.common import ran_since, task_device, use_assigned_cpus
 
 
 @ray.remote
@@ -48,6 +50,15 @@ def describe_dataset(spec: DatasetSpec, image_size: int) -> DatasetInfo:
 
 
 @ray.remote
+def calibrate_gamma(teacher_files: list[str], text_files: list[str], inv_tau: float) -> Calibration:
+    """calibration.gamma: auto, from the teacher cache of the training split and its class-prompt cache."""
+    teacher = read_parquet(teacher_files)
+    column = lambda name: torch.from_numpy(teacher.column(name).to_numpy())
+    return fit_gamma(torch.from_numpy(embeddings_of(teacher)), column("label"), column("index"),
+                     torch.from_numpy(embeddings_of(read_parquet(text_files))), inv_tau)
+
+
+@ray.remote
 def file_digest(location: str) -> str:
     """The SHA-256 of a weights file, read where it is."""
     return file_sha256(location)
@@ -61,25 +72,29 @@ def cuda_available() -> bool:
 
 @ray.remote
 def embed_class_prompts(arch: str, weights: str | None, spec: DatasetSpec, image_size: int, out_path: str) -> dict:
+    """The text cache of one dataset: {"file": its description} and when and where the task ran."""
+    start = time.time()
     use_assigned_cpus()
     data = load_dataset(spec, image_size)
     model = create_clip(arch, weights).to(task_device("text cache"))
     emb = class_text_embeddings(model, arch, data.classnames, data.templates).cpu().numpy()
     columns = {"class_index": np.arange(len(data.classnames)), "classname": data.classnames,
                "templates": [data.templates] * len(data.classnames)}
-    return write_parquet(embedding_table(columns, emb), out_path)
+    return {"file": write_parquet(embedding_table(columns, emb), out_path), **ran_since(start)}
 
 
 @ray.remote
 def teacher_shard(arch: str, weights: str | None, spec: DatasetSpec, image_size: int, start: int, stop: int,
                   batch_size: int, loader_workers: int, out_path: str) -> dict:
+    """One shard of the teacher cache: {"file": its description} and when and where the task ran."""
+    began = time.time()
     use_assigned_cpus()
     device = task_device("teacher cache")
     data = load_dataset(spec, image_size)
     encoder = ImageEncoder.from_clip(create_clip(arch, weights)).to(device)
     labels, emb = embed_images(encoder, data.images, range(start, stop), batch_size, device, loader_workers)
     table = embedding_table({"index": np.arange(start, stop), "label": labels.numpy()}, emb.numpy())
-    return write_parquet(table, out_path)
+    return {"file": write_parquet(table, out_path), **ran_since(began)}
 
 
 @ray.remote
@@ -109,5 +124,4 @@ def evaluate_zero_shot(arch: str, weights: str | None, encoders: dict[str, str |
                                         restarts=restarts, loader_workers=loader_workers)
             rows.append({"model": name, "dataset": spec.name, "attack": attack, "eps": eps, "alpha": alpha,
                          "steps": steps, "restarts": restarts, **scores})
-    return {"rows": rows, "dataset": spec.name, "start": start, "end": time.time(),
-            "node": ray.get_runtime_context().get_node_id()}
+    return {"rows": rows, "dataset": spec.name, **ran_since(start)}

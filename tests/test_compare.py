@@ -1,4 +1,5 @@
 """A tiny `agft compare`: nested runs per (method, seed), the table, and its statistics."""
+import re
 import statistics
 
 from mlflow.tracking import MlflowClient
@@ -34,8 +35,12 @@ def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, ca
         # the zero-shot mean leaves out the fine-tuned task (shapes)
         held_out = statistics.fmean(c.data.metrics[f"finetuned_robust/{d}"] for c in runs for d in ("colours", "sizes"))
         assert abs(parent.data.metrics[f"{method}_robust/zero-shot_mean"] - held_out) < 1e-12
-    table = out.read_text()
+    table = re.sub(" +", " ", out.read_text())
     assert "mean ± sample std over 2 seed(s)" in table and "| original clean | original robust |" in table
+    # the teacher, which no seed changes, is evaluated once (by the first run) and shown without a std
+    assert [c.info.run_name for c in children if "original_clean/mean" in c.data.metrics] == ["tecoa-seed0"]
+    original_mean = 100 * parent.data.metrics["original_clean/mean"]
+    assert re.search(rf"^\| mean \| {original_mean:.2f} \| [\d.]+ \| [\d.]+ ± ", table, re.M), table
     # what the robust columns are, and how the methods were trained
     assert "robust: APGD-CE-2 × 2 restarts, ε = 2/255; an image counts as robust when its attacked version is classified " \
            "correctly (the paper's count)" in table

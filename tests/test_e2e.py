@@ -164,6 +164,21 @@ def test_baselines_that_need_the_frozen_encoder_train_under_ddp(first, store, me
     assert run.data.params["train.method"] == method and math.isfinite(run.data.metrics["loss"])
 
 
+def test_gamma_auto_is_fitted_on_the_teacher_cache_logged_and_trained_with(first, store, tmp_path):
+    result, lines = _run(store, "calibration.gamma=auto", "train.epochs=1")
+    assert result.cache_hits["teacher shapes"] and result.cache_hits["train"] is False
+    client = MlflowClient(store[1])
+    run = client.get_run(result.run_id)
+    gamma = run.data.metrics["calibration_gamma"]
+    assert run.data.params["calibration.gamma"] == "auto" and 0 < gamma <= 1
+    assert any(line.startswith(f"[calibration] gamma auto: γ = {gamma:.3f}") for line in lines), lines
+    fitted = json.loads(Path(client.download_artifacts(result.run_id, "calibration.json", str(tmp_path))).read_text())
+    assert fitted["gamma"] == gamma and "calibration.png" in {a.path for a in client.list_artifacts(result.run_id)}
+    # the fine-tune trained with the fitted number: its cache is keyed by it
+    manifests = [json.loads(m.read_text()) for m in (store[0] / "cache" / "finetune").glob("*/manifest.json")]
+    assert [m["inputs"]["calibration"]["gamma"] for m in manifests].count(gamma) == 1
+
+
 def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp_path):
     root, uri = store
     client = MlflowClient(uri)

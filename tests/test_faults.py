@@ -166,7 +166,8 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
     try:
         run_id = tracking.start_run(uri, "server-fault", {}, {})
         pipeline = Pipeline(cfg, uri, log=lambda line: None)
-        inputs = pipeline.prepare_training(run_id)
+        prepared = pipeline.prepare(training=True)
+        inputs = pipeline.train_inputs(prepared, run_id)
         outage = {}
 
         def outage_during_epoch_2():
@@ -184,7 +185,7 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
 
         watcher = threading.Thread(target=outage_during_epoch_2)
         watcher.start()
-        entry = pipeline.finetune(inputs)
+        entry = pipeline.finetune(prepared, inputs)
         watcher.join()
         assert "error" not in outage, outage
         history = read_history(entry.file_named(HISTORY_FILE))

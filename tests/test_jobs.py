@@ -67,15 +67,19 @@ def test_job_submission_runs_agft_and_writes_mlflow(head, tmp_path):
     # the console as a log file shows it: each epoch once (rank 0), no Ray Train chatter, no carriage returns
     assert logs.count("[train] epoch 1/") == 1 and "Reporting training result" not in logs
     assert "Wrapping provided model in DistributedDataParallel" not in logs and "\r" not in logs
-    assert re.search(r"teacher cache: \d+/\d+ tasks \(100 %", logs)
+    assert re.search(r"teacher and text caches: \d+/\d+ tasks \(100 %", logs)
     # artifacts next to the store, not in the job's working directory, which Ray deletes later
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
     assert {"image_encoder.safetensors", "timeline.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     # a DAG, not a script: the teacher's eval ran while the fine-tune trained (the cluster holds both)
     timeline = json.loads(Path(client.download_artifacts(run.info.run_id, "timeline.json", str(tmp_path))).read_text())
     (train,) = [bar for bar in timeline if bar["step"] == "train"]
-    original = [bar for bar in timeline if bar["step"] == "eval colours (original)"]
-    assert original and original[0]["start"] < train["end"] and original[0]["end"] > train["start"], timeline
+    (original,) = [bar for bar in timeline if bar["step"] == "eval colours (original)"]
+    assert original["start"] < train["end"] and original["end"] > train["start"], timeline
+    # and the teacher cache and the text caches, which do not depend on each other, were computed at once
+    shards = [bar for bar in timeline if bar["step"].startswith("teacher shard")]
+    texts = [bar for bar in timeline if bar["step"].startswith("text ") and bar["node"] != "driver"]
+    assert any(s["start"] < t["end"] and t["start"] < s["end"] for s in shards for t in texts), timeline
     packages = list(Path(temp).glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*[0-9a-f]"))
     files = {f: f.stat().st_size for p in packages for f in p.rglob("*")
              if f.is_file() and "__pycache__" not in f.parts}

@@ -23,6 +23,7 @@ TINY = [
     "train.epochs=2", "train.batch_size=32", "train.validation.dataset.limit=32",
     "sweep.space={calibration.gamma: {grid: [0.3, 0.6, 0.9]}, calibration.inv_tau: {loguniform: [15, 40]}}",
     "sweep.num_samples=1",
+    "calibration.gamma=auto",  # fitted once for the sweep; the γ axis overrides it in every trial
 ]
 SWEEP_DEADLINE_S = 420  # a stalled sweep (issue 16) fails here instead of hanging the suite
 
@@ -83,7 +84,9 @@ def test_sweep_logs_nested_runs_and_summary(swept):
     assert sorted(float(c.data.params["calibration.gamma"]) for c in children) == [0.3, 0.6, 0.9]
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"trials.csv", "trials.md", "best_params.json", "best.yaml", "frontier.png",
-            "robust_vs_calibration.gamma.png", "robust_vs_calibration.inv_tau.png"} <= artifacts
+            "robust_vs_calibration.gamma.png", "robust_vs_calibration.inv_tau.png",
+            "calibration.json", "calibration.png"} <= artifacts
+    assert 0 < client.get_run(result.parent_run_id).data.metrics["calibration_gamma"] <= 1
 
 
 def test_best_config_is_valid_and_is_the_best_trial(swept):
