@@ -61,6 +61,7 @@ def main() -> None:
             chosen = yaml.safe_load(best.read_text())
             tuned[method] = {key: _get(chosen, key) for key in space}
             report["sweeps"][method] = {"seconds": seconds, "chosen": tuned[method]}
+            out.write_text(json.dumps(report, indent=2))  # a long run keeps each sweep's result
             print(f"sweep {method}: {tuned[method]} in {seconds}s", flush=True)
         table = out.with_suffix(".md")
         report["compare_seconds"] = agft("compare", *common, "--out", str(table),
