@@ -13,23 +13,16 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
 
+from agft_cli import agft
+
 GAMMAS = [0.2, 0.4, 0.7, 1.0]
 SEEDS = [0, 1, 2]
-
-
-def agft(*args: str) -> float:
-    start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).with_name("agft")), *args], check=True)
-    return round(time.perf_counter() - start, 1)
 
 
 def zero_shot_means(uri: str, parent: str) -> dict:

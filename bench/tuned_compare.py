@@ -11,13 +11,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+
+from agft_cli import agft
 
 # Four trials per method: what each method's authors or the paper name as its knobs.
 SPACES = {
@@ -29,12 +28,6 @@ SPACES = {
     "tga_zsr": {"train.lr": {"grid": [1.0e-4, 2.0e-4, 5.0e-4, 1.0e-3]}},
 }
 SEEDS = [0, 1, 2]
-
-
-def agft(*args: str) -> float:
-    start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).with_name("agft")), *args], check=True)
-    return round(time.perf_counter() - start, 1)
 
 
 def main() -> None:
