@@ -29,9 +29,13 @@ LARGEST_UNCLIPPED = 1e3
 class Calibration:
     scale: float  # s*, the teacher's NLL-minimising logit scale
     inv_tau: float  # the student's logit scale 1/τ the fit was reported at
-    gamma: float  # γ = s*·τ at that 1/τ, at most 1
     nll: float  # the teacher's NLL at scale γ/τ, on the held-out fit part
     curve: dict[str, list[float]]  # "gamma", "nll_fit" (held-out part), "nll_rest" (the other images)
+
+    @property
+    def gamma(self) -> float:
+        """γ = s*·τ at the 1/τ of the fit, at most 1."""
+        return self.gamma_for(self.inv_tau)
 
     @property
     def unclipped_gamma(self) -> float:
@@ -69,5 +73,5 @@ def fit_gamma(teacher_emb: torch.Tensor, labels: torch.Tensor, index: torch.Tens
     curve = {"gamma": grid.tolist(),
              "nll_fit": [teacher_nll(fit_cos, fit_labels, g * inv_tau) for g in grid],
              "nll_rest": [teacher_nll(cos[rest], labels[rest], g * inv_tau) for g in grid]}
-    return Calibration(scale, inv_tau, gamma, teacher_nll(fit_cos, fit_labels, gamma * inv_tau), curve)
+    return Calibration(scale, inv_tau, teacher_nll(fit_cos, fit_labels, gamma * inv_tau), curve)
 

@@ -448,8 +448,9 @@ class Pipeline:
             return
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            (out / "calibration.json").write_text(json.dumps(asdict(calibration), indent=1))
-            report.plot_calibration(calibration, self.cfg.calibration.inv_tau, out / "calibration.png")
+            (out / "calibration.json").write_text(json.dumps(asdict(calibration) | {"gamma": calibration.gamma},
+                                                             indent=1))
+            report.plot_calibration(calibration, out / "calibration.png")
             tracking.log_results(self.uri, run_id, {"calibration_gamma": calibration.gamma},
                                  [out / "calibration.json", out / "calibration.png"])
 

@@ -79,7 +79,7 @@ def plot_timeline(timeline: list[dict], path: Path) -> None:
         ax.set_xlabel("seconds since the run started (grey: every cache hit)")
 
 
-def plot_calibration(calibration, inv_tau: float, path: Path) -> None:
+def plot_calibration(calibration, path: Path) -> None:
     """calibration.gamma: auto - the teacher's NLL against γ on the held-out fifth it was fitted on and on
     the rest of the training split, with the chosen γ marked."""
     curve = calibration.curve
@@ -90,7 +90,7 @@ def plot_calibration(calibration, inv_tau: float, path: Path) -> None:
         ax.annotate(f"γ = {calibration.gamma:.3f}", (calibration.gamma, calibration.nll), textcoords="offset points",
                     xytext=(-60, 20), fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel(f"γ (the teacher's logit scale is γ · {inv_tau:g})")
+        ax.set_xlabel(f"γ (the teacher's logit scale is γ · {calibration.inv_tau:g})")
         ax.set_ylabel("teacher NLL of the true class")
         ax.set_title("calibration.gamma: auto")
         ax.legend(fontsize=8)

@@ -27,7 +27,7 @@ def test_every_plot_writes_a_png(tmp_path):
     images = torch.nn.functional.normalize(torch.randn(200, 8, generator=g), dim=-1)
     labels = (images @ text.T).argmax(-1)
     fitted = fit_gamma(images, labels, torch.arange(200), text, 30.0)
-    report.plot_calibration(fitted, 30.0, tmp_path / "calibration.png")
+    report.plot_calibration(fitted, tmp_path / "calibration.png")
     trials = [{"trial_id": f"t_0000{i}", "calibration.gamma": 0.2 * (i + 1), "val_clean_acc": 0.9 - 0.1 * i,
                "val_robust_acc": 0.5 + 0.05 * i} for i in range(3)]
     report.plot_sweep(trials, ["calibration.gamma"], tmp_path)
