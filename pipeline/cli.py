@@ -59,12 +59,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _start_ray(address: str | None, verbose: bool) -> None:
     import logging
+    import os
 
     import ray
 
     ray.init(address=address, logging_level=logging.INFO if verbose else logging.WARNING, ignore_reinit_error=True,
              log_to_driver=True, configure_logging=True)
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # "Creating tables..."
+    if not verbose:  # a model logged and registered draws a download bar for each file it checks
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -365,6 +365,8 @@ class Config(Section):
     storage_path: str | None = Field(None, description="Ray Train/Tune checkpoints; default: under cache_dir")
     artifact_location: str | None = Field(None, description="MLflow artifact root of a new experiment")
     experiment: str = "agft"
+    register_models: bool = Field(True, description="log each fine-tuned CLIP (and its original teacher, once) as "
+                                                    "an MLflow model registered under the experiment's name")
     verbose: bool = Field(False, description="Ray's, Ray Train's and Tune's INFO logs on the console (--verbose)")
     teacher_cache_shards: int = Field(2, gt=0)
     resources: ResourcesConfig = ResourcesConfig()

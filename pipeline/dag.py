@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from agft_core import world
 from agft_core.attacks import AUTOATTACK_MIN_CLASSES
-from agft_core.cache import CacheEntry, absolute, describe_file, embeddings_of, filesystem, join, local_path, \
-    read_bytes, read_parquet, upload, write_bytes
+from agft_core.cache import CacheEntry, absolute, describe_file, embeddings_of, filesystem, \
+    fingerprint, join, local_path, read_bytes, read_parquet, upload, write_bytes
 from agft_core.calibration import Calibration
-from agft_core.catalog import DatasetSpec, attack_key
+from agft_core.catalog import DatasetSpec, attack_key, is_uri
 from agft_core.datasets import DatasetInfo
 from agft_core.errors import InputError
 from agft_core.pretrain import RECIPE
-from pipeline import report, tracking
+from pipeline import registry, report, tracking
 from pipeline.config import ROBUST_MEANING, Config, ConfigError, dump_yaml, preflight
 from pipeline.train import ENCODER_FILE, FINETUNE_RECIPE, HISTORY_FILE, TrainInputs, fit, read_history, resolved
 from tasks import steps
@@ -158,6 +158,32 @@ def _wait(refs: list, label: str, field: str | None | dict = None) -> list:
                 raise
             progress.update(1)
     return [results[ref] for ref in refs]
+
+
+def _accuracy_tags(rows: list[dict], model: str) -> dict[str, str]:
+    """{"clean/<dataset>": "0.8123", "robust/<dataset>": ...} of one model ("original" or "finetuned") in
+    accuracy_rows' rows."""
+    return {f"{column.removeprefix(model + '_')}/{row['dataset']}": f"{value:.4f}" for row in rows
+            for column, value in row.items() if column.startswith(model + "_")}
+
+
+def dataset_inputs(prepared: Prepared) -> list[dict]:
+    """The datasets a run reads, as tracking.log_datasets takes them; the digest is of their content, not of
+    the preprocessing, so runs of two models on the same data share it."""
+    inputs = []
+    for key, spec in prepared.specs.items():
+        info = prepared.infos[key]
+        if spec.kind == "embedded":
+            source_type, source = "code", {"tags": {"generator": "agft_core.world", "world": world.fingerprint(),
+                                                    "world_seed": str(spec.world_seed), "split": spec.split}}
+        else:
+            uri = spec.root if is_uri(spec.root) else Path(absolute(spec.root)).as_uri()
+            scheme = uri.split("://", 1)[0]
+            source_type, source = "local" if scheme == "file" else scheme, {"uri": uri, "split": spec.split}
+        inputs.append({"name": info.name, "digest": fingerprint({k: v for k, v in info.identity.items() if k != "size"}),
+                       "source_type": source_type, "source": source,
+                       "context": {"train": "training", "val": "validation"}.get(key, "evaluation")})
+    return inputs
 
 
 def _attack_of(row: dict) -> tuple:
@@ -454,6 +480,41 @@ class Pipeline:
             tracking.log_results(self.uri, run_id, {"calibration_gamma": calibration.gamma},
                                  [out / "calibration.json", out / "calibration.png"])
 
+    # -- models in the MLflow registry --------------------------------------------------------------
+    def servable(self, prepared: Prepared, encoder: str | None) -> registry.ServableClip:
+        """The teacher, with the fine-tuned image tower in the weights file `encoder` if given, as a servable
+        CLIP answering with the training set's classes: from the cache, or made by a Ray task."""
+        teacher, train = prepared.teacher, prepared.infos["train"]
+        light = {"num_cpus": self.cfg.resources.task_cpus}
+        entry = CacheEntry(self.root, "servable", {
+            "weights": teacher.digest, "arch": self.cfg.model.arch, "example": train.identity,
+            "encoder": encoder and _get(steps.file_digest.options(**light).remote(encoder))})
+        if not self._cached("model", entry, registry.FINETUNED if encoder else registry.ORIGINAL):
+            with entry.attempt() as attempt:
+                entry.commit(attempt, _get(steps.servable_clip.options(**light).remote(
+                    self.cfg.model.arch, teacher.weights, encoder, prepared.specs["train"], teacher.size, attempt),
+                    "data.train"))
+        return registry.ServableClip(entry.file_named(steps.SERVED_CLIP), self.cfg.model.arch, train.classnames,
+                                     train.templates, read_bytes(entry.file_named(steps.SERVED_EXAMPLE)))
+
+    def register_model(self, prepared: Prepared, run_id: str, encoder: str | None, tags: dict[str, str]):
+        """The teacher, fine-tuned by the image tower in the weights file `encoder` if given, logged to the run
+        as an MLflow model and registered as a new version of the model named after the experiment."""
+        role = {"role": registry.FINETUNED, "method": self.cfg.train.method} if encoder else {"role": registry.ORIGINAL}
+        return registry.register(self.uri, run_id, self.cfg.experiment, self.servable(prepared, encoder),
+                                 role | {"weights_digest": prepared.teacher.digest} | tags)
+
+    def register_models(self, prepared: Prepared, run_id: str, rows: list[dict], encoder: str) -> None:
+        """The fine-tuned CLIP, and the original teacher when this run evaluated it and no version of it is
+        registered yet, each tagged with its zero-shot accuracy in this run."""
+        name, robust = self.cfg.experiment, {"robust": self.cfg.eval.caption()}
+        versions = {registry.FINETUNED: self.register_model(prepared, run_id, encoder,
+                                                            robust | _accuracy_tags(rows, "finetuned"))}
+        if "original_clean" in rows[0] and not registry.original_version(self.uri, name, prepared.teacher.digest):
+            versions[registry.ORIGINAL] = self.register_model(prepared, run_id, None,
+                                                              robust | _accuracy_tags(rows, "original"))
+        self.log(f"[registry] {name}: " + ", ".join(f"version {v.version} ({role})" for role, v in versions.items()))
+
     def _check_training_set(self, train: DatasetInfo) -> None:
         cfg = self.cfg
         per_worker = train.size // cfg.train.num_workers
@@ -489,6 +550,7 @@ class Pipeline:
                                     cfg.artifact_location)
         with tracking.finishing(self.uri, run_id):
             tracking.tag_run(self.uri, run_id, {"weights_digest": prepared.teacher.digest})
+            tracking.log_datasets(self.uri, run_id, dataset_inputs(prepared))
             if cfg.train.method == "agft":  # the only method whose targets γ shapes
                 self.log_calibration(run_id, prepared.calibration)
             attacks = [a.as_tuple() for a in (cfg.eval.attack, cfg.eval.quick) if a]
@@ -502,6 +564,8 @@ class Pipeline:
             headline = [r for r in results if _attack_of(r) == cfg.eval.attack.as_tuple()]
             rows = report.accuracy_rows(headline, [r for r in results if r not in headline])
             self._timed("report", self.publish, run_id, rows, tuned)
+            if cfg.register_models:
+                self._timed("register", self.register_models, prepared, run_id, rows, tuned.file_named(ENCODER_FILE))
         return RunResult(run_id, rows, self.hits, self.seconds)
 
     def run_eval(self) -> RunResult:
@@ -512,6 +576,7 @@ class Pipeline:
         run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
                                     {"mlflow.runName": "eval-matrix", "kind": "eval"}, cfg.artifact_location)
         with tracking.finishing(self.uri, run_id):
+            tracking.log_datasets(self.uri, run_id, dataset_inputs(prepared))
             attacks = [attack_key(attack, eps, matrix.alpha, matrix.steps) for attack in matrix.attacks
                        for eps in matrix.eps]
             results = self._timed("eval", self.evaluate, prepared, {"original": None, **matrix.checkpoints}, attacks,

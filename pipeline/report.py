@@ -113,11 +113,16 @@ def table(rows: list[dict], percent: bool = False, markdown: bool = True) -> str
                     colalign=["left"] + ["right"] * (len(columns) - 1) if columns else None) + "\n"
 
 
-def plot_sweep(trials: list[dict], axes: list[str], out: Path) -> None:
-    """frontier.png (validation clean vs robust, Pareto points joined) and robust_vs_<field>.png."""
+def plot_sweep(trials: list[dict], axes: list[str], out: Path, best_trial: str | None = None) -> None:
+    """frontier.png (validation clean vs robust, Pareto points joined, the chosen trial starred) and
+    robust_vs_<field>.png."""
     done = [t for t in trials if t.get("val_robust_acc") is not None]
     with _figure(out / "frontier.png", (5.5, 4.5)) as ax:
         ax.scatter([100 * t["val_clean_acc"] for t in done], [100 * t["val_robust_acc"] for t in done])
+        for t in done:
+            if t["trial_id"] == best_trial:
+                ax.scatter([100 * t["val_clean_acc"]], [100 * t["val_robust_acc"]], marker="*", s=220, c="gold",
+                           edgecolors="black", label="chosen", zorder=3)
         for t in done:
             ax.annotate(str(t["trial_id"])[-5:], (100 * t["val_clean_acc"], 100 * t["val_robust_acc"]), fontsize=7)
         frontier, best_robust = [], -1.0

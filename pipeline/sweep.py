@@ -19,8 +19,8 @@ from agft_core.cache import exists, filesystem, fingerprint, join, read_bytes, w
 from agft_core.calibration import Calibration
 from pipeline import report, tracking
 from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
-from pipeline.dag import Pipeline
-from pipeline.train import TrainInputs, check_resources, fit, resolved
+from pipeline.dag import Pipeline, Prepared, dataset_inputs
+from pipeline.train import ENCODER_FILE, TrainInputs, check_resources, fit, newest_checkpoint, resolved
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
@@ -59,12 +59,13 @@ def _scheduler(sweep: SweepConfig, max_epochs: int):
                                          grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
 
 
-def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage: str) -> None:
+def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage: str, datasets: list[dict]) -> None:
     """One trial: a full Ray Train fine-tune of the base config with `params` applied."""
     cfg = resolved(with_overrides(inputs.cfg, params), inputs.calibration)  # γ: auto at this trial's 1/τ
     trial_id = tune.get_context().get_trial_id()
     run_id = tracking.trial_run(inputs.tracking_uri, cfg.experiment, parent_run_id, trial_id,
                                 cfg.model_dump(mode="json"), {f"sweep.{k}": str(v) for k, v in params.items()})
+    tracking.log_datasets(inputs.tracking_uri, run_id, datasets)
     # The run's end status is the driver's to set (_Progress): Tune may stop this trial by killing its
     # actor, which can surface here as an error after the trial has ended well.
     check_resources(cfg.train)  # a trial's own resources: the CLI checked only the base config's
@@ -145,7 +146,9 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
         parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.model_dump(mode="json"),
                                            {"mlflow.runName": name, "sweep": "parent"}, cfg.artifact_location)
         pipeline.log_calibration(parent_run_id, prepared.calibration)
-    trainable = tune.with_parameters(run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage)
+        tracking.log_datasets(tracking_uri, parent_run_id, dataset_inputs(prepared))
+    trainable = tune.with_parameters(run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage,
+                                     datasets=dataset_inputs(prepared))
     # The trial driver only waits on its trainer, whose workers hold the CPUs/GPUs; Ray refuses an
     # empty request, so the driver asks for the memory it actually uses.
     trainable = tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY})
@@ -183,7 +186,10 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True)
     best_params = dict(best.config)
     best_out.write_text(dump_yaml(with_overrides(cfg, best_params)))
-    _report(tracking_uri, parent_run_id, cfg, trials, best_params, best_out)
+    best_trial = best.metrics["trial_id"]
+    if cfg.register_models:
+        _register_best(pipeline, prepared, parent_run_id, storage, best_trial, best_params, best.metrics)
+    _report(tracking_uri, parent_run_id, cfg, trials, best_params, best_out, best_trial)
     seconds["report"] = time.perf_counter() - clock
     return SweepResult(parent_run_id, trials, best_params, best_out, pipeline.hits,
                        {k: round(v, 2) for k, v in seconds.items()})
@@ -198,12 +204,27 @@ def _trial_row(result, cfg: Config, calibration: Calibration | None, metric: str
             "val_robust_acc": m.get("val_robust_acc"), metric: m.get(metric), "error": bool(result.error)}
 
 
-def _report(uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best: dict, best_out: Path) -> None:
+def _register_best(pipeline: Pipeline, prepared: Prepared, parent_run_id: str, storage: str, trial_id: str,
+                   params: dict, metrics: dict) -> None:
+    """The best trial's fine-tuned CLIP (its last checkpoint), logged to the sweep's parent run and registered,
+    tagged with its trial, its values and its validation accuracy; the parent run is tagged with the version."""
+    checkpoint = newest_checkpoint(join(storage, f"trial-{trial_id}"))
+    tags = {"sweep_trial": trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()},
+            **{k: f"{metrics[k]:.4f}" for k in ("val_clean_acc", "val_robust_acc") if metrics.get(k) is not None}}
+    version = pipeline.register_model(prepared, parent_run_id, join(checkpoint, ENCODER_FILE), tags)
+    name = pipeline.cfg.experiment
+    tracking.tag_run(pipeline.uri, parent_run_id, {"best_model": f"models:/{name}/{version.version}"})
+    pipeline.log(f"[registry] {name}: version {version.version} (the best trial, {trial_id})")
+
+
+def _report(uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best: dict, best_out: Path,
+            best_trial: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         report.write_csv(trials, out / "trials.csv")
         (out / "trials.md").write_text(report.table(trials))
-        report.plot_sweep(trials, sorted({"calibration.gamma", "calibration.inv_tau", *cfg.sweep.space}), out)
+        report.plot_sweep(trials, sorted({"calibration.gamma", "calibration.inv_tau", *cfg.sweep.space}), out,
+                          best_trial)
         (out / "best_params.json").write_text(json.dumps(best, indent=2))
         files = [out / "trials.csv", out / "trials.md", out / "best_params.json", best_out,
                  *sorted(out.glob("*.png"))]

@@ -2,6 +2,7 @@
 like (tables, CSV, plots) is pipeline/report.py."""
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Iterator
 
 import mlflow
 import requests
-from mlflow.entities import Metric
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from agft_core.catalog import is_uri
 from pipeline.config import ConfigError
@@ -103,6 +105,14 @@ def log_results(uri: str, run_id: str, metrics: dict[str, float], artifacts: lis
         client.log_batch(run_id, metrics=items[i:i + 500])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
+
+
+def log_datasets(uri: str, run_id: str, datasets: list[dict]) -> None:
+    """Each dataset a run used as one of its MLflow dataset inputs: {"name", "digest", "source_type", "source"
+    (a dict), "context" (training, validation or evaluation)}, so the UI can filter runs by their data."""
+    MlflowClient(uri).log_inputs(run_id, datasets=[
+        DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], json.dumps(d["source"], sort_keys=True)),
+                     [InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in datasets])
 
 
 def browse_hint(uri: str, run_id: str) -> str:

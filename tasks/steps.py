@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from torchvision.transforms.functional import to_pil_image
 
 from agft_core import world
 from agft_core.cache import describe_file, embedding_table, embeddings_of, file_sha256, join, read_parquet, upload, \
@@ -20,6 +21,8 @@ from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, lo
     preprocess_cfg, save_weights, state_digest
 from agft_core.pretrain import pretrain_clip
 from tasks.common import ran_since, task_device, use_assigned_cpus
+
+SERVED_CLIP, SERVED_EXAMPLE = "clip.safetensors", "example.png"
 
 
 @ray.remote
@@ -42,6 +45,23 @@ def describe_model(arch: str, weights: str | None) -> tuple[str, dict]:
     """The weights' content digest and the model's preprocessing, read where the weights are."""
     model = create_clip(arch, weights)
     return state_digest(model), preprocess_cfg(model)
+
+
+@ray.remote
+def servable_clip(arch: str, weights: str | None, encoder_weights: str | None, spec: DatasetSpec, image_size: int,
+                  out_dir: str) -> list[dict]:
+    """What a served model is made of, written to out_dir: clip.safetensors, the teacher with the fine-tuned
+    image tower when encoder_weights is given, and example.png, the first image of `spec` as the model's input
+    example. Made where the weights and the data are."""
+    model = create_clip(arch, weights)
+    if encoder_weights is not None:
+        load_weights(ImageEncoder.from_clip(model), encoder_weights)  # the encoder shares model.visual
+    with tempfile.TemporaryDirectory() as tmp:
+        save_weights(model, Path(tmp) / SERVED_CLIP, metadata={"arch": arch})
+        to_pil_image(load_dataset(spec, image_size).images[0][0]).save(Path(tmp) / SERVED_EXAMPLE)
+        for name in (SERVED_CLIP, SERVED_EXAMPLE):
+            upload(Path(tmp) / name, join(out_dir, name))
+    return [describe_file(join(out_dir, name)) for name in (SERVED_CLIP, SERVED_EXAMPLE)]
 
 
 @ray.remote

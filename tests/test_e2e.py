@@ -1,13 +1,32 @@
 """A tiny but complete `agft run`: real local Ray, real Ray Train (2 gloo workers), real MLflow store."""
+import base64
+import io
 import json
 import math
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+import numpy as np
+import open_clip
+import pandas as pd
 import pytest
+import requests
+import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision import transforms as T
+
+from agft_core import world
+from agft_core.model import register_embedded_architectures
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -99,6 +118,154 @@ def test_second_run_skips_cached_steps(first, store):
     assert "[eval original, finetuned] 8 of 8 results cached, skipping" in lines  # 2 datasets x 2 encoders x 2 attacks
     assert result.run_id != first[0].run_id
     assert result.rows == first[0].rows
+
+
+def _versions(store, **tags) -> list:
+    """The registered versions of the model "agft" whose tags include `tags`."""
+    return [v for v in MlflowClient(store[1]).search_model_versions("name = 'agft'")
+            if all(v.tags.get(k) == value for k, value in tags.items())]
+
+
+def test_each_run_registers_its_model_and_the_original_is_registered_once(first, store):
+    """After the second run: one fine-tuned version per run, one original (from the first run, which evaluated
+    it), each tagged with the accuracy its run measured."""
+    client = MlflowClient(store[1])
+    runs = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "attributes.status = 'FINISHED'")
+    assert len(runs) >= 2
+    assert sorted(v.run_id for v in _versions(store, role="fine-tuned")) == sorted(r.info.run_id for r in runs)
+    (original,) = _versions(store, role="original")
+    assert original.run_id == first[0].run_id
+    metrics = client.get_run(first[0].run_id).data.metrics
+    (finetuned,) = [v for v in _versions(store, role="fine-tuned") if v.run_id == first[0].run_id]
+    for version, model in ((finetuned, "finetuned"), (original, "original")):
+        assert version.tags["weights_digest"] == client.get_run(first[0].run_id).data.tags["weights_digest"]
+        for dataset in ("colours", "shapes", "mean"):
+            for column in ("clean", "robust"):
+                assert float(version.tags[f"{column}/{dataset}"]) == \
+                    pytest.approx(metrics[f"{model}_{column}/{dataset}"], abs=5e-5)
+
+
+def _png(image) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _expected_probabilities(teacher: str, encoder: str | None, images: list[bytes], classnames: list[str]):
+    """What the served model must answer, computed here from the teacher's weights file and the fine-tune's
+    encoder file with open_clip and torch directly."""
+    register_embedded_architectures()
+    clip = open_clip.create_model("agft-tiny-vit", pretrained=teacher)
+    if encoder:
+        state = load_file(encoder)
+        clip.visual.load_state_dict({k.removeprefix("visual."): v for k, v in state.items()})
+    clip.eval()
+    size = clip.visual.preprocess_cfg["size"]
+    size = size if isinstance(size, int) else size[0]
+    prepare = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                         T.Normalize(clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"])])
+    pixels = torch.stack([prepare(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+    template = world.TASKS["shapes"].template  # the training set's: what the model answers with
+    tokens = open_clip.get_tokenizer("agft-tiny-vit")([template.format(c) for c in classnames])
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(clip.encode_image(pixels), dim=-1)
+        text = torch.nn.functional.normalize(clip.encode_text(tokens), dim=-1)
+        return (clip.logit_scale.exp() * image @ text.T).softmax(dim=-1).numpy()
+
+
+def test_registered_models_predict_what_their_weights_compute(first, store, tmp_path, monkeypatch):
+    """mlflow.pyfunc.load_model of the fine-tuned and the original version: for images and class names of a
+    request, the probabilities open_clip computes from the fine-tune's encoder file and the teacher's file."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[1])
+    client = MlflowClient(store[1])
+    (finetuned,) = [v for v in _versions(store, role="fine-tuned") if v.run_id == first[0].run_id]
+    (original,) = _versions(store, role="original")
+    encoder = client.download_artifacts(first[0].run_id, "image_encoder.safetensors", str(tmp_path))
+    (teacher,) = (store[0] / "cache" / "pretrain").glob("*/attempt-*/clip.safetensors")
+    colours = world.generate("colours", "test", 4, 0)
+    images = [_png(image) for image in colours.images]
+    request = pd.DataFrame({"image": images})
+    served = {}
+    for version, weights in ((finetuned, encoder), (original, None)):
+        model = mlflow.pyfunc.load_model(f"models:/agft/{version.version}")
+        answer = model.predict(request, params={"classnames": list(world.TASKS["colours"].classnames)})
+        assert list(answer.columns) == list(world.TASKS["colours"].classnames)
+        expected = _expected_probabilities(str(teacher), weights, images, list(answer.columns))
+        np.testing.assert_allclose(answer.to_numpy(), expected, rtol=1e-4, atol=0)
+        by_default = model.predict(request)  # no class names: the training set's
+        assert list(by_default.columns) == list(world.TASKS["shapes"].classnames)
+        served[version.tags["role"]] = load_file(mlflow.artifacts.download_artifacts(
+            f"models:/agft/{version.version}/artifacts/clip.safetensors", dst_path=str(tmp_path / str(version.version))))
+    # A tiny fine-tune moves these probabilities by little, so the weights say which tower each version serves.
+    tuned, teacher_state = load_file(encoder), load_file(str(teacher))
+    assert all(torch.equal(served["fine-tuned"][k], v) for k, v in tuned.items())
+    assert any(not torch.equal(teacher_state[k], v) for k, v in tuned.items())
+    for name, tensor in teacher_state.items():
+        assert torch.equal(served["original"][name], tensor)
+        if not name.startswith("visual."):
+            assert torch.equal(served["fine-tuned"][name], tensor)
+
+
+def test_mlflow_models_serve_answers_a_request(first, store, monkeypatch):
+    """`mlflow models serve` of the registered fine-tuned version, a real server process on localhost: a JSON
+    request with a base64 image and class names gets the probabilities pyfunc gives in process."""
+    (version,) = [v for v in _versions(store, role="fine-tuned") if v.run_id == first[0].run_id]
+    image = _png(world.generate("colours", "test", 1, 0).images[0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = Path(sys.executable).parent  # where mlflow's scoring server (uvicorn) is installed
+    env = os.environ | {"MLFLOW_TRACKING_URI": store[1], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    log = store[0] / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/agft/{version.version}",
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(1)
+        classnames = ["red", "green", "blue"]
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={
+            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]},
+            "params": {"classnames": classnames}})
+        assert response.status_code == 200, response.text
+        (served,) = response.json()["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # mlflow and the uvicorn it started
+        server.wait(timeout=30)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[1])
+    local = mlflow.pyfunc.load_model(f"models:/agft/{version.version}").predict(
+        pd.DataFrame({"image": [image]}), params={"classnames": classnames})
+    assert list(served) == classnames
+    np.testing.assert_allclose([served[c] for c in classnames], local.iloc[0].to_numpy(), atol=1e-6)
+
+
+def test_run_logs_the_datasets_it_read_as_inputs(first, store):
+    client = MlflowClient(store[1])
+
+    def inputs(run_id: str) -> dict:
+        return {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
+                for d in client.get_run(run_id).inputs.dataset_inputs}
+
+    first_inputs = inputs(first[0].run_id)
+    assert set(first_inputs) == {("shapes", "training"), ("colours", "validation"), ("colours", "evaluation"),
+                                 ("shapes", "evaluation")}
+    assert first_inputs[("shapes", "training")].source_type == "code"
+    assert json.loads(first_inputs[("shapes", "training")].source)["tags"]["split"] == "train"
+    # a digest names the content: the training and test splits of shapes differ, and a later run on the same
+    # data logs the same digests
+    assert first_inputs[("shapes", "training")].digest != first_inputs[("shapes", "evaluation")].digest
+    later = [r for r in client.search_runs([client.get_experiment_by_name("agft").experiment_id],
+                                           "attributes.status = 'FINISHED'") if r.info.run_id != first[0].run_id]
+    assert later and {k: d.digest for k, d in inputs(later[0].info.run_id).items()} == \
+        {k: d.digest for k, d in first_inputs.items()}
 
 
 def test_rerun_eval_computes_the_same_numbers_again(first, store):

@@ -99,6 +99,18 @@ def test_best_config_is_valid_and_is_the_best_trial(swept):
     assert 15 <= best_cfg.calibration.inv_tau <= 40
 
 
+def test_best_trials_model_is_registered_from_the_parent_run(swept):
+    cfg, uri, result, _ = swept
+    client = MlflowClient(uri)
+    best_row = max(result.trials, key=lambda t: t["val_robust_acc"])
+    (version,) = client.search_model_versions("name = 'sweep-test'")
+    assert client.get_run(result.parent_run_id).data.tags["best_model"] == f"models:/sweep-test/{version.version}"
+    assert version.run_id == result.parent_run_id and version.tags["role"] == "fine-tuned"
+    assert version.tags["sweep_trial"] == best_row["trial_id"]
+    assert float(version.tags["val_robust_acc"]) == pytest.approx(best_row["val_robust_acc"], abs=5e-5)
+    assert float(version.tags["sweep.calibration.gamma"]) == best_row["calibration.gamma"]
+
+
 @pytest.mark.parametrize("space, needle", [
     ("{calibration.gamm: {choice: [0.3]}}", "sweep.space.calibration.gamm"),
     ("{calibration.gamma: {choice: []}}", "choice"),

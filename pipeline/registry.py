@@ -1,0 +1,88 @@
+"""Models in MLflow: a CLIP logged as a pyfunc model (pipeline/zero_shot_model.py) and registered under the
+experiment's name, one version per fine-tuned encoder and one for the original teacher it started from."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+from mlflow.types import DataType
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+import agft_core
+from agft_core.cache import local_path
+
+MODEL_CODE = Path(__file__).with_name("zero_shot_model.py")
+# What the model's code imports, pinned to what logged it.
+REQUIREMENTS = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "huggingface_hub", "pyarrow",
+                "numpy", "pandas", "pillow")
+ORIGINAL, FINETUNED = "original", "fine-tuned"  # the versions' "role" tag
+
+
+@dataclass(frozen=True)
+class ServableClip:
+    """What a served model is made of: the CLIP's weights (a file in the cache), the class names and prompt
+    templates it answers with when a request names no classes, and one image as the input example."""
+
+    weights: str
+    arch: str
+    classnames: list[str]
+    templates: list[str]
+    example: bytes  # an encoded image (PNG)
+
+
+def signature(classnames: list[str]) -> ModelSignature:
+    """Encoded images in (a binary column; base64 in a JSON request), class names as a parameter. The output
+    has one column per requested class name, so it has no fixed schema."""
+    return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "image")]),
+                          params=ParamSchema([ParamSpec("classnames", DataType.string, classnames, shape=(-1,))]))
+
+
+def register(uri: str, run_id: str, name: str, clip: ServableClip, tags: dict[str, str]) -> ModelVersion:
+    """Logs `clip` as the run's model and registers it as a new version of the registered model `name`,
+    with `tags` on both (the run's metrics among them)."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            model_dir, python_model=str(MODEL_CODE), artifacts={"clip": local_path(clip.weights)},
+            model_config={"arch": clip.arch, "classnames": clip.classnames, "templates": clip.templates},
+            code_paths=[str(Path(agft_core.__file__).parent)], signature=signature(clip.classnames),
+            input_example=(pd.DataFrame({"image": [clip.example]}), {"classnames": clip.classnames}),
+            pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS])
+        logged = client.create_logged_model(experiment_id, name=f"{name}-{tags['role']}", source_run_id=run_id,
+                                            tags=tags)
+        try:
+            client.log_model_artifacts(logged.model_id, str(model_dir))
+        except BaseException:
+            client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        client.finalize_logged_model(logged.model_id, "READY")
+    try:
+        client.create_registered_model(name, description="AGFT fine-tuned CLIPs (role fine-tuned) and the "
+                                                         "teachers they started from (role original)")
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    # The artifacts' location, not models:/<model_id>: a registry store resolves that through the process's
+    # global tracking URI, which need not be this client's.
+    return client.create_model_version(name, logged.artifact_location, run_id, tags=tags, model_id=logged.model_id)
+
+
+def original_version(uri: str, name: str, weights_digest: str) -> ModelVersion | None:
+    """The registered version of the original teacher with these weights, if there is one."""
+    client = MlflowClient(uri)
+    if client.search_registered_models(f"name = '{name}'") == []:
+        return None
+    found = client.search_model_versions(f"name = '{name}' and tags.role = '{ORIGINAL}' and "
+                                         f"tags.weights_digest = '{weights_digest}'")
+    return found[0] if found else None
