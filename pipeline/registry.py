@@ -2,10 +2,13 @@
 experiment's name, one version per fine-tuned encoder and one for the original teacher it started from."""
 from __future__ import annotations
 
+import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import pandas as pd
@@ -51,7 +54,7 @@ def register(uri: str, run_id: str, name: str, clip: ServableClip, tags: dict[st
     with `tags` on both (the run's metrics among them)."""
     client = MlflowClient(uri)
     experiment_id = client.get_run(run_id).info.experiment_id
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _working_directory(tmp):
         model_dir = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             model_dir, python_model=str(MODEL_CODE), artifacts={"clip": local_path(clip.weights)},
@@ -76,6 +79,20 @@ def register(uri: str, run_id: str, name: str, clip: ServableClip, tags: dict[st
     # The artifacts' location, not models:/<model_id>: a registry store resolves that through the process's
     # global tracking URI, which need not be this client's.
     return client.create_model_version(name, logged.artifact_location, run_id, tags=tags, model_id=logged.model_id)
+
+
+@contextmanager
+def _working_directory(path: str) -> Iterator[None]:
+    """The block runs in `path`, then back where the process was, even if that directory is gone. MLflow's
+    save_model reads the working directory, and a job's driver runs in its package directory, which Ray's
+    runtime-env agent of another raylet sharing the disk (several nodes on one machine) can delete mid-job."""
+    previous = os.open(".", os.O_RDONLY)  # a handle on the directory, deleted or not
+    try:
+        os.chdir(path)
+        yield
+    finally:
+        os.fchdir(previous)
+        os.close(previous)
 
 
 def original_version(uri: str, name: str, weights_digest: str) -> ModelVersion | None:

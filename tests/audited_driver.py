@@ -16,7 +16,10 @@ def guard(audit_log: str, guarded: list[str]) -> None:
     def hook(event: str, args: tuple) -> None:
         if event not in READS or not args or not isinstance(args[0], (str, bytes, os.PathLike)):
             return
-        path = os.path.abspath(os.fsdecode(args[0]))
+        try:
+            path = os.path.abspath(os.fsdecode(args[0]))
+        except FileNotFoundError:  # relative to a working directory that is gone, so under no guarded root
+            return
         if any(path == g or path.startswith(g + os.sep) for g in guarded):
             with open(audit_log, "a") as log:  # not guarded: no recursion
                 log.write(f"{os.getpid()} {event} {path}\n")

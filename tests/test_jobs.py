@@ -169,6 +169,12 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             assert run.info.status == "FINISHED" and "finetuned_robust/toys" in run.data.metrics
             assert "image_encoder.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id)}
             assert list(server.artifacts.rglob("image_encoder.safetensors"))
+            # the fine-tuned and the original CLIP as versions of the registry's "agft", on PostgreSQL, their
+            # files behind the server
+            roles = {v.tags["role"]: v for v in client.search_model_versions("name = 'agft'")}
+            assert set(roles) == {"fine-tuned", "original"}
+            assert {v.run_id for v in roles.values()} == {run.info.run_id}
+            assert len(list(server.artifacts.rglob("clip.safetensors"))) == 2
             experiment = run.info.experiment_id
             assert f"Browse it:  {server.uri}/#/experiments/{experiment}/runs/{run.info.run_id}" in logs
         finally:
