@@ -497,7 +497,8 @@ class Pipeline:
         return registry.ServableClip(entry.file_named(steps.SERVED_CLIP), self.cfg.model.arch, train.classnames,
                                      train.templates, read_bytes(entry.file_named(steps.SERVED_EXAMPLE)))
 
-    def register_model(self, prepared: Prepared, run_id: str, encoder: str | None, tags: dict[str, str]):
+    def register_model(self, prepared: Prepared, run_id: str, encoder: str | None,
+                       tags: dict[str, str]) -> registry.ModelVersion:
         """The teacher, fine-tuned by the image tower in the weights file `encoder` if given, logged to the run
         as an MLflow model and registered as a new version of the model named after the experiment."""
         role = {"role": registry.FINETUNED, "method": self.cfg.train.method} if encoder else {"role": registry.ORIGINAL}
