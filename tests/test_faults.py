@@ -252,7 +252,7 @@ def test_two_runs_on_one_cache_dir_at_once_both_finish_with_one_whole_cache_each
         codes = [run.wait(timeout=900) for run in runs]
     assert codes == [0, 0], [(tmp_path / f"run{i}.log").read_text()[-3000:] for i in range(2)]
     manifests = sorted((tmp_path / "cache").glob("*/*/manifest.json"))
-    assert {m.parent.parent.name for m in manifests} == {"teacher", "text", "finetune", "eval"}
+    assert {m.parent.parent.name for m in manifests} == {"teacher", "text", "finetune", "eval", "servable"}
     for manifest in manifests:
         content = json.loads(manifest.read_text())
         entry = CacheEntry(tmp_path / "cache", content["kind"], content["inputs"])
