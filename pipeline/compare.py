@@ -46,6 +46,8 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
                 # once, in the first run, instead of spending a run's eval on it per seed
                 first = i == 0 and j == 0
                 result = Pipeline(run_cfg, uri, log=log).run(parent_run_id=parent, original=first)
+                if first:  # every run reads the same data
+                    tracking.log_datasets(uri, parent, result.datasets)
                 for row in result.rows:
                     if row["dataset"] == "mean":
                         continue

@@ -91,6 +91,7 @@ class RunResult:
     rows: list[dict]
     cache_hits: dict[str, bool] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    datasets: list[dict] = field(default_factory=list)  # its MLflow dataset inputs (dataset_inputs)
 
 
 def _get(refs, field: str | None = None):
@@ -551,7 +552,8 @@ class Pipeline:
                                     cfg.artifact_location)
         with tracking.finishing(self.uri, run_id):
             tracking.tag_run(self.uri, run_id, {"weights_digest": prepared.teacher.digest})
-            tracking.log_datasets(self.uri, run_id, dataset_inputs(prepared))
+            datasets = dataset_inputs(prepared)
+            tracking.log_datasets(self.uri, run_id, datasets)
             if cfg.train.method == "agft":  # the only method whose targets γ shapes
                 self.log_calibration(run_id, prepared.calibration)
             attacks = [a.as_tuple() for a in (cfg.eval.attack, cfg.eval.quick) if a]
@@ -567,7 +569,7 @@ class Pipeline:
             self._timed("report", self.publish, run_id, rows, tuned)
             if cfg.register_models:
                 self._timed("register", self.register_models, prepared, run_id, rows, tuned.file_named(ENCODER_FILE))
-        return RunResult(run_id, rows, self.hits, self.seconds)
+        return RunResult(run_id, rows, self.hits, self.seconds, datasets)
 
     def run_eval(self) -> RunResult:
         """`agft eval`: the evaluation matrix of eval.matrix, without training."""

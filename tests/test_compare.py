@@ -23,6 +23,8 @@ def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, ca
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["agft-seed0", "agft-seed1", "tecoa-seed0", "tecoa-seed1"]
     assert all(c.info.status == "FINISHED" for c in children)
+    datasets = lambda run: {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}  # noqa: E731
+    assert datasets(parent) and all(datasets(c) == datasets(parent) for c in children)
     assert {c.info.run_name: c.data.params["train.lr"] for c in children} == {  # compare.per_method: TeCoA's only
         "agft-seed0": "0.0005", "agft-seed1": "0.0005", "tecoa-seed0": "0.001", "tecoa-seed1": "0.001"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"compare.md", "compare.png",
