@@ -169,8 +169,9 @@ def _accuracy_tags(rows: list[dict], model: str) -> dict[str, str]:
 
 
 def dataset_inputs(prepared: Prepared) -> list[dict]:
-    """The datasets a run reads, as tracking.log_datasets takes them; the digest is of their content, not of
-    the preprocessing, so runs of two models on the same data share it."""
+    """The datasets a run reads, as tracking.log_datasets takes them. The digest is of what identifies their
+    content (the generated pixels, or a root's path and file listing), not of the preprocessing, so runs of two
+    models on the same data share it."""
     inputs = []
     for key, spec in prepared.specs.items():
         info = prepared.infos[key]

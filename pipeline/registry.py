@@ -24,9 +24,9 @@ import agft_core
 from agft_core.cache import local_path
 
 MODEL_CODE = Path(__file__).with_name("zero_shot_model.py")
-# What the model's code imports, pinned to what logged it.
+# What the model's code imports (agft_core.evaluate imports pyautoattack), pinned to what logged it.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "huggingface_hub", "pyarrow",
-                "numpy", "pandas", "pillow")
+                "numpy", "pandas", "pillow", "pyautoattack")
 ORIGINAL, FINETUNED = "original", "fine-tuned"  # the versions' "role" tag
 
 
@@ -61,7 +61,8 @@ def register(uri: str, run_id: str, name: str, clip: ServableClip, tags: dict[st
             model_config={"arch": clip.arch, "classnames": clip.classnames, "templates": clip.templates},
             code_paths=[str(Path(agft_core.__file__).parent)], signature=signature(clip.classnames),
             input_example=(pd.DataFrame({"image": [clip.example]}), {"classnames": clip.classnames}),
-            pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS])
+            # without a local build tag such as torch's +cu130, which no package index serves
+            pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in REQUIREMENTS])
         logged = client.create_logged_model(experiment_id, name=f"{name}-{tags['role']}", source_run_id=run_id,
                                             tags=tags)
         try:

@@ -13,14 +13,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from agft_core.cache import exists, filesystem, fingerprint, join, read_bytes, write_bytes
 from agft_core.calibration import Calibration
+from agft_core.catalog import is_uri
 from pipeline import report, tracking
 from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
 from pipeline.dag import Pipeline, Prepared, dataset_inputs
-from pipeline.train import ENCODER_FILE, TrainInputs, check_resources, fit, newest_checkpoint, resolved
+from pipeline.train import ENCODER_FILE, TrainInputs, check_resources, fit, resolved
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
@@ -139,6 +140,8 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     sweep_dir = join(storage, name)
     parent_file = join(sweep_dir, PARENT_RUN_FILE)
     resumed = tune.Tuner.can_restore(sweep_dir) and exists(parent_file)
+    # A sweep reads the training and validation sets; it evaluates no zero-shot set
+    datasets = [d for d in dataset_inputs(prepared) if d["context"] != "evaluation"]
     if resumed:
         parent_run_id = read_bytes(parent_file).decode().strip()
         log(f"[sweep] resuming {sweep_dir} (finished trials are kept)")
@@ -146,9 +149,9 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
         parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.model_dump(mode="json"),
                                            {"mlflow.runName": name, "sweep": "parent"}, cfg.artifact_location)
         pipeline.log_calibration(parent_run_id, prepared.calibration)
-        tracking.log_datasets(tracking_uri, parent_run_id, dataset_inputs(prepared))
+        tracking.log_datasets(tracking_uri, parent_run_id, datasets)
     trainable = tune.with_parameters(run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage,
-                                     datasets=dataset_inputs(prepared))
+                                     datasets=datasets)
     # The trial driver only waits on its trainer, whose workers hold the CPUs/GPUs; Ray refuses an
     # empty request, so the driver asks for the memory it actually uses.
     trainable = tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY})
@@ -206,9 +209,16 @@ def _trial_row(result, cfg: Config, calibration: Calibration | None, metric: str
 
 def _register_best(pipeline: Pipeline, prepared: Prepared, parent_run_id: str, storage: str, trial_id: str,
                    params: dict, metrics: dict) -> None:
-    """The best trial's fine-tuned CLIP (its last checkpoint), logged to the sweep's parent run and registered,
-    tagged with its trial, its values and its validation accuracy; the parent run is tagged with the version."""
-    checkpoint = newest_checkpoint(join(storage, f"trial-{trial_id}"))
+    """The best trial's fine-tuned CLIP (the checkpoint of the epoch its metrics are from), logged to the sweep's
+    parent run and registered, tagged with its trial, its values and its validation accuracy; the parent run is
+    tagged with the version. A resumed sweep whose parent has its model already registers nothing."""
+    if "best_model" in tracking.run_tags(pipeline.uri, parent_run_id):
+        return
+    if not metrics.get(CHECKPOINT_PATH_KEY):
+        raise SweepFailed(f"sweep: the best trial {trial_id} reported no checkpoint to register")
+    # Ray reports the path inside its filesystem, without the storage's scheme
+    checkpoint = f"{storage.split('://', 1)[0]}://{metrics[CHECKPOINT_PATH_KEY]}" if is_uri(storage) \
+        else metrics[CHECKPOINT_PATH_KEY]
     tags = {"sweep_trial": trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()},
             **{k: f"{metrics[k]:.4f}" for k in ("val_clean_acc", "val_robust_acc") if metrics.get(k) is not None}}
     version = pipeline.register_model(prepared, parent_run_id, join(checkpoint, ENCODER_FILE), tags)

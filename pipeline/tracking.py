@@ -78,6 +78,10 @@ def trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, para
                                                "mlflow.runName": f"trial-{trial_id}", **tags})
 
 
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return MlflowClient(uri).get_run(run_id).data.tags
+
+
 def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
     client = MlflowClient(uri)
     for key, value in tags.items():

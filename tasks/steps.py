@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from agft_core.cache import describe_file, embedding_table, embeddings_of, file_
 from agft_core.calibration import Calibration, fit_gamma
 from agft_core.catalog import DatasetSpec
 from agft_core.datasets import DatasetInfo, load_dataset
+from agft_core.errors import InputError
 from agft_core.evaluate import embed_images, zero_shot_accuracy
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, load_weights, logit_scale, \
     preprocess_cfg, save_weights, state_digest
@@ -58,10 +60,22 @@ def servable_clip(arch: str, weights: str | None, encoder_weights: str | None, s
         load_weights(ImageEncoder.from_clip(model), encoder_weights)  # the encoder shares model.visual
     with tempfile.TemporaryDirectory() as tmp:
         save_weights(model, Path(tmp) / SERVED_CLIP, metadata={"arch": arch})
-        to_pil_image(load_dataset(spec, image_size).images[0][0]).save(Path(tmp) / SERVED_EXAMPLE)
+        to_pil_image(_first_decodable(spec, image_size)).save(Path(tmp) / SERVED_EXAMPLE)
         for name in (SERVED_CLIP, SERVED_EXAMPLE):
             upload(Path(tmp) / name, join(out_dir, name))
     return [describe_file(join(out_dir, name)) for name in (SERVED_CLIP, SERVED_EXAMPLE)]
+
+
+def _first_decodable(spec: DatasetSpec, image_size: int) -> torch.Tensor:
+    """The pixels of the dataset's first image that decodes, without the scan of every image that
+    `corrupt: skip` makes."""
+    images = load_dataset(replace(spec, corrupt="error"), image_size).images
+    for i in range(len(images)):
+        try:
+            return images[i][0]
+        except InputError:
+            continue
+    raise InputError(f"{spec.name}: no image decodes")
 
 
 @ray.remote

@@ -4,15 +4,20 @@ import signal
 import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 from ray.util.state import list_tasks
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, check_sweep, load_config
 from pipeline.sweep import sweep
+from pipeline.train import newest_checkpoint
 from ray_cluster import agft_command, ray_cluster
 
 # The search as shipped (random search, ASHA, one trial at a time), on tiny sizes: three trials
@@ -99,7 +104,7 @@ def test_best_config_is_valid_and_is_the_best_trial(swept):
     assert 15 <= best_cfg.calibration.inv_tau <= 40
 
 
-def test_best_trials_model_is_registered_from_the_parent_run(swept):
+def test_best_trials_model_is_registered_from_the_parent_run(swept, tmp_path):
     cfg, uri, result, _ = swept
     client = MlflowClient(uri)
     best_row = max(result.trials, key=lambda t: t["val_robust_acc"])
@@ -109,6 +114,14 @@ def test_best_trials_model_is_registered_from_the_parent_run(swept):
     assert version.tags["sweep_trial"] == best_row["trial_id"]
     assert float(version.tags["val_robust_acc"]) == pytest.approx(best_row["val_robust_acc"], abs=5e-5)
     assert float(version.tags["sweep.calibration.gamma"]) == best_row["calibration.gamma"]
+    # it serves the image tower of the trial's last checkpoint, the one its metrics come from
+    checkpoint = newest_checkpoint(str(Path(cfg.cache_dir) / "ray_tune" / f"trial-{best_row['trial_id']}"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        served = load_file(mlflow.artifacts.download_artifacts(
+            f"models:/sweep-test/{version.version}/artifacts/clip.safetensors", dst_path=str(tmp_path)))
+    tuned = load_file(f"{checkpoint}/image_encoder.safetensors")
+    assert all(torch.equal(served[name], tensor) for name, tensor in tuned.items())
 
 
 @pytest.mark.parametrize("space, needle", [
@@ -160,8 +173,12 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
                                       timeout=400).returncode
             except subprocess.TimeoutExpired:
                 code = "timeout"
-    assert code == 0, log.read_text()[-4000:]
+        assert code == 0, log.read_text()[-4000:]
+        # the finished sweep once more: it resumes, finds every trial done and registers nothing new
+        again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     client = MlflowClient(uri)
+    assert len(client.search_model_versions("name = 'resume-test'")) == 1
     runs = _finished_trials(uri)
     assert len(runs) == 2 and len({t for t, _ in runs}) == 2
     history = client.get_metric_history(first_run, "loss")
