@@ -98,9 +98,6 @@ def _working_directory(path: str) -> Iterator[None]:
 
 def original_version(uri: str, name: str, weights_digest: str) -> ModelVersion | None:
     """The registered version of the original teacher with these weights, if there is one."""
-    client = MlflowClient(uri)
-    if client.search_registered_models(f"name = '{name}'") == []:
-        return None
-    found = client.search_model_versions(f"name = '{name}' and tags.role = '{ORIGINAL}' and "
-                                         f"tags.weights_digest = '{weights_digest}'")
+    found = MlflowClient(uri).search_model_versions(f"name = '{name}' and tags.role = '{ORIGINAL}' and "
+                                                    f"tags.weights_digest = '{weights_digest}'")
     return found[0] if found else None

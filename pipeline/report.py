@@ -120,11 +120,10 @@ def plot_sweep(trials: list[dict], axes: list[str], out: Path, best_trial: str |
     with _figure(out / "frontier.png", (5.5, 4.5)) as ax:
         ax.scatter([100 * t["val_clean_acc"] for t in done], [100 * t["val_robust_acc"] for t in done])
         for t in done:
+            point = (100 * t["val_clean_acc"], 100 * t["val_robust_acc"])
+            ax.annotate(str(t["trial_id"])[-5:], point, fontsize=7)
             if t["trial_id"] == best_trial:
-                ax.scatter([100 * t["val_clean_acc"]], [100 * t["val_robust_acc"]], marker="*", s=220, c="gold",
-                           edgecolors="black", label="chosen", zorder=3)
-        for t in done:
-            ax.annotate(str(t["trial_id"])[-5:], (100 * t["val_clean_acc"], 100 * t["val_robust_acc"]), fontsize=7)
+                ax.scatter(*point, marker="*", s=220, c="gold", edgecolors="black", label="chosen", zorder=3)
         frontier, best_robust = [], -1.0
         for t in sorted(done, key=lambda t: -t["val_clean_acc"]):
             if t["val_robust_acc"] > best_robust:
