@@ -106,11 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     _start_ray(args.address, cfg.verbose)
 
     try:
-        check_inputs(cfg)
-        if args.command in ("run", "sweep", "compare"):
-            from pipeline.train import check_resources
+        from pipeline.train import check_resources
 
-            check_resources(cfg.train)
+        check_resources(cfg, training=args.command != "eval")  # first: the input check is itself a task
+        check_inputs(cfg)
         if args.command == "sweep":
             return _sweep(cfg, uri, Path(args.best_out))
         if args.command == "compare":

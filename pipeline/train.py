@@ -11,6 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -269,58 +270,83 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
 
 
-def _fits(per_worker: dict[str, float], node: dict[str, float]) -> int:
-    """How many workers of this shape one node's total resources hold."""
-    return int(min(node.get(key, 0) / amount for key, amount in per_worker.items()))
+def _fits(shape: dict[str, float], node: dict[str, float]) -> int:
+    """How many requests of this shape one node's total resources hold."""
+    return int(min(node.get(key, 0) / amount for key, amount in shape.items() if amount))
 
 
-def placement_problem(cfg: TrainConfig, nodes: list[dict[str, float]],
-                      node_groups: list[tuple[dict[str, float], int]] | None) -> tuple[str | None, bool]:
-    """(message, fatal) when the cluster cannot hold the trainer's workers now, else (None, False).
+class Demand(NamedTuple):
+    """Resources a run asks Ray for at once: `count` requests of `shape`, set by `fields`."""
+    who: str
+    shape: dict[str, float]
+    count: int
+    fields: str  # what to lower
+    gpu_field: str
+
+
+def demands(cfg: Config, training: bool) -> list[Demand]:
+    task = {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}
+    trainer = Demand(f"train.num_workers={cfg.train.num_workers} workers", worker_resources(cfg.train),
+                     cfg.train.num_workers, "train.num_workers or train.cpus_per_worker", "train.use_gpu")
+    return [trainer] * training + [Demand("a cache or eval task", task, 1, "resources.task_cpus or resources.task_gpus",
+                                          "resources.task_gpus")]
+
+
+def placement_problem(cfg: Config, nodes: list[dict[str, float]],
+                      node_groups: list[tuple[dict[str, float], int]] | None,
+                      training: bool = True) -> tuple[str | None, bool]:
+    """(message, fatal) when the cluster cannot hold the trainer's workers (when `training`) or one DAG
+    task now, else (None, False).
 
     nodes: each alive node's total resources. node_groups: the autoscaler's (resources, max nodes; -1
     unbounded) per node type, or None without an autoscaler. Fatal: no autoscaler could ever add room.
     """
-    per_worker, wanted = worker_resources(cfg), cfg.num_workers
-    now = sum(_fits(per_worker, node) for node in nodes)
-    if now >= wanted:
-        return None, False
-    shape = " + ".join(f"{amount:g} {key}" for key, amount in per_worker.items())
-    need = f"train.num_workers={wanted} workers of {shape} each; the cluster's nodes hold {now}"
-    if node_groups is not None:
-        room = [max_count if max_count < 0 else max_count * _fits(per_worker, resources)
-                for resources, max_count in node_groups if _fits(per_worker, resources) > 0]
-        if any(r < 0 for r in room) or now + sum(room) >= wanted:
-            return f"waiting for the autoscaler to add nodes: {need}", False
-        return f"{need}, and the autoscaler's node types add at most {sum(room)}", True
-    hint = " (train.use_gpu: this cluster declares no GPU)" if cfg.use_gpu and not any(
-        node.get("GPU") for node in nodes) else ""
-    return f"{need}{hint}: lower train.num_workers or train.cpus_per_worker, or add nodes", True
+    waiting = None
+    for demand in demands(cfg, training):
+        now = sum(_fits(demand.shape, node) for node in nodes)
+        if now >= demand.count:
+            continue
+        shape = " + ".join(f"{amount:g} {key}" for key, amount in demand.shape.items() if amount)
+        need = f"{demand.who} of {shape} each; the cluster's nodes hold {now}"
+        if node_groups is not None:
+            room = [max_count if max_count < 0 else max_count * _fits(demand.shape, resources)
+                    for resources, max_count in node_groups if _fits(demand.shape, resources) > 0]
+            if any(r < 0 for r in room) or now + sum(room) >= demand.count:
+                waiting = waiting or f"waiting for the autoscaler to add nodes: {need}"
+                continue
+            return f"{need}, and the autoscaler's node types add at most {sum(room)}", True
+        hint = f" ({demand.gpu_field}: this cluster declares no GPU)" if demand.shape.get("GPU") and not any(
+            node.get("GPU") for node in nodes) else ""
+        return f"{need}{hint}: lower {demand.fields}, or add nodes", True
+    return waiting, False
 
 
-def check_resources(cfg: TrainConfig) -> None:
-    """Before any work: a trainer that could never be placed would wait forever."""
+def check_resources(cfg: Config, training: bool = True) -> None:
+    """Before any work: a trainer or a task that could never be placed would wait forever."""
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     # The autoscaler publishes its node types in the GCS; ray.autoscaler has no public reader yet.
     from ray._private.state import state
 
     config = state.get_cluster_config()
     groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs] if config else None
-    problem, fatal = placement_problem(cfg, nodes, groups)
+    problem, fatal = placement_problem(cfg, nodes, groups, training)
     if fatal:
         raise ConfigError(problem)
     if problem:
-        print(f"[train] {problem}", flush=True)
+        print(f"[cluster] {problem}", flush=True)
+
+
+# nccl for CUDA tensors and gloo for any CPU tensor: a collective on a CPU tensor under plain nccl crashes the run
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
 
 def process_group_backend(use_gpu: bool) -> str:
-    """gloo on CPUs. With GPUs, nccl for CUDA tensors and gloo for any CPU tensor (a collective on a CPU
-    tensor under plain nccl crashes the run) - if the GPU nodes have CUDA: GPUs declared to Ray on nodes
+    """gloo on CPUs; GPU_BACKEND with GPUs, if the GPU nodes have CUDA: GPUs declared to Ray on nodes
     without it get gloo, and the workers compute on their CPUs (cpu_fallback)."""
     if not use_gpu:
         return "gloo"
     if ray.get(steps.cuda_available.options(num_cpus=0, num_gpus=1).remote()):
-        return "cpu:gloo,cuda:nccl"
+        return GPU_BACKEND
     print("[train] WARNING: train.use_gpu, but CUDA is not available on the GPU nodes: training on their CPUs "
           "with gloo", flush=True)
     return "gloo"

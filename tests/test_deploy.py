@@ -10,6 +10,7 @@ import yaml
 
 from pipeline.cli import _parser
 from pipeline.config import load_config
+from pipeline.train import placement_problem
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 REPO = DEPLOY.parent
@@ -106,6 +107,13 @@ def _check_cluster_spec(spec: dict) -> None:
     for group in gpu_groups:
         resources = group["template"]["spec"]["containers"][0]["resources"]
         assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
+    # the shipped config's trainer and GPU tasks fit the nodes these pods make (the head: num-cpus 0)
+    nodes = [{"CPU": float(spec["headGroupSpec"]["rayStartParams"].get("num-cpus", 0))}]
+    for group in spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        nodes += [{"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}] * group["replicas"]
+    assert placement_problem(config, nodes, None) == (None, False)
+    assert config.train.use_gpu and config.resources.task_gpus > 0 and config.resources.loader_workers > 0
 
 
 def _check_entrypoint(entrypoint: str) -> None:
@@ -170,6 +178,9 @@ def test_dockerfile_builds_on_rays_gpu_image_with_dependencies_before_sources():
     assert "|| true" not in text  # a failed install fails the build
     deps, sources = text.index("pip install --no-cache-dir -r"), text.index("COPY --chown=ray:users agft_core")
     assert deps < sources and "pip install --no-cache-dir --no-deps ." in text[sources:]
+    # the install writes build files into the working directory: the image's user (not root) made it
+    workdir = next(line.split()[1] for line in lines if line.startswith("WORKDIR"))
+    assert text.index(f"RUN mkdir -p {workdir}") < text.index("WORKDIR") and "USER root" not in text
 
 
 def test_the_shipped_configs_are_package_data(tmp_path, monkeypatch):

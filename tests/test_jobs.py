@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from file_audit import opened_under, traced
 from mlflow_server import mlflow_server, status_without_credentials
 from ray_cluster import ray_cli, ray_cluster
 
@@ -103,9 +104,10 @@ def test_invalid_config_fails_at_once_with_the_error_in_the_logs(head, tmp_path)
 def test_submission_without_the_token_is_refused(head):
     address, env, _ = head
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
-    result = ray_cli("job", "list", "--address", address, env=no_token)
-    assert result.returncode != 0
-    assert re.search(r"401|[Uu]nauthori[sz]ed|token", result.stdout + result.stderr)
+    for request in (["submit", "--no-wait", "--", "true"], ["list"]):
+        result = ray_cli("job", request[0], "--address", address, *request[1:], env=no_token)
+        assert result.returncode != 0
+        assert re.search(r"Authentication failed|401|[Uu]nauthori[sz]ed", result.stdout + result.stderr)
 
 
 # -- the real path on a multi-node "GPU" cluster, logging to a real tracking server --------------
@@ -128,6 +130,26 @@ def _imagefolder(root: Path) -> None:
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
 
 
+def test_the_driver_audit_sees_what_native_code_opens(tmp_path):
+    """The check the real-path job relies on: safetensors (Rust) and pyarrow (C++) reads are seen, not only
+    Python's open()."""
+    import subprocess
+    import sys
+
+    from agft_core.model import create_clip, save_weights
+
+    weights, data, log = tmp_path / "w" / "teacher.safetensors", tmp_path / "data", tmp_path / "opens.log"
+    weights.parent.mkdir()
+    save_weights(create_clip("agft-tiny-vit", None), weights)
+    data.mkdir()
+    (data / "labels.bin").write_bytes(b"x")
+    script = (f"from agft_core.model import create_clip; from agft_core.cache import file_sha256; "
+              f"create_clip('agft-tiny-vit', {str(weights)!r}); file_sha256({str(data / 'labels.bin')!r})")
+    subprocess.run(traced([sys.executable, "-c", script], log), check=True, cwd=REPO, timeout=300)
+    assert opened_under(log, [weights]) and opened_under(log, [data])
+    assert not opened_under(log, [tmp_path / "elsewhere"])
+
+
 @pytest.fixture(scope="module")
 def gpu_cluster():
     """A 1-CPU head (where `ray job submit` runs the driver) and two worker nodes declaring one GPU each."""
@@ -138,7 +160,7 @@ def gpu_cluster():
 def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu_cluster, tmp_path):
     from agft_core.model import create_clip, save_weights
 
-    data, weights, audit = tmp_path / "toys", tmp_path / "teacher.safetensors", tmp_path / "driver-reads.log"
+    data, weights, audit = tmp_path / "toys", tmp_path / "teacher.safetensors", tmp_path / "driver-opens.log"
     _imagefolder(data)
     save_weights(create_clip("agft-tiny-vit", None), weights)
     with mlflow_server() as server:
@@ -151,10 +173,10 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             f"data.train={{kind: imagefolder, name: toys, split: train, root: {data}}}",
             f"data.zero_shot=[{{kind: imagefolder, name: toys, split: test, root: {data}}}]",
             "train.use_gpu=true", "train.num_workers=2", "train.epochs=1", "train.batch_size=8",
-            "train.warmup_steps=1", "train.validation=null", "resources.task_gpus=0.5", "eval.attack.steps=1",
-            "eval.quick=null"]
-        args = ["python", "tests/audited_driver.py", str(audit), f"{data}{os.pathsep}{weights}", "--", "run",
-                "--tracking-uri", server.uri, "--verbose"] + [a for o in overrides for a in ("--set", o)]
+            "train.warmup_steps=1", "train.validation=null", "resources.task_gpus=0.5", "resources.loader_workers=1",
+            "eval.attack.steps=1", "eval.quick=null"]
+        args = traced(["agft", "run", "--tracking-uri", server.uri, "--verbose"] +
+                      [a for o in overrides for a in ("--set", o)], audit)
         submission = f"agft-gpu-{secrets.token_hex(4)}"
         submitted = ray_cli("job", "submit", "--address", gpu_cluster.dashboard, "--submission-id", submission,
                             "--working-dir", str(REPO), "--runtime-env", str(tmp_path / "runtime_env.yaml"),
@@ -184,8 +206,8 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             for key in server.client_env:
                 os.environ.pop(key)
 
-    # the driver read neither data nor weights (its audit hook would have failed the job); tasks did
-    assert not audit.exists(), audit.read_text()
+    # the driver read neither data nor weights, by any library; tasks did
+    assert audit.read_text() and not opened_under(audit, [data, weights])
     teacher_rows = pq.ParquetDataset(sorted((tmp_path / "cache" / "teacher").glob("*/attempt-*/part-*.parquet"))).read()
     assert teacher_rows.num_rows == 24
 
@@ -200,8 +222,27 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
     assert {a["node_id"] for a in trainers} == workers  # one train worker on each GPU node
 
     # declared GPUs without CUDA: every GPU step said it fell back to the CPU instead of crashing
-    for step in ("[teacher cache] WARNING: Ray granted GPU", "[eval] WARNING: Ray granted GPU",
-                 "[train rank 0] WARNING: Ray granted GPU", "[train rank 1] WARNING: Ray granted GPU",
-                 "[train] WARNING: train.use_gpu, but CUDA is not available"):
-        assert step in logs, step
+    _assert_every_gpu_step_fell_back(logs)
     assert "Reporting training result" in logs  # --verbose: Ray Train's INFO is back
+
+
+def _assert_every_gpu_step_fell_back(logs: str) -> None:
+    for step in ("[text cache] WARNING: Ray granted GPU", "[teacher cache] WARNING: Ray granted GPU",
+                 "[eval] WARNING: Ray granted GPU", "[train rank 0] WARNING: Ray granted GPU",
+                 "[train rank 1] WARNING: Ray granted GPU", "[train] WARNING: train.use_gpu, but CUDA is not available"):
+        assert step in logs, step
+
+
+def test_embedded_default_with_gpus_declared_falls_back_to_the_cpu_in_every_step(gpu_cluster, tmp_path):
+    """The demo as a user with a GPU cluster would first try it: `train.use_gpu` and GPU tasks, on nodes
+    whose GPUs have no CUDA. The job finishes, every GPU step saying that it computed on the CPU."""
+    submission = _submit(gpu_cluster.dashboard, gpu_cluster.env, tmp_path, "train.use_gpu=true",
+                         "train.num_workers=2", "resources.task_gpus=0.5")
+    status = _wait(gpu_cluster.dashboard, gpu_cluster.env, submission)
+    logs = ray_cli("job", "logs", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env).stdout
+    assert status == "SUCCEEDED", logs[-4000:]
+    _assert_every_gpu_step_fell_back(logs)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id])
+    assert run.info.status == "FINISHED" and "finetuned_robust/colours" in run.data.metrics
+

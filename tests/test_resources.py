@@ -1,4 +1,6 @@
-"""A trainer the cluster can never hold is one clear line before any work, not a wait without end."""
+"""A trainer or a task the cluster can never hold is one clear line before any work, not a wait without end."""
+import pytest
+
 from pipeline.config import load_config
 from pipeline.train import placement_problem
 
@@ -6,7 +8,7 @@ CPU2 = {"CPU": 2.0, "memory": 1e9}
 
 
 def train_cfg(*overrides):
-    return load_config(None, list(overrides)).train
+    return load_config(None, list(overrides))
 
 
 def test_workers_that_fit_across_nodes_pass():
@@ -42,13 +44,49 @@ def test_an_autoscaler_that_can_add_room_is_waited_for_and_one_that_cannot_is_an
     assert not fatal and message.startswith("waiting")
 
 
-def test_agft_run_with_more_workers_than_the_cluster_exits_2_before_any_work(ray_local, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_gpu_tasks_on_a_cluster_without_gpus_name_task_gpus():
+    message, fatal = placement_problem(train_cfg("resources.task_gpus=0.5"), [CPU2, CPU2], None)
+    assert fatal and message == ("a cache or eval task of 1 CPU + 0.5 GPU each; the cluster's nodes hold 0 "
+                                 "(resources.task_gpus: this cluster declares no GPU): lower resources.task_cpus "
+                                 "or resources.task_gpus, or add nodes")
+    # half a GPU: a node with one holds two such tasks
+    assert placement_problem(train_cfg("resources.task_gpus=0.5"), [{"CPU": 2.0, "GPU": 1.0}], None) == (None, False)
+
+
+def test_a_task_bigger_than_every_node_is_an_error_and_an_autoscaler_node_type_is_waited_for():
+    cfg = train_cfg("resources.task_cpus=3")
+    message, fatal = placement_problem(cfg, [CPU2, CPU2], None)
+    assert fatal and "a cache or eval task of 3 CPU each; the cluster's nodes hold 0" in message
+    message, fatal = placement_problem(cfg, [CPU2], [(CPU2, 4), ({"CPU": 4.0}, 1)])
+    assert not fatal and message.startswith("waiting for the autoscaler") and "3 CPU" in message
+
+
+def test_eval_alone_asks_for_no_trainer():
+    cfg = train_cfg("train.num_workers=8")
+    assert placement_problem(cfg, [CPU2], None, training=False) == (None, False)
+    assert placement_problem(cfg, [CPU2], None)[1]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.num_workers=3", ["train.num_workers=3", "hold 2"]),
+    # the input check is itself a 3-CPU task, which would wait for ever
+    ("resources.task_cpus=3", ["a cache or eval task of 3 CPU each", "hold 0", "resources.task_cpus"])])
+def test_agft_run_the_cluster_cannot_hold_exits_2_before_any_work(ray_local, tmp_path, monkeypatch, capsys,
+                                                                   override, expected):
     from pipeline.cli import main
 
     monkeypatch.chdir(tmp_path)
-    code = main(["run", "--set", "train.num_workers=3", "--set", f"cache_dir={tmp_path / 'cache'}",
+    code = main(["run", "--set", override, "--set", f"cache_dir={tmp_path / 'cache'}",
                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "train.num_workers=3" in err[0] and "hold 2" in err[0]
+    assert code == 2 and len(err) == 1 and all(part in err[0] for part in expected), err
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_gpu_run_reduces_cpu_tensors_with_gloo_and_cuda_tensors_with_nccl():
+    # under plain "nccl" the epoch's CPU float64 sums crashed every GPU run at the end of epoch 1
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from pipeline.train import GPU_BACKEND
+
+    assert BackendConfig(Backend(GPU_BACKEND)).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
