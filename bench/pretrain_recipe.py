@@ -27,6 +27,7 @@ from pipeline.config import load_config
 # name: the pretrain arguments it changes from configs/demo.yaml's
 VARIANTS = {
     "ref": {},
+    "7ep": {"epochs": 7},
     "6ep": {"epochs": 6},
     "5ep-b512": {"epochs": 5, "batch_size": 512, "lr": 3e-3},
 }
