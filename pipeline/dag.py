@@ -514,8 +514,8 @@ class Pipeline:
         versions = {registry.FINETUNED: self.register_model(prepared, run_id, encoder,
                                                             robust | _accuracy_tags(rows, "finetuned"))}
         if "original_clean" in rows[0] and not registry.original_version(self.uri, name, prepared.teacher.digest):
-            versions[registry.ORIGINAL] = self.register_model(prepared, run_id, None,
-                                                              robust | _accuracy_tags(rows, "original"))
+            versions[registry.ORIGINAL] = registry.keep_first_original(self.uri, self.register_model(
+                prepared, run_id, None, robust | _accuracy_tags(rows, "original")), prepared.teacher.digest)
         self.log(f"[registry] {name}: " + ", ".join(f"version {v.version} ({role})" for role, v in versions.items()))
 
     def _check_training_set(self, train: DatasetInfo) -> None:

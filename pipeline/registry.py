@@ -97,7 +97,24 @@ def _working_directory(path: str) -> Iterator[None]:
 
 
 def original_version(uri: str, name: str, weights_digest: str) -> ModelVersion | None:
-    """The registered version of the original teacher with these weights, if there is one."""
+    """The registered version of the original teacher with these weights, if there is one (the first, if
+    two runs registered it at once)."""
     found = MlflowClient(uri).search_model_versions(f"name = '{name}' and tags.role = '{ORIGINAL}' and "
                                                     f"tags.weights_digest = '{weights_digest}'")
-    return found[0] if found else None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def keep_first_original(uri: str, mine: ModelVersion, weights_digest: str) -> ModelVersion:
+    """The original is registered when none is found, so two runs that looked at once register one each. Each
+    then keeps the first version, deleting its own if it is not that one: one remains, whatever the order."""
+    first = original_version(uri, mine.name, weights_digest)
+    if first.version == mine.version:
+        return mine
+    client = MlflowClient(uri)
+    client.delete_model_version(mine.name, mine.version)
+    # and its logged model, the version's source (a version whose source is an artifact location has no model id)
+    experiment_id = client.get_run(mine.run_id).info.experiment_id
+    for logged in client.search_logged_models([experiment_id], f"source_run_id = '{mine.run_id}'"):
+        if logged.artifact_location == mine.source:
+            client.delete_logged_model(logged.model_id)
+    return first
