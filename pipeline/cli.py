@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pipeline.train import check_resources
 
-        check_resources(cfg, training=args.command != "eval")  # first: the input check is itself a task
+        # first: the input check is itself a task
+        check_resources(cfg, trainer=args.command in ("run", "sweep", "compare"), tasks=True)
         check_inputs(cfg)
         if args.command == "sweep":
             return _sweep(cfg, uri, Path(args.best_out))

@@ -286,8 +286,8 @@ class ResourcesConfig(Section):
     """What each Ray task of the DAG asks for (the train workers: train.num_workers, cpus_per_worker, use_gpu)."""
 
     task_cpus: float = Field(1, gt=0, description="CPUs per text-cache, teacher-cache and eval task")
-    task_gpus: float = Field(0, ge=0, description="GPUs per teacher-cache and eval task: a fraction such as 0.25 "
-                                                  "packs tasks onto one GPU; 0 computes on CPUs")
+    task_gpus: float = Field(0, ge=0, description="GPUs per text-cache, teacher-cache and eval task: a fraction "
+                                                  "such as 0.25 packs tasks onto one GPU; 0 computes on CPUs")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes decoding images in each task and train "
                                                      "worker (0: decode in the computing process)")
 

@@ -516,7 +516,9 @@ class Pipeline:
         if "original_clean" in rows[0] and not registry.original_version(self.uri, name, prepared.teacher.digest):
             versions[registry.ORIGINAL] = registry.keep_first_original(self.uri, self.register_model(
                 prepared, run_id, None, robust | _accuracy_tags(rows, "original")), prepared.teacher.digest)
-        self.log(f"[registry] {name}: " + ", ".join(f"version {v.version} ({role})" for role, v in versions.items()))
+        self.log(f"[registry] {name}: " + ", ".join(
+            f"version {v.version} ({role}{'' if v.run_id == run_id else ', registered by run ' + v.run_id})"
+            for role, v in versions.items()))
 
     def _check_training_set(self, train: DatasetInfo) -> None:
         cfg = self.cfg

@@ -108,7 +108,7 @@ def keep_first_original(uri: str, mine: ModelVersion, weights_digest: str) -> Mo
     """The original is registered when none is found, so two runs that looked at once register one each. Each
     then keeps the first version, deleting its own if it is not that one: one remains, whatever the order."""
     first = original_version(uri, mine.name, weights_digest)
-    if first.version == mine.version:
+    if first is None or first.version == mine.version:  # None: a registry whose search lags its writes
         return mine
     client = MlflowClient(uri)
     client.delete_model_version(mine.name, mine.version)

@@ -69,7 +69,7 @@ def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage:
     tracking.log_datasets(inputs.tracking_uri, run_id, datasets)
     # The run's end status is the driver's to set (_Progress): Tune may stop this trial by killing its
     # actor, which can surface here as an error after the trial has ended well.
-    check_resources(cfg)  # a trial's own resources: the CLI checked only the base config's
+    check_resources(cfg, trainer=True, tasks=False)  # a trial's own trainer: the CLI checked the base config's
     fit(replace(inputs, cfg=cfg, run_id=run_id), storage, f"trial-{trial_id}", callbacks=[TuneReportCallback()])
 
 

@@ -271,57 +271,61 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
 
 
 def _fits(shape: dict[str, float], node: dict[str, float]) -> int:
-    """How many requests of this shape one node's total resources hold."""
-    return int(min(node.get(key, 0) / amount for key, amount in shape.items() if amount))
+    """How many requests of this shape one node's total resources hold (Ray counts in steps of 1e-4)."""
+    return int(min(node.get(key, 0) / amount for key, amount in shape.items() if amount) + 1e-6)
 
 
 class Demand(NamedTuple):
-    """Resources a run asks Ray for at once: `count` requests of `shape`, set by `fields`."""
-    who: str
+    """`count` requests of `shape` that must be placed together, and the settings that size them."""
+    label: str
     shape: dict[str, float]
     count: int
-    fields: str  # what to lower
-    gpu_field: str
+    to_lower: str
+    gpu_setting: str
 
 
-def demands(cfg: Config, training: bool) -> list[Demand]:
-    task = {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}
-    trainer = Demand(f"train.num_workers={cfg.train.num_workers} workers", worker_resources(cfg.train),
-                     cfg.train.num_workers, "train.num_workers or train.cpus_per_worker", "train.use_gpu")
-    return [trainer] * training + [Demand("a cache or eval task", task, 1, "resources.task_cpus or resources.task_gpus",
-                                          "resources.task_gpus")]
+def demands(cfg: Config, trainer: bool, tasks: bool) -> list[Demand]:
+    """The trainer's workers, placed at once, and the largest single DAG task (the input check, caches, eval)."""
+    workers = Demand(f"train.num_workers={cfg.train.num_workers} workers", worker_resources(cfg.train),
+                     cfg.train.num_workers, "train.num_workers or train.cpus_per_worker", "train.use_gpu=false")
+    task = Demand("a DAG task (input check, caches, eval)",
+                  {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}, 1,
+                  "resources.task_cpus or resources.task_gpus", "resources.task_gpus=0")
+    return [workers] * trainer + [task] * tasks
 
 
 def placement_problem(cfg: Config, nodes: list[dict[str, float]],
-                      node_groups: list[tuple[dict[str, float], int]] | None,
-                      training: bool = True) -> tuple[str | None, bool]:
-    """(message, fatal) when the cluster cannot hold the trainer's workers (when `training`) or one DAG
-    task now, else (None, False).
+                      node_groups: list[tuple[dict[str, float], int]] | None, *,
+                      trainer: bool = True, tasks: bool = True) -> tuple[str | None, bool]:
+    """(message, fatal) when the cluster cannot hold the trainer's workers (`trainer`) or a DAG task (`tasks`)
+    now, else (None, False).
 
     nodes: each alive node's total resources. node_groups: the autoscaler's (resources, max nodes; -1
     unbounded) per node type, or None without an autoscaler. Fatal: no autoscaler could ever add room.
     """
-    waiting = None
-    for demand in demands(cfg, training):
+    waiting = []
+    for demand in demands(cfg, trainer, tasks):
         now = sum(_fits(demand.shape, node) for node in nodes)
         if now >= demand.count:
             continue
         shape = " + ".join(f"{amount:g} {key}" for key, amount in demand.shape.items() if amount)
-        need = f"{demand.who} of {shape} each; the cluster's nodes hold {now}"
+        need = f"{demand.label} of {shape} each; the cluster's nodes hold {now}"
+        anywhere = nodes + [resources for resources, _ in node_groups or []]
+        no_gpus = demand.shape.get("GPU") and not any(node.get("GPU") for node in anywhere)
+        fix = f"this cluster has no GPU: set {demand.gpu_setting} or add GPU nodes" if no_gpus \
+            else f"lower {demand.to_lower}, or add nodes"
         if node_groups is not None:
             room = [max_count if max_count < 0 else max_count * _fits(demand.shape, resources)
                     for resources, max_count in node_groups if _fits(demand.shape, resources) > 0]
             if any(r < 0 for r in room) or now + sum(room) >= demand.count:
-                waiting = waiting or f"waiting for the autoscaler to add nodes: {need}"
+                waiting.append(need)
                 continue
-            return f"{need}, and the autoscaler's node types add at most {sum(room)}", True
-        hint = f" ({demand.gpu_field}: this cluster declares no GPU)" if demand.shape.get("GPU") and not any(
-            node.get("GPU") for node in nodes) else ""
-        return f"{need}{hint}: lower {demand.fields}, or add nodes", True
-    return waiting, False
+            return f"{need}, and the autoscaler's node types add at most {sum(room)}: {fix}", True
+        return f"{need}: {fix}", True
+    return ("waiting for the autoscaler to add nodes: " + "; ".join(waiting) if waiting else None), False
 
 
-def check_resources(cfg: Config, training: bool = True) -> None:
+def check_resources(cfg: Config, *, trainer: bool, tasks: bool) -> None:
     """Before any work: a trainer or a task that could never be placed would wait forever."""
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     # The autoscaler publishes its node types in the GCS; ray.autoscaler has no public reader yet.
@@ -329,7 +333,7 @@ def check_resources(cfg: Config, training: bool = True) -> None:
 
     config = state.get_cluster_config()
     groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs] if config else None
-    problem, fatal = placement_problem(cfg, nodes, groups, training)
+    problem, fatal = placement_problem(cfg, nodes, groups, trainer=trainer, tasks=tasks)
     if fatal:
         raise ConfigError(problem)
     if problem:

@@ -21,12 +21,14 @@ def traced(command: list[str], log: Path) -> list[str]:
 
 
 def opened_under(log: Path, roots: list[Path]) -> list[str]:
-    """The opens in `log` of a path under any of `roots` (a file root: that file). The config names
-    them by absolute path, so the pipeline opens them by absolute path."""
-    roots = [os.path.realpath(r) for r in roots]
+    """The opens in `log` of a path under any of `roots` (a file root: that file), symlinks resolved. The
+    config names them by absolute path, so the pipeline opens them by absolute path; an open relative to a
+    directory descriptor (openat(fd, name), as os.fwalk does) is not matched."""
+    roots = {form for r in roots for form in (os.path.abspath(r), os.path.realpath(r))}
     hits = []
     for line in log.read_text().splitlines():
         match = OPENED.search(line)
-        if match and any(match.group(1) == r or match.group(1).startswith(r + os.sep) for r in roots):
+        if match and any(path == r or path.startswith(r + os.sep)
+                         for path in {match.group(1), os.path.realpath(match.group(1))} for r in roots):
             hits.append(line)
     return hits

@@ -141,13 +141,17 @@ def test_the_driver_audit_sees_what_native_code_opens(tmp_path):
     weights, data, log = tmp_path / "w" / "teacher.safetensors", tmp_path / "data", tmp_path / "opens.log"
     weights.parent.mkdir()
     save_weights(create_clip("agft-tiny-vit", None), weights)
-    data.mkdir()
-    (data / "labels.bin").write_bytes(b"x")
+    for root in (data, tmp_path / "data-other"):
+        root.mkdir()
+        (root / "labels.bin").write_bytes(b"x")
     script = (f"from agft_core.model import create_clip; from agft_core.cache import file_sha256; "
               f"create_clip('agft-tiny-vit', {str(weights)!r}); file_sha256({str(data / 'labels.bin')!r})")
     subprocess.run(traced([sys.executable, "-c", script], log), check=True, cwd=REPO, timeout=300)
     assert opened_under(log, [weights]) and opened_under(log, [data])
-    assert not opened_under(log, [tmp_path / "elsewhere"])
+    # a root is a directory, not a prefix: data-other was not read
+    subprocess.run(traced([sys.executable, "-c", f"open({str(tmp_path / 'data-other' / 'labels.bin')!r}).read()"],
+                          log), check=True, timeout=60)
+    assert opened_under(log, [tmp_path / "data-other"]) and not opened_under(log, [data])
 
 
 @pytest.fixture(scope="module")
