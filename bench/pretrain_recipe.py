@@ -27,7 +27,9 @@ from pipeline.config import load_config
 # name: the pretrain arguments it changes from configs/demo.yaml's
 VARIANTS = {
     "ref": {},
+    "8ep": {"epochs": 8},
     "7ep": {"epochs": 7},
+    "7ep-lr4e-3": {"epochs": 7, "lr": 4e-3},
     "6ep": {"epochs": 6},
     "5ep-b512": {"epochs": 5, "batch_size": 512, "lr": 3e-3},
 }
