@@ -57,6 +57,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Ray Train's own PreemptionWatcher actor logs this at ERROR level in every run (ray-project/ray#53727): it
+# concerns an actor restart that Ray Train manages, nothing a user can act on.
+RAY_NOISE = r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+
+
+def _skip_ray_noise() -> None:
+    """Ray's driver drops worker log lines that match RAY_DEDUP_LOGS_SKIP_REGEX, read once as Ray is
+    imported: set before that, and kept alongside a pattern the user set."""
+    import os
+
+    current = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX", "")
+    if RAY_NOISE not in current:
+        os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = f"{current}|{RAY_NOISE}" if current else RAY_NOISE
+
+
 def _start_ray(address: str | None, verbose: bool) -> None:
     import logging
     import os
@@ -95,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start = time.perf_counter()
+    if not cfg.verbose:
+        _skip_ray_noise()
     # Heavy imports once the input is known to be good, and before Ray starts: torch reads the working
     # directory as it loads, which under `ray job submit` is a package directory that Ray manages.
     from ray.exceptions import RayTaskError
