@@ -32,13 +32,27 @@ def head():
         yield cluster.dashboard, cluster.env, cluster.temp
 
 
-def _submit(address, env, tmp_path, *overrides) -> str:
+def _runtime_env(tmp_path: Path, env_vars: dict[str, str]) -> Path:
+    """deploy/runtime_env.yaml with more environment variables for the job."""
+    runtime_env = yaml.safe_load((REPO / "deploy" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"] |= env_vars
+    path = tmp_path / "runtime_env.yaml"
+    path.write_text(yaml.safe_dump(runtime_env))
+    return path
+
+
+# Ray's driver folds log lines that differ only in numbers (train rank 0 and 1) into one and can print the
+# second only after its job ended; the tests that count every step's warning turn that off.
+EVERY_LINE = {"RAY_DEDUP_LOGS": "0"}
+
+
+def _submit(address, env, tmp_path, *overrides, runtime_env: Path = REPO / "deploy" / "runtime_env.yaml") -> str:
     submission = f"agft-{secrets.token_hex(4)}"
     args = ["run", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", f"cache_dir={tmp_path / 'c'}"]
     for o in TINY + list(overrides):
         args += ["--set", o]
     result = ray_cli("job", "submit", "--address", address, "--submission-id", submission, "--working-dir", str(REPO),
-                     "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"), "--no-wait", "--", "agft", *args, env=env)
+                     "--runtime-env", str(runtime_env), "--no-wait", "--", "agft", *args, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return submission
 
@@ -170,9 +184,7 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
     save_weights(create_clip("agft-tiny-vit", None), weights)
     with mlflow_server() as server:
         assert status_without_credentials(server.uri) == 401
-        runtime_env = yaml.safe_load((REPO / "deploy" / "runtime_env.yaml").read_text())
-        runtime_env["env_vars"] |= server.client_env  # driver and workers log to the server
-        (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+        runtime_env = _runtime_env(tmp_path, server.client_env | EVERY_LINE)  # driver and workers log to the server
         overrides = [
             f"model.weights={weights}", f"cache_dir={tmp_path / 'cache'}",
             f"data.train={{kind: imagefolder, name: toys, split: train, root: {data}}}",
@@ -184,7 +196,7 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
                       [a for o in overrides for a in ("--set", o)], audit)
         submission = f"agft-gpu-{secrets.token_hex(4)}"
         submitted = ray_cli("job", "submit", "--address", gpu_cluster.dashboard, "--submission-id", submission,
-                            "--working-dir", str(REPO), "--runtime-env", str(tmp_path / "runtime_env.yaml"),
+                            "--working-dir", str(REPO), "--runtime-env", str(runtime_env),
                             "--no-wait", "--", *args, env=gpu_cluster.env)
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
         status = _wait(gpu_cluster.dashboard, gpu_cluster.env, submission, timeout=600)
@@ -241,8 +253,8 @@ def _assert_every_gpu_step_fell_back(logs: str) -> None:
 def test_embedded_default_with_gpus_declared_falls_back_to_the_cpu_in_every_step(gpu_cluster, tmp_path):
     """The demo as a user with a GPU cluster would first try it: `train.use_gpu` and GPU tasks, on nodes
     whose GPUs have no CUDA. The job finishes, every GPU step saying that it computed on the CPU."""
-    submission = _submit(gpu_cluster.dashboard, gpu_cluster.env, tmp_path, "train.use_gpu=true",
-                         "train.num_workers=2", "resources.task_gpus=0.5")
+    submission = _submit(gpu_cluster.dashboard, gpu_cluster.env, tmp_path, "train.use_gpu=true", "train.num_workers=2",
+                         "resources.task_gpus=0.5", runtime_env=_runtime_env(tmp_path, EVERY_LINE))
     status = _wait(gpu_cluster.dashboard, gpu_cluster.env, submission)
     logs = ray_cli("job", "logs", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env).stdout
     assert status == "SUCCEEDED", logs[-4000:]
