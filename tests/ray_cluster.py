@@ -44,12 +44,17 @@ def _start(args: list[str], env: dict) -> subprocess.Popen:
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # the node this test started, and only it
-    try:
-        proc.wait(timeout=15)  # a raylet with declared GPUs can take a minute to go: its temp dir goes anyway
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def _stop(nodes: list[subprocess.Popen]) -> None:
+    """All at once, each node this test started and only it: one after another, nodes that ignore SIGTERM
+    cost a wait each (a raylet with declared GPUs can take a minute to go: its temp dir goes anyway)."""
+    for proc in nodes:
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + 15
+    for proc in nodes:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextmanager
@@ -70,7 +75,8 @@ def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
         head = _start(["--head", f"--port={gcs_port}", f"--ray-client-server-port={free_port()}",
                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={head_cpus}",
                        f"--temp-dir={temp}", *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], nodes_env)
-        stack.callback(_stop, head)
+        nodes = [head]
+        stack.callback(_stop, nodes)
         # `job list` answers as soon as the dashboard does; a submission also needs the head's job
         # agent, which can come up later on a loaded machine: probe with a job that does nothing.
         deadline = time.time() + 120
@@ -82,7 +88,7 @@ def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
         for count, resources in enumerate(workers, start=2):  # one at a time: two joining at once lost one
             node = _start([f"--address={cluster.gcs_address}", *(f"--{k}={v}" for k, v in resources.items()),
                            *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], nodes_env)
-            stack.callback(_stop, node)
+            nodes.append(node)
             deadline = time.time() + 120
             while _alive_nodes(cluster) < count:
                 assert time.time() < deadline and node.poll() is None, \
