@@ -1,4 +1,4 @@
-"""The fine-tune's learning-rate schedule, from torch's own schedulers."""
+"""The learning-rate schedule of the fine-tune and of the teacher's pretraining, from torch's own schedulers."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,9 @@
 """Contrastive pretraining of the embedded teacher on the world's captioned images."""
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -9,37 +11,54 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from agft_core.data import to_pixels
 from agft_core.model import ImageEncoder, create_clip
+from agft_core.optim import warmup_cosine
 
-RECIPE = "clip-pretrain-v2"  # bump when pretrain_clip changes what it produces: invalidates cached teachers
+RECIPE = "clip-pretrain-v3"  # bump when pretrain_clip changes what it produces: invalidates cached teachers
+
+def cpu_autocast(amp: str):
+    """The context the towers run their forward in. "bf16": autocast, with attention on torch's math kernel,
+    because the CPU flash-attention kernel's bf16 backward was 8x slower than its fp32 one (bench/pretrain_recipe.py);
+    bf16 matrix products ran 2.4x fp32's on a CPU with avx512_bf16."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn("pretrain.amp=bf16 on a CPU without native bf16 instructions is emulated and slow; "
+                      "pretrain.amp=off is faster here", stacklevel=2)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
 
 
 def pretrain_clip(arch: str, images: np.ndarray, captions: list[str], *, epochs: int, batch_size: int, lr: float,
-                  seed: int, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
-    """A randomly initialised `arch` whose image and text towers are trained together with
-    open_clip's ClipLoss; the seed fixes the init and the data order. Returns it in eval mode."""
+                  seed: int, amp: str = "bf16", on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+    """A randomly initialised `arch` whose image and text towers are trained together, on the CPU, with
+    open_clip's ClipLoss (in fp32, on the outputs of towers run under cpu_autocast(amp)); the seed fixes the init and the data
+    order. The lr warms up over the first 1/20 of the steps, then decays on a cosine. Returns it in eval mode."""
     torch.manual_seed(seed)
     model = create_clip(arch, None, init_seed=None)  # drawn from `seed`, set above
     tokens = open_clip.get_tokenizer(arch)(captions)
     pixels = to_pixels(images)
     encoder = ImageEncoder.from_clip(model)
     clip_loss = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
     steps_per_epoch = len(pixels) // batch_size
-    total, warmup = epochs * steps_per_epoch, max(1, epochs * steps_per_epoch // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / total))))
+    total = epochs * steps_per_epoch
+    schedule = warmup_cosine(optimizer, max(1, total // 20), total)
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(pixels))
         running = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
-            image_emb = encoder(pixels[idx])
-            text_emb = F.normalize(model.encode_text(tokens[idx]), dim=-1)
-            loss = clip_loss(image_emb, text_emb, model.logit_scale.exp())
+            with cpu_autocast(amp):
+                image_emb = encoder(pixels[idx])
+                text_emb = F.normalize(model.encode_text(tokens[idx]), dim=-1)
+            loss = clip_loss(image_emb.float(), text_emb.float(), model.logit_scale.exp())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -27,6 +27,7 @@ from pipeline.config import load_config
 # name: the pretrain arguments it changes from configs/demo.yaml's
 VARIANTS = {
     "ref": {},
+    "fp32": {"amp": "off"},
     "8ep": {"epochs": 8},
     "7ep": {"epochs": 7},
     "7ep-lr4e-3": {"epochs": 7, "lr": 4e-3},
@@ -58,7 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     cfg = load_config(None, args.overrides)
-    base = {"epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size, "lr": cfg.pretrain.lr}
+    base = {"epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size, "lr": cfg.pretrain.lr,
+            "amp": cfg.pretrain.amp}
     corpus = world.generate("corpus", "pretrain", cfg.pretrain.corpus_size, cfg.data.world_seed)
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "base": base, "variants": {}}
     out = Path(args.out)

@@ -193,6 +193,12 @@ def _attack_of(row: dict) -> tuple:
     return row["attack"], row["eps"], row["alpha"], row["steps"], row["restarts"]
 
 
+def pretrain_key(cfg: Config) -> dict:
+    """What the embedded teacher is a function of: every pretrain field, the model, the world and the recipe."""
+    return {"arch": cfg.model.arch, "recipe": RECIPE, "world": world.fingerprint(), "world_seed": cfg.data.world_seed,
+            **cfg.pretrain.model_dump()}
+
+
 def check_inputs(cfg: Config) -> None:
     """preflight() where the data and weights are - a Ray task - not in the driver, which under
     `ray job submit` runs on the head, with neither mounted."""
@@ -231,14 +237,11 @@ class Pipeline:
         if model.weights != "embedded":
             return model.weights
         p = self.cfg.pretrain
-        entry = CacheEntry(self.root, "pretrain", {
-            "arch": model.arch, "recipe": RECIPE, "world": world.fingerprint(),
-            "world_seed": self.cfg.data.world_seed, "corpus_size": p.corpus_size, "epochs": p.epochs,
-            "batch_size": p.batch_size, "lr": p.lr, "seed": p.seed})
+        entry = CacheEntry(self.root, "pretrain", pretrain_key(self.cfg))
         if not self._cached("pretrain", entry):
             with entry.attempt() as attempt:
                 files = _get(steps.pretrain_teacher.options(num_cpus=self._cpus()).remote(
-                    model.arch, p.corpus_size, self.cfg.data.world_seed, p.epochs, p.batch_size, p.lr, p.seed,
+                    model.arch, p.corpus_size, self.cfg.data.world_seed, p.epochs, p.batch_size, p.lr, p.seed, p.amp,
                     attempt))
                 entry.commit(attempt, files)
         return entry.files()[0]

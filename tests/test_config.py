@@ -143,3 +143,10 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"agft {version('agft')}"
+
+
+def test_amp_off_written_bare_in_yaml_is_the_string_off(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  amp: off\n")  # YAML 1.1 reads it as false
+    cfg = load_config(config, ["pretrain.amp=off"])
+    assert (cfg.train.amp, cfg.pretrain.amp) == ("off", "off")
