@@ -19,26 +19,32 @@ from agft_core.optim import warmup_cosine
 
 RECIPE = "clip-pretrain-v3"  # bump when pretrain_clip changes what it produces: invalidates cached teachers
 
+
+@contextlib.contextmanager
 def cpu_autocast(amp: str):
     """The context the towers run their forward in. "bf16": autocast, with attention on torch's math kernel,
     because the CPU flash-attention kernel's bf16 backward was 8x slower than its fp32 one (bench/pretrain_recipe.py);
     bf16 matrix products ran 2.4x fp32's on a CPU with avx512_bf16."""
     if amp == "off":
-        return contextlib.nullcontext()
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        warnings.warn("pretrain.amp=bf16 on a CPU without native bf16 instructions is emulated and slow; "
-                      "pretrain.amp=off is faster here", stacklevel=2)
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-    return stack
+        yield
+        return
+    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def native_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def pretrain_clip(arch: str, images: np.ndarray, captions: list[str], *, epochs: int, batch_size: int, lr: float,
                   seed: int, amp: str = "bf16", on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
     """A randomly initialised `arch` whose image and text towers are trained together, on the CPU, with
-    open_clip's ClipLoss (in fp32, on the outputs of towers run under cpu_autocast(amp)); the seed fixes the init and the data
-    order. The lr warms up over the first 1/20 of the steps, then decays on a cosine. Returns it in eval mode."""
+    open_clip's ClipLoss (in fp32, on the outputs of towers run under cpu_autocast(amp)); the seed fixes the init
+    and the data order. The lr warms up over the first 1/20 of the steps, then decays on a cosine. Returns it in
+    eval mode."""
+    if amp == "bf16" and not native_bf16():
+        warnings.warn("pretrain.amp=bf16 on a CPU without native bf16 instructions is emulated and slow; "
+                      "pretrain.amp=off is faster here", stacklevel=2)
     torch.manual_seed(seed)
     model = create_clip(arch, None, init_seed=None)  # drawn from `seed`, set above
     tokens = open_clip.get_tokenizer(arch)(captions)

@@ -1,7 +1,9 @@
 """Wall time of `agft compare` on the embedded default, from a cold cache (teacher pretraining included).
 
 Usage: .venv/bin/python bench/compare_budget.py [--set compare.methods=[tecoa,agft]] [--out bench/results/compare.json]
+                                                 [--keep-cache DIR]
 Writes the JSON (wall time, the command, the per-seed numbers) and the markdown table next to it.
+--keep-cache DIR builds the caches in DIR, which must not exist yet (the run stays cold), and keeps them.
 """
 import argparse
 import csv
@@ -19,6 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/compare.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--keep-cache", type=Path, help="a new directory to build and keep the caches in")
     args = parser.parse_args()
     agft = Path(sys.executable).with_name("agft")
     out = Path(args.out)
@@ -26,7 +29,10 @@ def main() -> None:
     table = out.with_suffix(".md")
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        cmd = [str(agft), "compare", "--set", f"cache_dir={tmp}/cache", "--tracking-uri", uri, "--out", str(table)]
+        if args.keep_cache:
+            args.keep_cache.mkdir(parents=True)  # fails if it exists: a cache there would make the run warm
+        cache = args.keep_cache or f"{tmp}/cache"
+        cmd = [str(agft), "compare", "--set", f"cache_dir={cache}", "--tracking-uri", uri, "--out", str(table)]
         for o in args.overrides:
             cmd += ["--set", o]
         start = time.perf_counter()

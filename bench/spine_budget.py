@@ -27,7 +27,8 @@ def timed_run(tmp: Path, name: str, extra: list[str], config: str | None, tree: 
     if config:
         cmd += ["--config", config]
     start = time.perf_counter()
-    env = os.environ | {"PYTHONPATH": tree} if tree else None
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))} \
+        if tree else None
     subprocess.run(cmd, check=True, env=env, cwd=tree)
     wall = time.perf_counter() - start
     print(f"{name}: {wall:.1f}s", flush=True)

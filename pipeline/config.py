@@ -36,7 +36,7 @@ def _fraction(value: Any) -> Any:
 
 PixelBudget = Annotated[float, BeforeValidator(_fraction), Field(ge=0, le=1)]
 # YAML 1.1 reads a bare `off` as false: `amp: off` means the string
-_off = BeforeValidator(lambda value: "off" if value is False else value)
+_yaml_false_as_off = BeforeValidator(lambda value: "off" if value is False else value)
 
 
 class Section(BaseModel):
@@ -82,7 +82,7 @@ class PretrainConfig(Section):
     batch_size: int = Field(256, gt=1)
     lr: float = Field(2e-3, gt=0)
     seed: int = Field(0, description="the teacher's own seed: `seed` varies the fine-tune, not the teacher")
-    amp: Annotated[Literal["off", "bf16"], _off] = Field(
+    amp: Annotated[Literal["off", "bf16"], _yaml_false_as_off] = Field(
         "bf16", description="bf16 autocast of the towers (pretraining runs on the CPU): off on a CPU without native "
                             "bf16, where bf16 is emulated and slower")
 
@@ -225,8 +225,8 @@ class TrainConfig(Section):
     num_workers: int = Field(2, gt=0)
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
-    amp: Annotated[Literal["off", "bf16", "fp16"], _off] = Field("bf16", description="autocast on GPU (fp16 adds a grad scaler); "
-                                                                     "CPU trains in fp32; attacks always fp32")
+    amp: Annotated[Literal["off", "bf16", "fp16"], _yaml_false_as_off] = Field(
+        "bf16", description="autocast on GPU (fp16 adds a grad scaler); CPU trains in fp32; attacks always fp32")
     max_failures: int = Field(2, ge=0)
     keep_checkpoints: int = Field(2, ge=1, description="the newest checkpoints (encoder + optimizer) kept per run")
     start_timeout_s: float = Field(600, gt=0, description="how long the workers may wait for their resources "

@@ -196,7 +196,7 @@ def _attack_of(row: dict) -> tuple:
 def pretrain_key(cfg: Config) -> dict:
     """What the embedded teacher is a function of: every pretrain field, the model, the world and the recipe."""
     return {"arch": cfg.model.arch, "recipe": RECIPE, "world": world.fingerprint(), "world_seed": cfg.data.world_seed,
-            **cfg.pretrain.model_dump()}
+            "pretrain": cfg.pretrain.model_dump()}
 
 
 def check_inputs(cfg: Config) -> None:
@@ -241,8 +241,8 @@ class Pipeline:
         if not self._cached("pretrain", entry):
             with entry.attempt() as attempt:
                 files = _get(steps.pretrain_teacher.options(num_cpus=self._cpus()).remote(
-                    model.arch, p.corpus_size, self.cfg.data.world_seed, p.epochs, p.batch_size, p.lr, p.seed, p.amp,
-                    attempt))
+                    model.arch, p.corpus_size, self.cfg.data.world_seed, out_dir=attempt, epochs=p.epochs,
+                    batch_size=p.batch_size, lr=p.lr, seed=p.seed, amp=p.amp))
                 entry.commit(attempt, files)
         return entry.files()[0]
 

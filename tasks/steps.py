@@ -28,13 +28,14 @@ SERVED_CLIP, SERVED_EXAMPLE = "clip.safetensors", "example.png"
 
 
 @ray.remote
-def pretrain_teacher(arch: str, corpus_size: int, world_seed: int, epochs: int, batch_size: int, lr: float,
-                     seed: int, amp: str, out_dir: str) -> list[dict]:
+def pretrain_teacher(arch: str, corpus_size: int, world_seed: int, *, out_dir: str, epochs: int,
+                     **recipe) -> list[dict]:
+    """recipe: pretrain_clip's batch_size, lr, seed and amp."""
     use_assigned_cpus()
     corpus = world.generate("corpus", "pretrain", corpus_size, world_seed)
-    model = pretrain_clip(arch, corpus.images, corpus.captions, epochs=epochs, batch_size=batch_size, lr=lr,
-                          seed=seed, amp=amp, on_epoch=lambda e, loss: print(f"pretrain epoch {e + 1}/{epochs}: loss {loss:.3f}",
-                                                            flush=True))
+    model = pretrain_clip(arch, corpus.images, corpus.captions, epochs=epochs, **recipe,
+                          on_epoch=lambda e, loss: print(f"pretrain epoch {e + 1}/{epochs}: loss {loss:.3f}",
+                                                         flush=True))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "clip.safetensors"
         save_weights(model, path, metadata={"arch": arch})

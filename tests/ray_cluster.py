@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +48,15 @@ def _stop(nodes: list[subprocess.Popen]) -> None:
     """All at once, each node this test started and only it: one after another, nodes that ignore SIGTERM
     cost a wait each (a raylet with declared GPUs can take a minute to go: its temp dir goes anyway)."""
     for proc in nodes:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with suppress(ProcessLookupError):  # a node that already died
+            os.killpg(proc.pid, signal.SIGTERM)
     deadline = time.time() + 15
     for proc in nodes:
         try:
             proc.wait(timeout=max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextmanager

@@ -5,6 +5,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
+from pipeline.dag import pretrain_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,3 +151,12 @@ def test_amp_off_written_bare_in_yaml_is_the_string_off(tmp_path):
     config.write_text("train:\n  amp: off\n")  # YAML 1.1 reads it as false
     cfg = load_config(config, ["pretrain.amp=off"])
     assert (cfg.train.amp, cfg.pretrain.amp) == ("off", "off")
+
+
+def test_the_teacher_cache_key_is_every_pretrain_field_and_nothing_the_fine_tune_sets():
+    cfg = load_config(None, [])
+    other = {"corpus_size": 7, "epochs": 3, "batch_size": 5, "lr": 0.1, "seed": 9, "amp": "off"}
+    for field in type(cfg.pretrain).model_fields:  # a new field without a value here fails: key it, then list it
+        changed = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={field: other[field]})})
+        assert pretrain_key(changed) != pretrain_key(cfg), field
+    assert pretrain_key(load_config(None, ["seed=5", "train.lr=0.1", "train.amp=off"])) == pretrain_key(cfg)

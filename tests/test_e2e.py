@@ -361,11 +361,13 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
     client = MlflowClient(uri)
     checkpoint = client.download_artifacts(first[0].run_id, "image_encoder.safetensors", str(tmp_path))
     shutil.rmtree(root / "cache" / "eval")  # computed again, per cell: the comparison with the run below means something
-    code = main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}", "--checkpoint",
-                 f"agft={checkpoint}"] + _sets(TINY + [
-                     "eval.matrix.attacks=[pgd, cw, apgd-ce]", "eval.matrix.eps=[2/255, 8/255]",
-                     "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2"]))
-    assert code == 0
+
+    def matrix(*overrides: str) -> int:
+        return main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}", "--checkpoint",
+                     f"agft={checkpoint}"] + _sets(TINY + ["eval.matrix.eps=[2/255, 8/255]",
+                                                           "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2", *overrides]))
+
+    assert matrix("eval.matrix.attacks=[pgd, cw, apgd-ce]") == 0
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "tags.kind = 'eval'")
     metrics = run.data.metrics
     robust = {k: v for k, v in metrics.items() if k.startswith("robust/")}
@@ -379,12 +381,10 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
                 weak, strong = (metrics[f"robust/{model}/{dataset}/{attack}/eps_{e}"] for e in (2, 8))
                 assert clean >= weak >= strong, (model, dataset, attack)
     # Standard AutoAttack (APGD-T included: colours has 8 classes) on fewer images: it is most of the cost
-    assert main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}", "--checkpoint",
-                 f"agft={checkpoint}"] + _sets(TINY + [
-                     "experiment=eval-autoattack", "data.zero_shot=[{name: colours, limit: 16}]",
-                     "eval.matrix.attacks=[pgd, autoattack]", "eval.matrix.eps=[2/255, 8/255]",
-                     "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2"])) == 0
-    (strongest,) = client.search_runs([client.get_experiment_by_name("eval-autoattack").experiment_id])
+    assert matrix("experiment=eval-autoattack", "data.zero_shot=[{name: colours, limit: 16}]",
+                  "eval.matrix.attacks=[pgd, autoattack]") == 0
+    (strongest,) = client.search_runs([client.get_experiment_by_name("eval-autoattack").experiment_id],
+                                      "tags.kind = 'eval'")
     for model in ("original", "agft"):
         aa = {e: strongest.data.metrics[f"robust/{model}/colours/autoattack/eps_{e}"] for e in (2, 8)}
         assert strongest.data.metrics[f"clean/{model}/colours"] >= aa[2] >= aa[8], model
