@@ -236,13 +236,11 @@ class Pipeline:
             return None
         if model.weights != "embedded":
             return model.weights
-        p = self.cfg.pretrain
         entry = CacheEntry(self.root, "pretrain", pretrain_key(self.cfg))
         if not self._cached("pretrain", entry):
             with entry.attempt() as attempt:
                 files = _get(steps.pretrain_teacher.options(num_cpus=self._cpus()).remote(
-                    model.arch, p.corpus_size, self.cfg.data.world_seed, out_dir=attempt, epochs=p.epochs,
-                    batch_size=p.batch_size, lr=p.lr, seed=p.seed, amp=p.amp))
+                    model.arch, self.cfg.data.world_seed, out_dir=attempt, **self.cfg.pretrain.model_dump()))
                 entry.commit(attempt, files)
         return entry.files()[0]
 

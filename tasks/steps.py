@@ -28,9 +28,9 @@ SERVED_CLIP, SERVED_EXAMPLE = "clip.safetensors", "example.png"
 
 
 @ray.remote
-def pretrain_teacher(arch: str, corpus_size: int, world_seed: int, *, out_dir: str, epochs: int,
+def pretrain_teacher(arch: str, world_seed: int, *, out_dir: str, corpus_size: int, epochs: int,
                      **recipe) -> list[dict]:
-    """recipe: pretrain_clip's batch_size, lr, seed and amp."""
+    """corpus_size, epochs and recipe: every pretrain config field (recipe: pretrain_clip's other arguments)."""
     use_assigned_cpus()
     corpus = world.generate("corpus", "pretrain", corpus_size, world_seed)
     model = pretrain_clip(arch, corpus.images, corpus.captions, epochs=epochs, **recipe,

@@ -9,7 +9,8 @@ from pipeline.cli import main
 TINY = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64", "data.train.limit=128",
         "data.zero_shot=[{name: shapes, limit: 48}, {name: colours, limit: 48}, {name: sizes, limit: 48}]",
         "train.epochs=1", "train.batch_size=32", "train.num_workers=1", "train.validation=null", "eval.attack.steps=2",
-        "eval.quick=null", "compare.methods=[tecoa, agft]", "compare.seeds=[0, 1]", "compare.per_method={tecoa: {train.lr: 1.0e-3}}"]
+        "eval.quick=null", "compare.methods=[tecoa, agft]", "compare.seeds=[0, 1]",
+        "compare.per_method={tecoa: {train.lr: 1.0e-3}}"]
 
 
 def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, capsys):

@@ -363,9 +363,9 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
     shutil.rmtree(root / "cache" / "eval")  # computed again, per cell: the comparison with the run below means something
 
     def matrix(*overrides: str) -> int:
+        matrix_overrides = ["eval.matrix.eps=[2/255, 8/255]", "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2"]
         return main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}", "--checkpoint",
-                     f"agft={checkpoint}"] + _sets(TINY + ["eval.matrix.eps=[2/255, 8/255]",
-                                                           "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2", *overrides]))
+                     f"agft={checkpoint}"] + _sets(TINY + matrix_overrides + list(overrides)))
 
     assert matrix("eval.matrix.attacks=[pgd, cw, apgd-ce]") == 0
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "tags.kind = 'eval'")
