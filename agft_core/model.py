@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub import constants as hf_constants
+from open_clip.transformer import QuickGELU
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,18 +35,22 @@ def create_clip(arch: str, weights: str | None, init_seed: int | None = RANDOM_I
 
     weights: None for an explicit random init, a local weights file, or an open_clip
     pretrained tag (e.g. 'openai') resolved from the local open_clip / Hugging Face cache.
+    A .safetensors file saved by save_weights carries the network it was saved from (the architecture's
+    config with its activation) and is rebuilt as that network: an OpenAI-based model stays QuickGELU.
     init_seed: what the random init is drawn from, without touching the caller's random state, so
     that every task and worker that builds `weights: random` builds the same network; None draws
     from the caller's state.
     """
     register_embedded_architectures()
     if weights is None or is_weights_file(weights):
+        saved = saved_network(weights, arch) if weights is not None else {}
         logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" before we load the file
         try:
             with torch.random.fork_rng(enabled=init_seed is not None):
                 if init_seed is not None:
                     torch.manual_seed(init_seed)
-                model = open_clip.create_model(arch, pretrained=None)
+                model = open_clip.create_model(arch, pretrained=None,
+                                               force_quick_gelu=bool(saved.get("quick_gelu")))
         finally:
             logging.disable(logging.NOTSET)
         if weights is not None:
@@ -57,6 +64,47 @@ def create_clip(arch: str, weights: str | None, init_seed: int | None = RANDOM_I
         model = open_clip.create_model(arch, pretrained=weights, require_pretrained=True,
                                        force_quick_gelu=quick_gelu)
     return model.eval()
+
+
+NETWORK_KEY = "open_clip_model_cfg"  # the safetensors metadata entry save_weights writes the network to
+
+
+def uses_quick_gelu(module: nn.Module) -> bool:
+    return any(isinstance(m, QuickGELU) for m in module.modules())
+
+
+def network_config(arch: str, module: nn.Module) -> dict:
+    """What rebuilds `module`'s network: its architecture's open_clip config, with the activation it was built
+    with (open_clip's configs leave QuickGELU out for the OpenAI-tagged models)."""
+    register_embedded_architectures()
+    return {**open_clip.get_model_config(arch), "quick_gelu": uses_quick_gelu(module)}
+
+
+def saved_network(location: str, arch: str) -> dict:
+    """The network config a weights file was saved with ({} for files without one: other tools' files, and
+    torch pickles). A file saved from another architecture, or from another version of its config, is an
+    InputError: its weights would load into a different network."""
+    path = local_path(location)
+    if not path.endswith(".safetensors") or not Path(path).is_file():
+        return {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - not a safetensors file at all: load_weights says so
+        return {}
+    if NETWORK_KEY not in metadata:
+        return {}
+    saved = json.loads(metadata[NETWORK_KEY])
+    register_embedded_architectures()
+    expected = {**open_clip.get_model_config(arch), "quick_gelu": saved.get("quick_gelu", False)}
+    saved_arch = metadata.get("arch", arch)
+    if saved_arch != arch:
+        raise InputError(f"{location} was saved from architecture {saved_arch}, not model.arch {arch}; set "
+                         f"model.arch to {saved_arch}")
+    if saved != expected:
+        raise InputError(f"{location} was saved from another version of {arch}'s open_clip config than this "
+                         f"install's; load it with the open_clip version that saved it")
+    return saved
 
 
 def cached_pretrained(arch: str, tag: str) -> str | None:
@@ -89,6 +137,7 @@ def load_weights(model: nn.Module, location: str) -> None:
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
         if path.endswith(".safetensors"):
+            _check_activation(model, location, path)
             state = load_file(path)
         else:
             # weights_only: a pickle that would run code (or build anything but tensors) is refused
@@ -96,6 +145,8 @@ def load_weights(model: nn.Module, location: str) -> None:
             state = state.get("state_dict", state) if isinstance(state, dict) else state
         state = {k.removeprefix("module."): v for k, v in state.items()}
         model.load_state_dict(state, strict=True)
+    except InputError:
+        raise
     except pickle.UnpicklingError:
         raise InputError(f"{location}: refused, its pickle holds code or objects other than tensors (loaded with "
                          f"torch.load(weights_only=True)); convert it to .safetensors where you trust it") from None
@@ -106,17 +157,33 @@ def load_weights(model: nn.Module, location: str) -> None:
         raise InputError(f"{location} is not a weights file of this architecture ({reason[:300]})") from None
 
 
-def save_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+def _check_activation(model: nn.Module, location: str, path: str) -> None:
+    """Weights trained in a QuickGELU network (OpenAI's) load into a GELU one without an error, and compute
+    something else there: refused."""
+    with safe_open(path, framework="pt") as f:
+        saved = json.loads((f.metadata() or {}).get(NETWORK_KEY, "{}"))
+    if "quick_gelu" in saved and saved["quick_gelu"] != uses_quick_gelu(model):
+        activations = {True: "QuickGELU", False: "GELU"}
+        raise InputError(f"{location} holds the weights of a {activations[saved['quick_gelu']]} network, and the "
+                         f"model they would load into is {activations[not saved['quick_gelu']]}; start from the "
+                         f"model.weights these weights were trained from")
+
+
+def save_weights(module: nn.Module, path: Path, arch: str) -> None:
+    """module's tensors, with what rebuilds its network (network_config) in the file's metadata."""
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
+    save_file(state, str(path), metadata={"arch": arch, NETWORK_KEY: json.dumps(network_config(arch, module))})
 
 
 def state_digest(module: nn.Module) -> str:
-    """A content hash of every tensor in the module: the fingerprint of its weights."""
+    """A content hash of every tensor in the module and of its activation: the fingerprint of the network that
+    computes with those weights (GELU and QuickGELU towers with the same weights compute differently)."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if uses_quick_gelu(module):  # only then: the digests of GELU networks, and the caches keyed by them, stand
+        h.update(b"quick_gelu")
     return h.hexdigest()
 
 

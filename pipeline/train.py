@@ -188,7 +188,7 @@ def train_loop(inputs: TrainInputs) -> None:
                 torch.save({"encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "epoch": epoch, "history": json.dumps(history)},
                            Path(d) / STATE_FILE)
-                save_weights(encoder, Path(d) / ENCODER_FILE, metadata={"arch": cfg.model.arch})
+                save_weights(encoder, Path(d) / ENCODER_FILE, cfg.model.arch)
                 (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             say(f"[train] epoch {epoch + 1}/{cfg.train.epochs}: " + ", ".join(

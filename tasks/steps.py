@@ -38,7 +38,7 @@ def pretrain_teacher(arch: str, world_seed: int, *, out_dir: str, corpus_size: i
                                                          flush=True))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "clip.safetensors"
-        save_weights(model, path, metadata={"arch": arch})
+        save_weights(model, path, arch)
         upload(path, join(out_dir, path.name))
     return [describe_file(join(out_dir, path.name))]
 
@@ -60,7 +60,7 @@ def servable_clip(arch: str, weights: str | None, encoder_weights: str | None, s
     if encoder_weights is not None:
         load_weights(ImageEncoder.from_clip(model), encoder_weights)  # the encoder shares model.visual
     with tempfile.TemporaryDirectory() as tmp:
-        save_weights(model, Path(tmp) / SERVED_CLIP, metadata={"arch": arch})
+        save_weights(model, Path(tmp) / SERVED_CLIP, arch)
         to_pil_image(_first_decodable(spec, image_size)).save(Path(tmp) / SERVED_EXAMPLE)
         for name in (SERVED_CLIP, SERVED_EXAMPLE):
             upload(Path(tmp) / name, join(out_dir, name))

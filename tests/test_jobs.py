@@ -155,7 +155,7 @@ def test_the_driver_audit_sees_what_native_code_opens(tmp_path):
 
     weights, data, log = tmp_path / "w" / "teacher.safetensors", tmp_path / "data", tmp_path / "opens.log"
     weights.parent.mkdir()
-    save_weights(create_clip("agft-tiny-vit", None), weights)
+    save_weights(create_clip("agft-tiny-vit", None), weights, "agft-tiny-vit")
     for root in (data, tmp_path / "data-other"):
         root.mkdir()
         (root / "labels.bin").write_bytes(b"x")
@@ -181,7 +181,7 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
 
     data, weights, audit = tmp_path / "toys", tmp_path / "teacher.safetensors", tmp_path / "driver-opens.log"
     _imagefolder(data)
-    save_weights(create_clip("agft-tiny-vit", None), weights)
+    save_weights(create_clip("agft-tiny-vit", None), weights, "agft-tiny-vit")
     with mlflow_server() as server:
         assert status_without_credentials(server.uri) == 401
         runtime_env = _runtime_env(tmp_path, server.client_env | EVERY_LINE)  # driver and workers log to the server

@@ -1,14 +1,19 @@
 """The real model path: open_clip architectures at 224 px, random init, a local weights file and
 a pretrained tag resolved from a (generated) local Hugging Face cache, through train and eval."""
+import io
+
+import mlflow
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
+from agft_core.datasets import pixel_transform
+from agft_core.errors import InputError
 from agft_core.evaluate import zero_shot_accuracy
 from agft_core.methods import adversarial_step, build_method
-from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, logit_scale, preprocess_cfg, \
-    state_digest
+from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, load_weights, logit_scale, \
+    preprocess_cfg, save_weights, state_digest
 from pipeline.config import AttackConfig, ConfigError, load_config, preflight
 
 
@@ -63,7 +68,7 @@ def test_pretrained_tag_resolves_from_the_local_cache_and_a_missing_one_is_a_cle
     reference = create_clip("RN50", None)
     _fake_hf_cache(tmp_path / "hub", "timm/resnet50_clip.openai", reference.state_dict())
     preflight(cfg)
-    assert state_digest(create_clip("RN50", "openai")) == state_digest(reference)
+    assert _same_weights(create_clip("RN50", "openai"), reference)
 
 
 def test_openai_weights_build_quickgelu_towers_and_a_weights_file_keeps_the_config(tmp_path, monkeypatch):
@@ -76,7 +81,7 @@ def test_openai_weights_build_quickgelu_towers_and_a_weights_file_keeps_the_conf
     openai = create_clip("ViT-B-32", "openai")
     for tower in (openai.visual.transformer, openai.transformer):
         assert all(isinstance(block.mlp.gelu, QuickGELU) for block in tower.resblocks)
-    assert state_digest(openai) == state_digest(reference)
+    assert _same_weights(openai, reference)
     assert type(reference.visual.transformer.resblocks[0].mlp.gelu) is torch.nn.GELU
 
 
@@ -91,3 +96,78 @@ def test_random_init_is_the_same_network_everywhere_and_leaves_the_callers_rando
     torch.manual_seed(456)
     assert state_digest(create_clip("agft-tiny-vit", None)) == first
     assert state_digest(create_clip("agft-tiny-vit", None, init_seed=1)) != first
+
+
+def test_an_openai_model_saved_to_a_file_is_rebuilt_quickgelu_by_every_path_that_loads_it(tmp_path, monkeypatch):
+    """ViT-B-32 + openai (QuickGELU) saved by save_weights, then rebuilt: from the file (every task given
+    model.weights=<file>, e.g. `agft eval`), as the registered pyfunc model, and a fine-tuned image encoder
+    evaluated later. Each computes the original's logits; the encoder refuses a GELU teacher."""
+    import pandas as pd
+    from huggingface_hub import constants
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from pipeline import registry
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    torch.manual_seed(2)
+    _fake_hf_cache(tmp_path / "hub", "timm/vit_base_patch32_clip_224.openai", create_clip("ViT-B-32", None).state_dict())
+    openai = create_clip("ViT-B-32", "openai")
+    image = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    pixels = pixel_transform(224)(image)[None]
+    classnames, templates = ["cat", "dog", "truck"], ["a photo of a {}."]
+
+    def logits(clip, encoder=None):
+        with torch.no_grad():
+            text = class_text_embeddings(clip, "ViT-B-32", classnames, templates)
+            return logit_scale(clip) * (encoder or ImageEncoder.from_clip(clip))(pixels) @ text.T
+
+    expected = logits(openai)
+    # the activation matters for these weights: the test can tell the two networks apart
+    assert not torch.allclose(expected, logits(_gelu_twin(openai)), atol=1e-4)
+
+    # 1. model.weights=<file>: what every task builds
+    path = tmp_path / "clip.safetensors"
+    save_weights(openai, path, "ViT-B-32")
+    rebuilt = create_clip("ViT-B-32", str(path))
+    torch.testing.assert_close(logits(rebuilt), expected, rtol=1e-5, atol=1e-5)
+    assert state_digest(rebuilt) == state_digest(openai) != state_digest(_gelu_twin(openai))
+
+    # 2. the registered pyfunc model
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("agft", (tmp_path / "mlruns").as_uri())).info.run_id
+    version = registry.register(uri, run_id, "agft", registry.ServableClip(
+        str(path), "ViT-B-32", classnames, templates, png.getvalue()), {"role": registry.ORIGINAL})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    served = mlflow.pyfunc.load_model(f"models:/agft/{version.version}")
+    probabilities = served.predict(pd.DataFrame({"image": [png.getvalue()]}), params={"classnames": classnames})
+    torch.testing.assert_close(torch.tensor(probabilities.to_numpy(), dtype=torch.float32),
+                               expected.softmax(-1), rtol=1e-5, atol=1e-5)
+
+    # 3. a fine-tuned image encoder, evaluated later on the teacher it was trained from
+    tuned = ImageEncoder.from_clip(create_clip("ViT-B-32", "openai"))
+    with torch.no_grad():
+        tuned.visual.proj.mul_(1.5)
+    encoder_file = tmp_path / "image_encoder.safetensors"
+    save_weights(tuned, encoder_file, "ViT-B-32")
+    reloaded = ImageEncoder.from_clip(create_clip("ViT-B-32", "openai"))
+    load_weights(reloaded, str(encoder_file))
+    torch.testing.assert_close(logits(openai, reloaded), logits(openai, tuned), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="weights of a QuickGELU network, and the model they would load into is GELU"):
+        load_weights(ImageEncoder.from_clip(create_clip("ViT-B-32", None)), str(encoder_file))
+
+
+def _same_weights(a, b) -> bool:
+    """Equal tensors, whatever the activation (state_digest tells QuickGELU networks apart)."""
+    return a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
+
+
+def _gelu_twin(clip):
+    """The same weights in open_clip's default (GELU) ViT-B-32."""
+    twin = create_clip("ViT-B-32", None)
+    twin.load_state_dict(clip.state_dict())
+    return twin

@@ -13,7 +13,7 @@ def test_two_runs_that_registered_the_original_at_once_leave_one_version(tmp_pat
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("agft", artifact_location=(tmp_path / "mlruns").as_uri())
     weights, example = tmp_path / "clip.safetensors", io.BytesIO()
-    save_weights(create_clip("agft-tiny-vit", None), weights)
+    save_weights(create_clip("agft-tiny-vit", None), weights, "agft-tiny-vit")
     Image.new("RGB", (32, 32)).save(example, format="PNG")
     clip = registry.ServableClip(str(weights), "agft-tiny-vit", ["red", "blue"], ["a {}."], example.getvalue())
 
