@@ -115,10 +115,11 @@ class DatasetSpec:
     name: str
     split: str
     root: str | None = None
-    limit: int | None = None
+    limit: int | None = None  # a random subset of this many images, stratified by class where labels are known
     world_seed: int = 0
     templates: tuple[str, ...] | None = None  # overrides the dataset's own prompt templates
     corrupt: str = "error"  # or "skip": leave out images that fail to decode, each one reported
+    subset_seed: int = 0  # which random subset `limit` takes: the same for every model and method of a run
 
 
 def check_spec(kind: str, name: str, split: str, root: str | None) -> None:

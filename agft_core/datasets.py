@@ -14,6 +14,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -50,12 +51,16 @@ class ClassificationData:
     classnames: list[str]
     templates: list[str]
     identity: dict = field(default_factory=dict)  # what the dataset's content is, for fingerprints
+    # The files whose paths and sizes fingerprint a dataset read from a root: stat'ed only when info() is asked
+    # for, once per dataset and run (describe), not by each task that reads the images.
+    files: list[Path] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def info(self) -> "DatasetInfo":
-        return DatasetInfo(self.name, list(self.classnames), list(self.templates), dict(self.identity), len(self))
+        identity = {**self.identity, "listing": _listing_digest(self.files)} if self.files else dict(self.identity)
+        return DatasetInfo(self.name, list(self.classnames), list(self.templates), identity, len(self))
 
 
 @dataclass(frozen=True)
@@ -79,11 +84,42 @@ def pixel_transform(size: int) -> T.Compose:
                       T.ToTensor()])
 
 
-def _limited(data: ClassificationData, limit: int | None) -> ClassificationData:
-    if limit is None or limit >= len(data.images):
+def known_labels(images: Dataset) -> list[int] | None:
+    """Each image's label, where the loader keeps them beside the images (no decoding); None where it does not
+    (PCAM reads them from its HDF5 file item by item)."""
+    for attribute in ("targets", "_labels", "labels", "y"):  # ImageFolder/CIFAR, most others, STL-10/Parquet, Caltech
+        labels = getattr(images, attribute, None)
+        if labels is not None:
+            return [int(label) for label in labels]
+    samples = getattr(images, "_samples", None)  # Stanford Cars: (file, label) pairs
+    return [int(label) for _, label in samples] if samples is not None else None
+
+
+def subset_indices(size: int, limit: int, seed: int, labels: list[int] | None) -> list[int]:
+    """`limit` of `size` images drawn at random from `seed`, each class getting its share of the limit (the
+    remainder to the classes with the largest fractions, ties drawn at random), in their original order.
+    Without labels, a plain random draw."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return sorted(rng.choice(size, limit, replace=False).tolist())
+    members: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        members.setdefault(label, []).append(index)
+    classes = sorted(members)
+    shares = np.array([limit * len(members[c]) / size for c in classes])
+    take = np.floor(shares).astype(int)
+    order = np.lexsort((rng.permutation(len(classes)), -(shares - take)))  # largest fraction first, ties at random
+    take[order[: limit - take.sum()]] += 1
+    return sorted(i for c, n in zip(classes, take) for i in rng.choice(members[c], n, replace=False).tolist())
+
+
+def _limited(data: ClassificationData, spec: DatasetSpec, labels: list[int] | None) -> ClassificationData:
+    if spec.limit is None or spec.limit >= len(data.images):
         return data
-    data.images = Subset(data.images, range(limit))
-    data.identity = {**data.identity, "limit": limit}
+    indices = subset_indices(len(data.images), spec.limit, spec.subset_seed, labels)
+    data.images = Subset(data.images, indices)
+    data.identity = {**data.identity, "limit": spec.limit, "subset_seed": spec.subset_seed,
+                     "stratified": labels is not None, "subset": hashlib.sha256(np.asarray(indices).tobytes()).hexdigest()}
     return data
 
 
@@ -100,7 +136,7 @@ def _embedded(spec: DatasetSpec) -> ClassificationData:
                                "size": world.IMAGE_SIZE})
 
 
-def _listing_digest(paths) -> str:
+def _listing_digest(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(str(p) for p in paths):
         h.update(f"{p}:{Path(p).stat().st_size}\n".encode())
@@ -221,15 +257,15 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
     return images, [c.replace("_", " ") for c in images.classes], files, lambda i: f"{folder} item {i}"
 
 
-def _decodable(images: Dataset) -> tuple[list[int], list[int]]:
-    good, bad = [], []
-    for i in range(len(images)):
+def undecodable(images: Dataset, indices: range) -> dict[int, str]:
+    """index -> the error line (naming the file) of each image among `indices` that fails to decode."""
+    failures = {}
+    for i in indices:
         try:
             images[i]
-            good.append(i)
-        except ValueError:
-            bad.append(i)
-    return good, bad
+        except InputError as exc:  # from Checked
+            failures[i] = str(exc)
+    return failures
 
 
 def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
@@ -245,16 +281,20 @@ def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
     if len(images) == 0:
         raise InputError(f"{spec.name}: no images in {spec.kind} {spec.split} under {spec.root}; expected layout "
                          f"{LOADERS[spec.kind].layout}")
-    images = Checked(spec.name, images, where)
-    identity = {"kind": spec.kind, "split": spec.split, "root": str(Path(spec.root).resolve()),
-                "listing": _listing_digest(files), "size": size}
+    labels = known_labels(images)
+    data = ClassificationData(spec.name, Checked(spec.name, images, where), classnames, [LOADERS[spec.kind].template],
+                              {"kind": spec.kind, "split": spec.split, "root": str(Path(spec.root).resolve()),
+                               "size": size}, files)
+    data = _limited(data, spec, labels)  # before the scan for corrupt images: only the subset is decoded
     if spec.corrupt == "skip":
-        good, bad = _decodable(images)
-        for i in bad:
-            print(f"{spec.name}: skipping corrupt image {where(i)}", flush=True)
+        bad = undecodable(data.images, range(len(data.images)))
+        skipped = [str(where(data.images.indices[i] if isinstance(data.images, Subset) else i)) for i in bad]
+        for file in skipped:
+            print(f"{spec.name}: skipping corrupt image {file}", flush=True)
         if bad:
-            images, identity["skipped"] = Subset(images, good), [str(where(i)) for i in bad]
-    return ClassificationData(spec.name, images, classnames, [LOADERS[spec.kind].template], identity)
+            data.identity["skipped"] = skipped
+            data.images = Subset(data.images, [i for i in range(len(data.images)) if i not in bad])
+    return data
 
 
 def load_dataset(spec: DatasetSpec, size: int) -> ClassificationData:
@@ -265,5 +305,4 @@ def load_dataset(spec: DatasetSpec, size: int) -> ClassificationData:
     data = _embedded(spec) if spec.kind == "embedded" else _from_root(spec, size)
     if spec.templates:
         data.templates = list(spec.templates)
-    return _limited(data, spec.limit)
-
+    return data

@@ -196,6 +196,13 @@ def preprocess_cfg(model: nn.Module) -> dict:
             "resize_mode": cfg["resize_mode"]}
 
 
+def input_size(arch: str) -> int:
+    """The side of the image tower's input, from the architecture's config: known before any weights load."""
+    register_embedded_architectures()
+    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
 def logit_scale(model: nn.Module) -> float:
     return float(model.logit_scale.exp().item())
 

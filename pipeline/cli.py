@@ -57,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Ray Train's own PreemptionWatcher actor logs this at ERROR level in every run (ray-project/ray#53727): it
-# concerns an actor restart that Ray Train manages, nothing a user can act on.
-RAY_NOISE = r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+# Ray Train's own PreemptionWatcher actor logs the first at ERROR level in every run (ray-project/ray#53727): it
+# concerns an actor restart that Ray Train manages, nothing a user can act on. The raylet prints the second when
+# a train worker dies, which Ray Train recovers from and pipeline.train._FailureLine reports in one line.
+RAY_NOISE = (r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+             r"|A worker died or was killed while executing a task by an unexpected system error")
 
 
 def _skip_ray_noise() -> None:
@@ -123,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     _start_ray(args.address, cfg.verbose)
 
     try:
-        from pipeline.train import check_resources
+        from pipeline.train import check_cuda, check_resources
 
         # first: the input check is itself a task
-        check_resources(cfg, trainer=args.command in ("run", "sweep", "compare"), tasks=True)
+        trains = args.command in ("run", "sweep", "compare")
+        check_resources(cfg, trainer=trains, tasks=True)
+        check_cuda(cfg, trainer=trains)
         check_inputs(cfg)
         if args.command == "sweep":
             return _sweep(cfg, uri, Path(args.best_out))

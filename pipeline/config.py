@@ -92,7 +92,9 @@ class DatasetConfig(Section):
     name: str
     split: str = "test"
     root: str | None = None
-    limit: int | None = Field(None, gt=0)
+    limit: int | None = Field(None, gt=0, description="a random subset of this many images, stratified by class "
+                                                      "where the labels are known, the same in every run")
+    subset_seed: int = Field(0, description="which subset `limit` draws")
     templates: list[str] | None = Field(None, min_length=1, description="prompt templates with one {}")
     corrupt: Literal["error", "skip"] = Field("error", description="images that fail to decode: stop naming the "
                                                                    "file, or leave each out and report it")
@@ -108,7 +110,7 @@ class DatasetConfig(Section):
     def spec(self, world_seed: int) -> catalog.DatasetSpec:
         templates = tuple(self.templates) if self.templates else None
         return catalog.DatasetSpec(self.kind, self.name, self.split, self.root, self.limit, world_seed, templates,
-                                    self.corrupt)
+                                    self.corrupt, self.subset_seed)
 
 
 class DataConfig(Section):
@@ -295,6 +297,8 @@ class ResourcesConfig(Section):
                                                   "such as 0.25 packs tasks onto one GPU; 0 computes on CPUs")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes decoding images in each task and train "
                                                      "worker (0: decode in the computing process)")
+    cpu_fallback: bool = Field(False, description="GPUs asked for (train.use_gpu, task_gpus) on nodes without CUDA: "
+                                                  "false refuses the run before any work; true computes on their CPUs")
 
     @field_validator("task_gpus")
     @classmethod

@@ -28,6 +28,7 @@ from agft_core.calibration import Calibration
 from agft_core.catalog import DatasetSpec, attack_key, is_uri
 from agft_core.datasets import DatasetInfo
 from agft_core.errors import InputError
+from agft_core.model import input_size
 from agft_core.pretrain import RECIPE
 from pipeline import registry, report, tracking
 from pipeline.config import ROBUST_MEANING, Config, ConfigError, dump_yaml, preflight
@@ -36,6 +37,7 @@ from tasks import steps
 
 EVAL_FILE = "result.json"
 EVAL_RECIPE = 2  # part of every eval result's fingerprint: changes when the same cell would score differently
+CHECK_SHARD = 5000  # images per Ray task of the decode check
 
 
 @dataclass
@@ -182,6 +184,8 @@ def dataset_inputs(prepared: Prepared) -> list[dict]:
             uri = spec.root if is_uri(spec.root) else Path(absolute(spec.root)).as_uri()
             scheme = uri.split("://", 1)[0]
             source_type, source = "local" if scheme == "file" else scheme, {"uri": uri, "split": spec.split}
+            if "limit" in info.identity:  # which subset: the UI shows it beside the digest that covers it
+                source |= {k: info.identity[k] for k in ("limit", "subset_seed", "stratified")}
         inputs.append({"name": info.name, "digest": fingerprint({k: v for k, v in info.identity.items() if k != "size"}),
                        "source_type": source_type, "source": source,
                        "context": {"train": "training", "val": "validation"}.get(key, "evaluation")})
@@ -428,22 +432,54 @@ class Pipeline:
 
     def describe(self, training: bool) -> tuple[Teacher, dict[str, DatasetSpec], dict[str, DatasetInfo]]:
         """The teacher, and each dataset's spec and info (classes, size) by key, read by Ray tasks where the
-        data is (the driver sees no images). Bad weights or data fail here, before anything is written.
-        Zero-shot sets, and for training the training and validation sets."""
+        data is (the driver sees no images). Bad data fails here, before anything is written (pretraining
+        included), then bad weights. Zero-shot sets, and for training the training and validation sets."""
         cfg = self.cfg
-        weights = self._timed("pretrain", self.teacher_weights)
         light = {"num_cpus": cfg.resources.task_cpus}
-        digest, preprocess = _get(steps.describe_model.options(**light).remote(cfg.model.arch, weights),
-                                  "model.weights")
-        teacher = Teacher(weights, digest, preprocess)
         datasets = {f"zs{i}:{d.name}": d for i, d in enumerate(cfg.data.zero_shot)}
         if training:
             datasets = {"train": cfg.data.train} | datasets
             if cfg.train.validation:
                 datasets["val"] = cfg.train.validation.dataset
         specs = {key: d.spec(cfg.data.world_seed) for key, d in datasets.items()}
-        refs = {key: steps.describe_dataset.options(**light).remote(spec, teacher.size) for key, spec in specs.items()}
-        return teacher, specs, {key: _get(ref, _field(key)) for key, ref in refs.items()}
+        size = input_size(cfg.model.arch)
+        described = {spec: steps.describe_dataset.options(**light).remote(spec, size) for spec in set(specs.values())}
+        infos = {key: _get(described[spec], _field(key)) for key, spec in specs.items()}
+        self.check_images(specs, infos, size)
+        weights = self._timed("pretrain", self.teacher_weights)
+        digest, preprocess = _get(steps.describe_model.options(**light).remote(cfg.model.arch, weights),
+                                  "model.weights")
+        teacher = Teacher(weights, digest, preprocess)
+        if teacher.size != size:
+            raise RuntimeError(f"{cfg.model.arch}: its config says {size} px, its model {teacher.size} px")
+        return teacher, specs, infos
+
+    def check_images(self, specs: dict[str, DatasetSpec], infos: dict[str, DatasetInfo], size: int) -> None:
+        """Every image of each dataset read from a root with corrupt: error decodes, checked by Ray tasks of
+        CHECK_SHARD images before anything is written. A dataset found whole is remembered by its identity (its
+        files' listing), and a corrupt one is one line naming the file and its config field."""
+        builds = {}
+        for key, spec in specs.items():
+            if spec.kind == "embedded" or spec.corrupt != "error":
+                continue
+            entry = CacheEntry(self.root, "decodable", {"dataset": infos[key].identity})
+            if entry.fingerprint in builds or entry.problem() is None:
+                continue
+            task, n = steps.find_undecodable.options(num_cpus=self.cfg.resources.task_cpus), infos[key].size
+            builds[entry.fingerprint] = (key, entry, [task.remote(spec, size, start, min(start + CHECK_SHARD, n))
+                                                      for start in range(0, n, CHECK_SHARD)])
+        refs = [ref for _, _, shards in builds.values() for ref in shards]
+        failures = dict(zip(refs, _wait(refs, "image check", {ref: _field(key) for key, _, shards in builds.values()
+                                                              for ref in shards})))
+        for key, _, shards in builds.values():
+            found = [line for ref in shards for line in failures[ref]]
+            if found:
+                more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+                raise ConfigError(f"{_field(key)}: {found[0]}{more}")
+        for key, entry, _ in builds.values():  # only once every dataset is whole: bad input writes nothing
+            with entry.attempt() as attempt:
+                write_bytes(join(attempt, "checked.json"), json.dumps({"images": infos[key].size}).encode())
+                entry.commit(attempt, [describe_file(join(attempt, "checked.json"))])
 
     def prepare(self, training: bool) -> Prepared:
         """Everything before training and evaluation: the teacher, the datasets' descriptions, their text

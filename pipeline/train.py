@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.exceptions import ActorDiedError
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
 from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, \
@@ -345,15 +346,44 @@ GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
 
 def process_group_backend(use_gpu: bool) -> str:
-    """gloo on CPUs; GPU_BACKEND with GPUs, if the GPU nodes have CUDA: GPUs declared to Ray on nodes
-    without it get gloo, and the workers compute on their CPUs (cpu_fallback)."""
+    """gloo on CPUs; GPU_BACKEND with GPUs, if the GPU nodes have CUDA: GPUs declared to Ray on nodes without it
+    (allowed by resources.cpu_fallback, see check_cuda) get gloo, and the workers compute on their CPUs."""
     if not use_gpu:
         return "gloo"
     if ray.get(steps.cuda_available.options(num_cpus=0, num_gpus=1).remote()):
         return GPU_BACKEND
     print("[train] WARNING: train.use_gpu, but CUDA is not available on the GPU nodes: training on their CPUs "
-          "with gloo", flush=True)
+          "with gloo (resources.cpu_fallback)", flush=True)
     return "gloo"
+
+
+CUDA_PROBE_TIMEOUT_S = 120
+PROBE_GPUS = 1e-4  # Ray's smallest unit: the probe fits beside whatever already holds the node's GPUs
+
+
+def check_cuda(cfg: Config, *, trainer: bool) -> None:
+    """Before any work: GPUs asked for (train.use_gpu by a command that trains, resources.task_gpus) on a node
+    that declares GPUs to Ray but has no CUDA would compute for hours on its CPUs. Refused, unless
+    resources.cpu_fallback allows it. Each GPU node alive now is asked, where its GPUs are."""
+    if cfg.resources.cpu_fallback or not ((trainer and cfg.train.use_gpu) or cfg.resources.task_gpus):
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+    probes = {steps.cuda_available.options(num_cpus=0, num_gpus=PROBE_GPUS, scheduling_strategy=(
+        NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))).remote(): n for n in nodes}
+    ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=CUDA_PROBE_TIMEOUT_S)
+    without = [probes[ref] for ref in ready if not ray.get(ref)]
+    if without:
+        node = without[0]
+        asked = [field for field, on in (("train.use_gpu", trainer and cfg.train.use_gpu),
+                                         (f"resources.task_gpus={cfg.resources.task_gpus:g}", cfg.resources.task_gpus))
+                 if on]
+        raise ConfigError(f"resources.cpu_fallback: {' and '.join(asked)} ask{'s' * (len(asked) == 1)} for GPUs, and node {node['NodeManagerAddress']} "
+                          f"declares {node['Resources']['GPU']:g} to Ray but has no CUDA"
+                          f"{f' (and {len(without) - 1} more nodes)' if len(without) > 1 else ''}: its GPU work would "
+                          f"run on its CPUs; fix its CUDA, set train.use_gpu=false and resources.task_gpus=0, or "
+                          f"set resources.cpu_fallback=true to compute on the CPUs anyway")
 
 
 def _start_failure_limit(start_timeout_s: float) -> int:
@@ -363,22 +393,49 @@ def _start_failure_limit(start_timeout_s: float) -> int:
     return max(0, math.ceil(start_timeout_s / attempt) - 1)
 
 
+class _FailureLine(ray.train.UserCallback):
+    """One console line per failure of the worker group, from Ray Train's controller: what failed and where
+    training goes on from. The tracebacks (the surviving ranks' gloo errors, the controller's) stay in Ray's
+    log files, and on the console with --verbose."""
+
+    def __init__(self, max_failures: int, epoch: int | None):
+        self.max_failures, self.failures, self.epoch = max_failures, 0, epoch
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
+        if checkpoint is not None:  # what a restarted worker group gets from ray.train.get_checkpoint()
+            self.epoch = metrics[0]["epoch"]
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        # a rank whose process died surfaces as a failed health check wrapping ActorDiedError
+        errors = {rank: getattr(e, "health_check_failure", e) for rank, e in sorted(worker_exceptions.items())}
+        died = [rank for rank, e in errors.items() if isinstance(e, ActorDiedError)]
+        what = "; ".join([f"rank {rank}'s process died" for rank in died] if died else
+                         [f"rank {rank}: {type(e).__name__}: {first_line(e)[:120]}" for rank, e in errors.items()])
+        outcome = f"no retries left (train.max_failures={self.max_failures})" if self.failures > self.max_failures \
+            else f"resuming from the epoch-{self.epoch} checkpoint" if self.epoch else "restarting from epoch 1"
+        say(f"[train] worker failure ({what}): {outcome}")
+
+
 def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | None = None) -> Checkpoint:
     """Runs (or resumes, when `name` already has checkpoints under `storage_path`) the fine-tune.
 
     callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback when this runs inside a trial.
     """
     cfg = inputs.cfg.train
+    newest = newest_checkpoint(join(storage_path, name))
+    failure_line = _FailureLine(cfg.max_failures, len(read_history(join(newest, HISTORY_FILE))) if newest else None)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration),
-                                  newest_on_disk=newest_checkpoint(join(storage_path, name))),
+        train_loop_config=replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration), newest_on_disk=newest),
         torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
-        run_config=RunConfig(storage_path=storage_path, name=name, callbacks=callbacks,
-                             # Ray Train's INFO (every rank's report, worker-group listings) only on request
-                             logging_config=LoggingConfig(log_level="INFO" if inputs.cfg.verbose else "WARNING"),
+        run_config=RunConfig(storage_path=storage_path, name=name, callbacks=[*(callbacks or []), failure_line],
+                             # Ray Train's console logs (every rank's report, worker-group listings, a failed
+                             # rank's traceback: _FailureLine says it in one line) only on request; its log
+                             # files keep every level
+                             logging_config=LoggingConfig(log_level="INFO" if inputs.cfg.verbose else "CRITICAL"),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(
                                  max_failures=cfg.max_failures,

@@ -16,7 +16,7 @@ from agft_core.cache import describe_file, embedding_table, embeddings_of, file_
     write_parquet
 from agft_core.calibration import Calibration, fit_gamma
 from agft_core.catalog import DatasetSpec
-from agft_core.datasets import DatasetInfo, load_dataset
+from agft_core.datasets import DatasetInfo, load_dataset, undecodable
 from agft_core.errors import InputError
 from agft_core.evaluate import embed_images, zero_shot_accuracy
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, load_weights, logit_scale, \
@@ -81,7 +81,15 @@ def _first_decodable(spec: DatasetSpec, image_size: int) -> torch.Tensor:
 
 @ray.remote
 def describe_dataset(spec: DatasetSpec, image_size: int) -> DatasetInfo:
+    """The dataset's classes, prompts, size and identity (its files' listing stat'ed here, once per run)."""
     return load_dataset(spec, image_size).info()
+
+
+@ray.remote
+def find_undecodable(spec: DatasetSpec, image_size: int, start: int, stop: int) -> list[str]:
+    """The error line of each image of spec[start:stop] that fails to decode, naming its file."""
+    use_assigned_cpus()
+    return list(undecodable(load_dataset(spec, image_size).images, range(start, stop)).values())
 
 
 @ray.remote

@@ -13,11 +13,26 @@ from pathlib import Path
 OPENED = re.compile(r'open(?:at2?)?\((?:AT_FDCWD, )?"([^"]+)"')
 
 
-def traced(command: list[str], log: Path) -> list[str]:
-    """`command` under strace, every open it and its children make written to `log`."""
+OPEN_CALLS, STAT_CALLS = "open,openat,openat2", "stat,lstat,newfstatat,statx"
+STATTED = re.compile(r'(?:stat|statx|newfstatat)\((?:AT_FDCWD, )?"([^"]+)"')
+
+
+def traced(command: list[str], log: Path, calls: str = OPEN_CALLS) -> list[str]:
+    """`command` under strace, every system call of `calls` it and its children make written to `log`."""
     strace = shutil.which("strace")
-    assert strace, "the driver-read test needs strace (.ci/run installs it)"
-    return [strace, "-f", "-qq", "--seccomp-bpf", "-e", "trace=open,openat,openat2", "-o", str(log), *command]
+    assert strace, "the file-access tests need strace (.ci/run installs it)"
+    return [strace, "-f", "-qq", "--seccomp-bpf", "-e", f"trace={calls}", "-o", str(log), *command]
+
+
+def stats_under(log: Path, root: Path) -> dict[str, int]:
+    """How often each path under `root` was stat'ed in a log of STAT_CALLS."""
+    counts: dict[str, int] = {}
+    prefix = os.path.realpath(root) + os.sep
+    for line in log.read_text().splitlines():
+        match = STATTED.search(line)
+        if match and os.path.realpath(match.group(1)).startswith(prefix):
+            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    return counts
 
 
 def opened_under(log: Path, roots: list[Path]) -> list[str]:

@@ -148,6 +148,13 @@ CASES = [
     ("corrupt-image", RANDOM + ["--set", "data.train={kind: imagefolder, name: k, split: train, "
                                          "root: {files}/corrupt}", "--set", "train.batch_size=2"],
      "data.train: k: corrupt image {files}/corrupt/train/dog/2.png"),
+    # a zero-shot or validation set is decoded only after training: checked before anything is written
+    ("corrupt-zero-shot-image", RANDOM + ["--set", "data.zero_shot=[{kind: imagefolder, name: k, split: train, "
+                                                   "root: {files}/corrupt}]"],
+     "data.zero_shot.0: k: corrupt image {files}/corrupt/train/dog/2.png"),
+    ("corrupt-validation-image", RANDOM + ["--set", "train.validation={dataset: {kind: imagefolder, name: k, "
+                                                    "split: train, root: {files}/corrupt}}"],
+     "train.validation.dataset: k: corrupt image {files}/corrupt/train/dog/2.png"),
     ("truncated-parquet-dataset", RANDOM + ["--set", "data.train={kind: parquet, name: p, split: train, "
                                                      "root: {files}/parquet}"], "data.train: p: cannot read parquet train under {files}/parquet"),
     ("missing-weights-file", ["--set", "model.arch=RN50", "--set", "model.weights={files}/nowhere/rn50.pt"],

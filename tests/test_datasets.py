@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision import datasets as tvd
 
 from agft_core.catalog import LOADERS, DatasetSpec, check_root
-from agft_core.datasets import clip_classnames, load_dataset
+from agft_core.datasets import clip_classnames, load_dataset, subset_indices
 from agft_core.errors import InputError
 
 RNG = np.random.default_rng(0)
@@ -123,6 +123,33 @@ def test_corrupt_image_is_named_and_skipped_only_when_asked(tmp_path, capsys):
     skipped = load_dataset(DatasetSpec("imagefolder", "pets", "test", str(tmp_path), corrupt="skip"), 16)
     assert len(skipped) == 2 and skipped.identity["skipped"] == [str(broken)]
     assert f"pets: skipping corrupt image {broken}" in capsys.readouterr().out
+
+
+def test_limit_draws_a_seeded_subset_of_every_class(tmp_path):
+    """ImageNet val with `limit: 1000` must not be its first 20 classes: on 10 classes of 8 images (sorted by
+    class on disk), limit 20 takes 2 of each; the same seed the same subset, another seed another."""
+    for c in range(10):
+        for i in range(8):
+            _jpeg(tmp_path / "val" / f"class{c}" / f"{i}.png")
+    spec = DatasetSpec("imagefolder", "toys", "val", str(tmp_path), limit=20)
+    data = load_dataset(spec, 16)
+    labels = [int(data.images[i][1]) for i in range(len(data))]
+    assert len(labels) == 20 and np.bincount(labels).tolist() == [2] * 10
+    assert data.images.indices == load_dataset(spec, 16).images.indices
+    other = load_dataset(DatasetSpec("imagefolder", "toys", "val", str(tmp_path), limit=20, subset_seed=1), 16)
+    assert other.images.indices != data.images.indices and other.info().identity != data.info().identity
+    assert data.info().identity["limit"] == 20 and data.info().identity["stratified"]
+
+
+def test_subset_shares_follow_the_class_sizes_and_a_tiny_limit_draws_its_classes():
+    labels = [0] * 5 + [1] * 3 + [2] * 2  # shares of 5: 2.5, 1.5, 1.0 -> 2 + 1 + 1, one more for class 0 or 1
+    for seed in range(6):
+        taken = np.bincount([labels[i] for i in subset_indices(10, 5, seed, labels)], minlength=3).tolist()
+        assert taken in ([3, 1, 1], [2, 2, 1])
+    drawn = {tuple(subset_indices(100, 3, seed, [i // 10 for i in range(100)])) for seed in range(5)}
+    assert all(len({i // 10 for i in d}) == 3 for d in drawn) and len(drawn) > 1  # 3 classes of 10, not the first 3
+    plain = subset_indices(100, 7, 0, None)
+    assert len(set(plain)) == 7 and plain == sorted(plain) and plain != list(range(7))
 
 
 @pytest.mark.parametrize("kind", sorted(LOADERS))

@@ -191,6 +191,7 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             f"data.zero_shot=[{{kind: imagefolder, name: toys, split: test, root: {data}}}]",
             "train.use_gpu=true", "train.num_workers=2", "train.epochs=1", "train.batch_size=8",
             "train.warmup_steps=1", "train.validation=null", "resources.task_gpus=0.5", "resources.loader_workers=1",
+            "resources.cpu_fallback=true",
             "eval.attack.steps=1", "eval.quick=null"]
         args = traced(["agft", "run", "--tracking-uri", server.uri, "--verbose"] +
                       [a for o in overrides for a in ("--set", o)], audit)
@@ -250,11 +251,28 @@ def _assert_every_gpu_step_fell_back(logs: str) -> None:
         assert step in logs, step
 
 
+def test_gpus_asked_for_on_nodes_without_cuda_are_refused_before_any_work(gpu_cluster, tmp_path):
+    """`train.use_gpu` and GPU tasks on nodes whose GPUs have no CUDA, without resources.cpu_fallback: one
+    line naming the setting, exit 2, and no cache or tracking store written (not hours on the CPUs)."""
+    submission = _submit(gpu_cluster.dashboard, gpu_cluster.env, tmp_path, "train.use_gpu=true",
+                         "resources.task_gpus=0.5")
+    assert _wait(gpu_cluster.dashboard, gpu_cluster.env, submission) == "FAILED"
+    status = ray_cli("job", "status", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env)
+    logs = ray_cli("job", "logs", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env).stdout
+    errors = [line for line in logs.splitlines() if line.startswith("agft: error")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "agft: error: resources.cpu_fallback: train.use_gpu and resources.task_gpus=0.5 ask for GPUs, and node "), logs
+    assert "Traceback" not in logs and "exit code 2" in status.stdout + status.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_embedded_default_with_gpus_declared_falls_back_to_the_cpu_in_every_step(gpu_cluster, tmp_path):
     """The demo as a user with a GPU cluster would first try it: `train.use_gpu` and GPU tasks, on nodes
-    whose GPUs have no CUDA. The job finishes, every GPU step saying that it computed on the CPU."""
+    whose GPUs have no CUDA, with resources.cpu_fallback. The job finishes, every GPU step saying that it
+    computed on the CPU."""
     submission = _submit(gpu_cluster.dashboard, gpu_cluster.env, tmp_path, "train.use_gpu=true", "train.num_workers=2",
-                         "resources.task_gpus=0.5", runtime_env=_runtime_env(tmp_path, EVERY_LINE))
+                         "resources.task_gpus=0.5", "resources.cpu_fallback=true",
+                         runtime_env=_runtime_env(tmp_path, EVERY_LINE))
     status = _wait(gpu_cluster.dashboard, gpu_cluster.env, submission)
     logs = ray_cli("job", "logs", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env).stdout
     assert status == "SUCCEEDED", logs[-4000:]
