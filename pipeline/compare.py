@@ -31,7 +31,7 @@ class CompareResult:
 def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
     start = time.perf_counter()
     spec = cfg.compare
-    parent = tracking.start_run(uri, cfg.experiment, cfg.model_dump(mode="json"),
+    parent = tracking.start_run(uri, cfg.experiment, cfg.run_params(),
                                 {"mlflow.runName": "compare", "kind": "compare"}, cfg.artifact_location)
     per_seed = []
     with tracking.finishing(uri, parent):

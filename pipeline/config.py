@@ -220,10 +220,17 @@ class TrainConfig(Section):
                                  description="α: adversarial attention term; β: clean attention term")
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0, description="per worker")
-    lr: float = Field(4e-4, gt=0)
+    lr: float = Field(4e-4, gt=0, description="the learning rate at a global batch of lr_batch images")
+    lr_batch: int = Field(256, gt=0, description="the global batch (batch_size x num_workers) lr is set for: the "
+                                                 "paper's 2 GPUs x 128")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="how the lr follows the global batch: none keeps lr; linear multiplies it by global batch "
+                            "/ lr_batch (SGD's rule), sqrt by that ratio's square root (Adam's)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(1000, ge=0)
+    warmup_epochs: float = Field(0.2, ge=0, description="linear warm-up, in epochs, so that it covers the same share "
+                                                        "of the run at any global batch (the paper's 1000 iterations "
+                                                        "of 256 images: 0.2 of an ImageNet epoch)")
     num_workers: int = Field(2, gt=0)
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
@@ -242,6 +249,19 @@ class TrainConfig(Section):
         recipe = isinstance(raw, dict) and raw.get("recipe") == "published" and \
             PUBLISHED_RECIPES.get(raw.get("method", "agft"))
         return {**raw, **recipe} if recipe else raw
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_workers
+
+    @property
+    def effective_lr(self) -> float:
+        """lr scaled from lr_batch to the global batch by lr_scaling."""
+        ratio = self.global_batch / self.lr_batch
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scaling]
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        return round(self.warmup_epochs * steps_per_epoch)
 
     def recipe_caption(self) -> str:
         if self.recipe == "published":
@@ -309,7 +329,8 @@ class ResourcesConfig(Section):
 
 
 class Domain(Section):
-    """One search axis: exactly one of choice, grid, uniform [low, high], loguniform [low, high]."""
+    """One search axis: exactly one of choice, grid, uniform [low, high], loguniform [low, high]. A finite list
+    (choice or grid) is tried once per value under random search; optuna samples a choice as a category."""
 
     choice: list[Any] | None = Field(None, min_length=1)
     grid: list[Any] | None = Field(None, min_length=1)
@@ -355,8 +376,10 @@ class SweepConfig(Section):
     metric: Literal["val_robust_acc", "val_clean_acc", "train_robust_acc", "loss"] = "val_robust_acc"
     mode: Literal["max", "min"] = "max"
     search: Literal["random", "optuna"] = "random"  # grid axes (grid: [..]) are expanded by either
-    num_samples: int = Field(4, gt=0, description="samples of the random axes, per grid point")
-    max_concurrent_trials: int = Field(1, gt=0)
+    num_samples: int = Field(4, gt=0, description="samples of the random axes (uniform, loguniform) per combination "
+                                                  "of the finite ones (choice, grid)")
+    max_concurrent_trials: int | Literal["auto"] = Field(
+        "auto", description="auto: as many trials as the cluster holds trainers (train.num_workers workers each)")
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, gt=0, description="epochs before ASHA may stop a trial")
     reduction_factor: float = Field(2, gt=1)
@@ -413,6 +436,12 @@ class Config(Section):
                 detail = _format(exc) if isinstance(exc, ValidationError) else str(exc)
                 raise ValueError(f"compare.per_method.{method}: {detail}") from None
         return self
+
+    def run_params(self) -> dict:
+        """What an MLflow run logs as its params: every field, and the global batch and the lr it trains at."""
+        params = self.model_dump(mode="json")
+        params["train"] |= {"global_batch": self.train.global_batch, "effective_lr": self.train.effective_lr}
+        return params
 
     def max_epochs(self) -> int:
         """The most epochs any sweep trial trains: train.epochs, or the largest value of its axis."""

@@ -32,7 +32,8 @@ from agft_core.model import input_size
 from agft_core.pretrain import RECIPE
 from pipeline import registry, report, tracking
 from pipeline.config import ROBUST_MEANING, Config, ConfigError, dump_yaml, preflight
-from pipeline.train import ENCODER_FILE, FINETUNE_RECIPE, HISTORY_FILE, TrainInputs, fit, read_history, resolved
+from pipeline.train import ENCODER_FILE, FINETUNE_RECIPE, HISTORY_FILE, TrainInputs, fit, read_history, resolved, \
+    worker_resources
 from tasks import steps
 
 EVAL_FILE = "result.json"
@@ -195,6 +196,22 @@ def dataset_inputs(prepared: Prepared) -> list[dict]:
 def _attack_of(row: dict) -> tuple:
     """The (attack, ε, α, steps, restarts) an eval result row was computed under."""
     return row["attack"], row["eps"], row["alpha"], row["steps"], row["restarts"]
+
+
+def room_beside_training(cfg: Config, nodes: list[dict[str, float]]) -> bool:
+    """Whether an eval task still fits on some node once the trainer's workers are placed, each request on one
+    node as Ray places them: the workers first, each on the node with the least room that holds it."""
+    free = [dict(node) for node in nodes]
+    worker, task = worker_resources(cfg.train), {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}
+    holds = lambda node, shape: all(node.get(k, 0) >= v - 1e-9 for k, v in shape.items() if v)  # noqa: E731
+    for _ in range(cfg.train.num_workers):
+        fitting = [node for node in free if holds(node, worker)]
+        if not fitting:
+            return False
+        node = min(fitting, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
+        for key, amount in worker.items():
+            node[key] -= amount
+    return any(holds(node, task) for node in free)
 
 
 def pretrain_key(cfg: Config) -> dict:
@@ -406,13 +423,10 @@ class Pipeline:
         return [row | {"robust": row[self.cfg.eval.robust]} for row in rows]
 
     def _room_beside_training(self) -> bool:
-        """Whether the cluster holds the trainer and an eval task at once. Only then does the original's
-        evaluation run while the fine-tune trains: on a smaller cluster it would delay the trainer's start
-        (and use up train.start_timeout_s) for no gain."""
-        total, train, res = ray.cluster_resources(), self.cfg.train, self.cfg.resources
-        gpus = (train.num_workers if train.use_gpu else 0) + res.task_gpus
-        return total.get("CPU", 0) >= train.num_workers * train.cpus_per_worker + res.task_cpus and \
-            total.get("GPU", 0) >= gpus
+        """Whether the cluster holds the trainer and an eval task at once (room_beside_training). Only then does
+        the original's evaluation run while the fine-tune trains: on a smaller cluster it would delay the
+        trainer's start (and use up train.start_timeout_s) for no gain."""
+        return room_beside_training(self.cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
 
     def _task_bars(self, ran: dict[str, dict]) -> None:
         """A timeline bar per Ray task, by name: when (its "start" and "end") and where ("node") it ran."""
@@ -520,17 +534,16 @@ class Pipeline:
                                  [out / "calibration.json", out / "calibration.png"])
 
     # -- models in the MLflow registry --------------------------------------------------------------
-    def servable(self, prepared: Prepared, encoder: str | None) -> registry.ServableClip:
-        """The teacher, with the fine-tuned image tower in the weights file `encoder` if given, as a servable
-        CLIP answering with the training set's classes: from the cache, or made by a Ray task."""
+    def servable(self, prepared: Prepared, encoder: str | None, encoder_digest: str | None) -> registry.ServableClip:
+        """The teacher, with the fine-tuned image tower in the weights file `encoder` (of SHA-256 encoder_digest)
+        if given, as a servable CLIP answering with the training set's classes: from the cache, or made by a Ray
+        task."""
         teacher, train = prepared.teacher, prepared.infos["train"]
-        light = {"num_cpus": self.cfg.resources.task_cpus}
-        entry = CacheEntry(self.root, "servable", {
-            "weights": teacher.digest, "arch": self.cfg.model.arch, "example": train.identity,
-            "encoder": encoder and _get(steps.file_digest.options(**light).remote(encoder))})
+        entry = CacheEntry(self.root, "servable", {"weights": teacher.digest, "arch": self.cfg.model.arch,
+                                                   "example": train.identity, "encoder": encoder_digest})
         if not self._cached("model", entry, registry.FINETUNED if encoder else registry.ORIGINAL):
             with entry.attempt() as attempt:
-                entry.commit(attempt, _get(steps.servable_clip.options(**light).remote(
+                entry.commit(attempt, _get(steps.servable_clip.options(num_cpus=self.cfg.resources.task_cpus).remote(
                     self.cfg.model.arch, teacher.weights, encoder, prepared.specs["train"], teacher.size, attempt),
                     "data.train"))
         return registry.ServableClip(entry.file_named(steps.SERVED_CLIP), self.cfg.model.arch, train.classnames,
@@ -539,22 +552,31 @@ class Pipeline:
     def register_model(self, prepared: Prepared, run_id: str, encoder: str | None,
                        tags: dict[str, str]) -> registry.ModelVersion:
         """The teacher, fine-tuned by the image tower in the weights file `encoder` if given, logged to the run
-        as an MLflow model and registered as a new version of the model named after the experiment."""
+        as an MLflow model and registered as a version of the model named after the experiment; or the version
+        already registered with the same weights (a rerun from warm caches registers nothing new)."""
+        teacher = prepared.teacher
+        encoder_digest = encoder and _get(steps.file_digest.options(num_cpus=self.cfg.resources.task_cpus).remote(
+            encoder))
+        digest = fingerprint({"teacher": teacher.digest, "encoder": encoder_digest}) if encoder else teacher.digest
+        found = registry.registered_version(self.uri, self.cfg.experiment, digest)
+        if found:
+            return found
         role = {"role": registry.FINETUNED, "method": self.cfg.train.method} if encoder else {"role": registry.ORIGINAL}
-        return registry.register(self.uri, run_id, self.cfg.experiment, self.servable(prepared, encoder),
-                                 role | {"weights_digest": prepared.teacher.digest} | tags)
+        mine = registry.register(self.uri, run_id, self.cfg.experiment, self.servable(prepared, encoder, encoder_digest),
+                                 role | {"weights_digest": teacher.digest, "model_digest": digest} | tags)
+        return registry.keep_first(self.uri, mine, digest)
 
     def register_models(self, prepared: Prepared, run_id: str, rows: list[dict], encoder: str) -> None:
-        """The fine-tuned CLIP, and the original teacher when this run evaluated it and no version of it is
-        registered yet, each tagged with its zero-shot accuracy in this run."""
-        name, robust = self.cfg.experiment, {"robust": self.cfg.eval.caption()}
+        """The fine-tuned CLIP, and the original teacher when this run evaluated it, each tagged with its zero-shot
+        accuracy in the run that registered it; weights registered before keep their version."""
+        robust = {"robust": self.cfg.eval.caption()}
         versions = {registry.FINETUNED: self.register_model(prepared, run_id, encoder,
                                                             robust | _accuracy_tags(rows, "finetuned"))}
-        if "original_clean" in rows[0] and not registry.original_version(self.uri, name, prepared.teacher.digest):
-            versions[registry.ORIGINAL] = registry.keep_first_original(self.uri, self.register_model(
-                prepared, run_id, None, robust | _accuracy_tags(rows, "original")), prepared.teacher.digest)
-        self.log(f"[registry] {name}: " + ", ".join(
-            f"version {v.version} ({role}{'' if v.run_id == run_id else ', registered by run ' + v.run_id})"
+        if "original_clean" in rows[0]:
+            versions[registry.ORIGINAL] = self.register_model(prepared, run_id, None,
+                                                              robust | _accuracy_tags(rows, "original"))
+        self.log(f"[registry] {self.cfg.experiment}: " + ", ".join(
+            f"version {v.version} ({role}{'' if v.run_id == run_id else ', unchanged: registered by run ' + v.run_id})"
             for role, v in versions.items()))
 
     def _check_training_set(self, train: DatasetInfo) -> None:
@@ -588,7 +610,7 @@ class Pipeline:
             tags |= {"mlflow.parentRunId": parent_run_id, "mlflow.runName": f"{cfg.train.method}-seed{cfg.seed}"}
         prepared = self.prepare(training=True)
         self._few_classes(prepared, "eval.attack", [a.name for a in (cfg.eval.attack, cfg.eval.quick) if a])
-        run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"), tags,
+        run_id = tracking.start_run(self.uri, cfg.experiment, cfg.run_params(), tags,
                                     cfg.artifact_location)
         with tracking.finishing(self.uri, run_id):
             tracking.tag_run(self.uri, run_id, {"weights_digest": prepared.teacher.digest})
@@ -616,7 +638,7 @@ class Pipeline:
         cfg, matrix = self.cfg, self.cfg.eval.matrix
         prepared = self.prepare(training=False)
         note = self._few_classes(prepared, "eval.matrix.attacks", matrix.attacks)
-        run_id = tracking.start_run(self.uri, cfg.experiment, cfg.model_dump(mode="json"),
+        run_id = tracking.start_run(self.uri, cfg.experiment, cfg.run_params(),
                                     {"mlflow.runName": "eval-matrix", "kind": "eval"}, cfg.artifact_location)
         with tracking.finishing(self.uri, run_id):
             tracking.log_datasets(self.uri, run_id, dataset_inputs(prepared))

@@ -96,18 +96,18 @@ def _working_directory(path: str) -> Iterator[None]:
         os.close(previous)
 
 
-def original_version(uri: str, name: str, weights_digest: str) -> ModelVersion | None:
-    """The registered version of the original teacher with these weights, if there is one (the first, if
-    two runs registered it at once)."""
-    found = MlflowClient(uri).search_model_versions(f"name = '{name}' and tags.role = '{ORIGINAL}' and "
-                                                    f"tags.weights_digest = '{weights_digest}'")
+def registered_version(uri: str, name: str, model_digest: str) -> ModelVersion | None:
+    """The version of `name` that computes with these weights (its model_digest tag), if there is one (the first,
+    if two runs registered it at once)."""
+    found = MlflowClient(uri).search_model_versions(f"name = '{name}' and tags.model_digest = '{model_digest}'")
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def keep_first_original(uri: str, mine: ModelVersion, weights_digest: str) -> ModelVersion:
-    """The original is registered when none is found, so two runs that looked at once register one each. Each
-    then keeps the first version, deleting its own if it is not that one: one remains, whatever the order."""
-    first = original_version(uri, mine.name, weights_digest)
+def keep_first(uri: str, mine: ModelVersion, model_digest: str) -> ModelVersion:
+    """A model is registered when no version of its weights is found, so two runs that looked at once register
+    one each. Each then keeps the first version, deleting its own if it is not that one: one remains, whatever
+    the order."""
+    first = registered_version(uri, mine.name, model_digest)
     if first is None or first.version == mine.version:  # None: a registry whose search lags its writes
         return mine
     client = MlflowClient(uri)

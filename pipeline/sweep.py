@@ -21,7 +21,7 @@ from agft_core.catalog import is_uri
 from pipeline import report, tracking
 from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
 from pipeline.dag import Pipeline, Prepared, dataset_inputs
-from pipeline.train import ENCODER_FILE, TrainInputs, check_resources, fit, resolved
+from pipeline.train import ENCODER_FILE, TrainInputs, check_resources, fit, resolved, trainer_room
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
@@ -32,10 +32,12 @@ class SweepFailed(RuntimeError):
 
 
 def search_space(sweep: SweepConfig) -> dict:
+    """Tune's domains. Under random search a finite list is a grid, each value tried once: drawn at random
+    (tune.choice), 4 trials over 4 values repeat one with a chance of 9 in 10."""
     space = {}
     for key, domain in sweep.space.items():
         if domain.choice is not None:
-            space[key] = tune.choice(domain.choice)
+            space[key] = tune.choice(domain.choice) if sweep.search == "optuna" else tune.grid_search(domain.choice)
         elif domain.grid is not None:
             space[key] = tune.grid_search(domain.grid)
         elif domain.uniform is not None:
@@ -65,7 +67,7 @@ def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage:
     cfg = resolved(with_overrides(inputs.cfg, params), inputs.calibration)  # γ: auto at this trial's 1/τ
     trial_id = tune.get_context().get_trial_id()
     run_id = tracking.trial_run(inputs.tracking_uri, cfg.experiment, parent_run_id, trial_id,
-                                cfg.model_dump(mode="json"), {f"sweep.{k}": str(v) for k, v in params.items()})
+                                cfg.run_params(), {f"sweep.{k}": str(v) for k, v in params.items()})
     tracking.log_datasets(inputs.tracking_uri, run_id, datasets)
     # The run's end status is the driver's to set (_Progress): Tune may stop this trial by killing its
     # actor, which can surface here as an error after the trial has ended well.
@@ -146,7 +148,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
         parent_run_id = read_bytes(parent_file).decode().strip()
         log(f"[sweep] resuming {sweep_dir} (finished trials are kept)")
     else:
-        parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.model_dump(mode="json"),
+        parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.run_params(),
                                            {"mlflow.runName": name, "sweep": "parent"}, cfg.artifact_location)
         pipeline.log_calibration(parent_run_id, prepared.calibration)
         tracking.log_datasets(tracking_uri, parent_run_id, datasets)
@@ -158,10 +160,15 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     if resumed:
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
     else:
+        concurrent = spec.max_concurrent_trials
+        if concurrent == "auto":
+            concurrent = trainer_room(cfg)
+            log(f"[sweep] up to {concurrent} trial{'s' * (concurrent > 1)} at once: the cluster's room for trainers "
+                f"of {cfg.train.num_workers} workers")
         tuner = tune.Tuner(
             trainable, param_space=search_space(spec),
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                        max_concurrent_trials=spec.max_concurrent_trials,
+                                        max_concurrent_trials=concurrent,
                                         # Never reuse a trial's actor. The trial's Train run ends after
                                         # Tune has marked the trial done (ASHA stops it at max_t, or early),
                                         # so reuse fails and stalls Tune (issue 16), and a reused actor

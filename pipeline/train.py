@@ -80,8 +80,8 @@ class _Indexed(Dataset):
 
 def make_optimizer(train: TrainConfig, parameters) -> torch.optim.Optimizer:
     if train.optimizer == "adamw":  # FARE's published recipe
-        return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
-    return torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(parameters, lr=train.effective_lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(parameters, lr=train.effective_lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
 def resolved(cfg: Config, calibration: Calibration | None) -> Config:
@@ -121,7 +121,7 @@ def train_loop(inputs: TrainInputs) -> None:
                         num_workers=cfg.resources.loader_workers, pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
     optimizer = make_optimizer(cfg.train, encoder.parameters())
-    schedule = warmup_cosine(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs)
+    schedule = warmup_cosine(optimizer, cfg.train.warmup_steps(steps_per_epoch), steps_per_epoch * cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
 
     start_epoch, history = 0, []
@@ -185,6 +185,11 @@ def train_loop(inputs: TrainInputs) -> None:
                         "val_robust_acc": totals[4].item() / totals[5].item()}
         history.append(metrics | {EPOCH_END: time.time()})
         if rank == 0:
+            # Logged before it is reported: Tune may stop the trial (ASHA) as soon as it sees the report. An
+            # epoch re-run after a failure replays the same numbers, and log_history logs each epoch once.
+            _log_quietly(inputs, history)
+            say(f"[train] epoch {epoch + 1}/{cfg.train.epochs}: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "epoch": epoch, "history": json.dumps(history)},
@@ -192,11 +197,6 @@ def train_loop(inputs: TrainInputs) -> None:
                 save_weights(encoder, Path(d) / ENCODER_FILE, cfg.model.arch)
                 (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            say(f"[train] epoch {epoch + 1}/{cfg.train.epochs}: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-            # After the checkpoint: a worker lost in between re-runs no epoch, and the epochs this
-            # log misses are logged by the next one, or by the driver at the end.
-            _log_quietly(inputs, history)
         else:
             ray.train.report(metrics)
 
@@ -274,6 +274,22 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
 def _fits(shape: dict[str, float], node: dict[str, float]) -> int:
     """How many requests of this shape one node's total resources hold (Ray counts in steps of 1e-4)."""
     return int(min(node.get(key, 0) / amount for key, amount in shape.items() if amount) + 1e-6)
+
+
+def trainers_fitting(cfg: TrainConfig, nodes: list[dict[str, float]]) -> int:
+    """How many trainers (train.num_workers workers each) the nodes' total resources hold at once; at least 1."""
+    return max(1, sum(_fits(worker_resources(cfg), node) for node in nodes) // cfg.num_workers)
+
+
+def trainer_room(cfg: Config) -> int:
+    """trainers_fitting on the cluster's alive nodes, or on its worker groups at their autoscaler's maximum
+    (bounded ones) if that holds more."""
+    from ray._private.state import state
+
+    alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    config = state.get_cluster_config()
+    scaled = [dict(g.resources) for g in (config.node_group_configs if config else []) for _ in range(max(0, g.max_count))]
+    return max(trainers_fitting(cfg.train, alive), trainers_fitting(cfg.train, scaled))
 
 
 class Demand(NamedTuple):

@@ -18,6 +18,40 @@ def test_paper_config_validates_with_the_paper_setting():
     assert (cfg.train.attack.steps, cfg.train.lr, cfg.train.epochs) == (2, 4e-4, 10)
 
 
+def test_the_lr_and_the_warm_up_follow_the_global_batch_by_the_stated_rule():
+    """The paper: lr 4e-4 for 2 GPUs x 128 images, 1000 warm-up iterations (0.2 of ImageNet's 5004 steps an
+    epoch at that batch). At 16 workers the global batch is 8 times larger."""
+    import torch
+
+    from pipeline.train import make_optimizer
+
+    paper = load_config(REPO / "configs" / "vitb32_imagenet.yaml")
+    assert (paper.train.global_batch, paper.train.effective_lr) == (256, 4e-4)
+    assert paper.train.warmup_steps(1_281_167 // 256) == 1001
+    wide = {rule: load_config(REPO / "configs" / "vitb32_imagenet.yaml",
+                              ["train.num_workers=16", f"train.lr_scaling={rule}"]).train for rule in ("none", "linear", "sqrt")}
+    assert wide["linear"].global_batch == 2048 and wide["linear"].warmup_steps(1_281_167 // 2048) == 125
+    assert wide["none"].effective_lr == 4e-4
+    assert wide["linear"].effective_lr == pytest.approx(3.2e-3)
+    assert wide["sqrt"].effective_lr == pytest.approx(4e-4 * 8 ** 0.5)
+    optimizer = make_optimizer(wide["linear"], [torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.defaults["lr"] == pytest.approx(3.2e-3)  # what trains is the scaled lr
+    params = load_config(REPO / "configs" / "vitb32_imagenet.yaml", ["train.num_workers=16"]).run_params()
+    assert (params["train"]["global_batch"], params["train"]["effective_lr"]) == (2048, pytest.approx(3.2e-3))
+
+
+def test_the_shipped_sweeps_try_each_value_once_and_select_on_a_split_no_reported_number_uses():
+    from pipeline.config import check_sweep
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        check_sweep(cfg)  # a space, and a validation split for its val_ metric
+        reported = {(d.kind, d.name, d.split, d.root) for d in cfg.data.zero_shot}
+        held_out = cfg.train.validation.dataset
+        assert (held_out.kind, held_out.name, held_out.split, held_out.root) not in reported, path
+        assert cfg.sweep.search == "random" and cfg.sweep.max_concurrent_trials == "auto", path
+
+
 def test_paper_config_evaluates_with_the_papers_protocol():
     cfg = load_config(REPO / "configs" / "vitb32_imagenet.yaml")
     assert cfg.eval.attack.as_tuple() == ("pgd", pytest.approx(1 / 255), pytest.approx(1 / 255), 20, 1)

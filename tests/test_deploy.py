@@ -10,6 +10,7 @@ import yaml
 
 from pipeline.cli import _parser
 from pipeline.config import load_config
+from pipeline.dag import room_beside_training
 from pipeline.train import placement_problem
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -113,6 +114,7 @@ def _check_cluster_spec(spec: dict) -> None:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         nodes += [{"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}] * group["replicas"]
     assert placement_problem(config, nodes, None) == (None, False)
+    assert room_beside_training(config, nodes)  # the original's eval runs while the fine-tune trains
     assert config.train.use_gpu and config.resources.task_gpus > 0 and config.resources.loader_workers > 0
 
 

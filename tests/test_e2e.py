@@ -93,6 +93,8 @@ def test_run_logs_metrics_artifacts_and_epochs(first, store, tmp_path):
         for column in ("original_clean", "original_robust", "finetuned_clean", "finetuned_robust"):
             assert 0.0 <= metrics[f"{column}/{dataset}"] <= 1.0
     assert run.data.params["calibration.gamma"] == "1.0"  # configs/demo.yaml
+    # 2 workers x 32 images, at the demo's lr (lr_scaling: none)
+    assert (run.data.params["train.global_batch"], run.data.params["train.effective_lr"]) == ("64", "0.0005")
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert artifacts == {"config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png",
                          "image_encoder.safetensors", "timeline.json", "timeline.png"}
@@ -132,24 +134,19 @@ def _versions(store, **tags) -> list:
             if all(v.tags.get(k) == value for k, value in tags.items())]
 
 
-def _finished_runs(store) -> list:
-    """The finished `agft run` runs of the experiment "agft" (eval-matrix runs train and register nothing)."""
+def test_each_model_is_registered_once_and_a_warm_rerun_reuses_the_versions(first, second, store):
+    """The first run registers its fine-tuned CLIP and the original it evaluated, each tagged with the accuracy
+    that run measured; the second (every cache warm, the same weights) registers nothing new and says so."""
     client = MlflowClient(store[1])
-    runs = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "attributes.status = 'FINISHED'")
-    return [r for r in runs if r.data.tags.get("kind") != "eval"]
-
-
-def test_each_run_registers_its_model_and_the_original_is_registered_once(first, second, store):
-    """After the second run: one fine-tuned version per run, one original (from the first run, which evaluated
-    it), each tagged with the accuracy its run measured."""
-    client = MlflowClient(store[1])
-    runs = _finished_runs(store)
-    assert len(runs) >= 2
-    assert sorted(v.run_id for v in _versions(store, role="fine-tuned")) == sorted(r.info.run_id for r in runs)
     (original,) = _versions(store, role="original")
     assert original.run_id == first[0].run_id
     metrics = client.get_run(first[0].run_id).data.metrics
     (finetuned,) = [v for v in _versions(store, role="fine-tuned") if v.run_id == first[0].run_id]
+    rerun, lines = second
+    assert not [v for v in _versions(store) if v.run_id == rerun.run_id]
+    assert (f"[registry] agft: version {finetuned.version} (fine-tuned, unchanged: registered by run "
+            f"{first[0].run_id}), version {original.version} (original, unchanged: registered by run "
+            f"{first[0].run_id})") in lines
     for version, model in ((finetuned, "finetuned"), (original, "original")):
         assert version.tags["weights_digest"] == client.get_run(first[0].run_id).data.tags["weights_digest"]
         for dataset in ("colours", "shapes", "mean"):

@@ -190,7 +190,7 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             f"data.train={{kind: imagefolder, name: toys, split: train, root: {data}}}",
             f"data.zero_shot=[{{kind: imagefolder, name: toys, split: test, root: {data}}}]",
             "train.use_gpu=true", "train.num_workers=2", "train.epochs=1", "train.batch_size=8",
-            "train.warmup_steps=1", "train.validation=null", "resources.task_gpus=0.5", "resources.loader_workers=1",
+            "train.warmup_epochs=0", "train.validation=null", "resources.task_gpus=0.5", "resources.loader_workers=1",
             "resources.cpu_fallback=true",
             "eval.attack.steps=1", "eval.quick=null"]
         args = traced(["agft", "run", "--tracking-uri", server.uri, "--verbose"] +

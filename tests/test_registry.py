@@ -20,16 +20,16 @@ def test_two_runs_that_registered_the_original_at_once_leave_one_version(tmp_pat
     def register_original(digest: str):
         """What a run does once it found no original registered."""
         run_id = client.create_run(experiment_id).info.run_id
-        return registry.register(uri, run_id, "agft", clip, {"role": registry.ORIGINAL, "weights_digest": digest})
+        return registry.register(uri, run_id, "agft", clip, {"role": registry.ORIGINAL, "model_digest": digest})
 
     other_teacher = register_original("b" * 16)
     # both runs looked, found none and registered: the race's worst order, each checks after both registered
     first, second = (register_original("a" * 16) for _ in range(2))
-    assert registry.keep_first_original(uri, second, "a" * 16).version == first.version
-    assert registry.keep_first_original(uri, first, "a" * 16).version == first.version
+    assert registry.keep_first(uri, second, "a" * 16).version == first.version
+    assert registry.keep_first(uri, first, "a" * 16).version == first.version
     remaining = client.search_model_versions("name = 'agft'")
     assert sorted(int(v.version) for v in remaining) == sorted(int(v.version) for v in (other_teacher, first))
-    assert registry.original_version(uri, "agft", "a" * 16).version == first.version
+    assert registry.registered_version(uri, "agft", "a" * 16).version == first.version
     # the deleted version's logged model went with it
     assert {m.artifact_location for m in client.search_logged_models([experiment_id])} == {other_teacher.source,
                                                                                              first.source}

@@ -98,3 +98,26 @@ def test_a_gpu_run_reduces_cpu_tensors_with_gloo_and_cuda_tensors_with_nccl():
     from pipeline.train import GPU_BACKEND
 
     assert BackendConfig(Backend(GPU_BACKEND)).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
+
+
+def test_the_originals_eval_runs_beside_training_only_where_a_node_has_room_left_for_it():
+    """Counted per node, as Ray places requests: two nodes of 10 CPUs and 1.5 GPUs hold 20 CPUs and 3 GPUs, more
+    than the trainer (2 x 8 CPUs, 1 GPU) and a task (4 CPUs, 0.5 GPU) ask in all, yet each keeps 2 CPUs."""
+    from pipeline.dag import room_beside_training
+
+    cfg = cfg_of("train.use_gpu=true", "train.cpus_per_worker=8", "resources.task_cpus=4",
+                 "resources.task_gpus=0.5")
+    assert not room_beside_training(cfg, [{"CPU": 10.0, "GPU": 1.5}] * 2)
+    assert room_beside_training(cfg, [{"CPU": 12.0, "GPU": 1.5}] * 2)
+    assert not room_beside_training(cfg, [{"CPU": 8.0, "GPU": 1.0}] * 2)  # the trainer takes both nodes
+    assert room_beside_training(cfg, [{"CPU": 8.0, "GPU": 1.0}] * 3)
+
+
+def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds_trainers():
+    from pipeline.train import trainers_fitting
+
+    train = cfg_of("train.use_gpu=true", "train.num_workers=2", "train.cpus_per_worker=8").train
+    assert trainers_fitting(train, [{"CPU": 8.0, "GPU": 1.0}] * 5) == 2
+    assert trainers_fitting(train, [{"CPU": 64.0, "GPU": 8.0}] * 2) == 8
+    assert trainers_fitting(train, [{"CPU": 64.0, "GPU": 8.0}, {"CPU": 4.0}]) == 4  # CPU-only nodes hold none
+    assert trainers_fitting(cfg_of().train, [CPU2]) == 1  # the demo on this machine: one at a time

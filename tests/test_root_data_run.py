@@ -35,7 +35,7 @@ def test_one_run_stats_each_image_once_and_records_the_subset_its_limit_took(tmp
         f"data.train={{kind: imagefolder, name: toys, split: train, root: {data}}}",
         f"data.zero_shot=[{{kind: imagefolder, name: toys-test, split: test, root: {data}, limit: 20}}]",
         f"train.validation={{dataset: {{kind: imagefolder, name: toys-val, split: val, root: {data}}}}}",
-        "train.epochs=1", "train.batch_size=8", "train.num_workers=2", "train.warmup_steps=1",
+        "train.epochs=1", "train.batch_size=8", "train.num_workers=2", "train.warmup_epochs=0",
         "eval.attack.steps=1", "eval.quick=null", "eval.batch_size=16", "register_models=false"]
     command = [str(Path(sys.executable).parent / "agft"), "run", "--tracking-uri", uri, "--summary",
                str(tmp_path / "summary.json")] + [a for o in overrides for a in ("--set", o)]

@@ -26,7 +26,7 @@ TINY = [
     "pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64",
     "data.train.limit=128", "data.zero_shot=[{name: colours, limit: 32}]",
     "train.epochs=2", "train.batch_size=32", "train.validation.dataset.limit=32",
-    "sweep.space={calibration.gamma: {grid: [0.3, 0.6, 0.9]}, calibration.inv_tau: {loguniform: [15, 40]}}",
+    "sweep.space={calibration.gamma: {choice: [0.3, 0.6, 0.9]}, calibration.inv_tau: {loguniform: [15, 40]}}",
     "sweep.num_samples=1",
     "calibration.gamma=auto",  # fitted once for the sweep; the γ axis overrides it in every trial
 ]
@@ -57,7 +57,7 @@ def swept(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config(None, TINY + [f"cache_dir={root / 'cache'}", "experiment=sweep-test"])
-    assert cfg.sweep.scheduler == "asha" and cfg.sweep.search == "random" and cfg.sweep.max_concurrent_trials == 1
+    assert cfg.sweep.scheduler == "asha" and cfg.sweep.search == "random" and cfg.sweep.max_concurrent_trials == "auto"
     before = {n: _task_count(n) for n in ("pretrain_teacher", "teacher_shard", "embed_class_prompts")}
     with deadline(SWEEP_DEADLINE_S):
         result = sweep(cfg, uri, root / "best.yaml", log=lambda line: None)
@@ -204,7 +204,10 @@ def test_search_space_maps_every_domain_and_optuna_is_available():
                              " calibration.inv_tau: {loguniform: [10, 100]}, train.momentum: {uniform: [0.5, 0.9]}}"])
     space = search_space(cfg.sweep)
     assert space["train.lr"] == tune.grid_search([0.1, 0.2])
-    assert isinstance(space["calibration.gamma"], tune.search.sample.Categorical)
+    assert space["calibration.gamma"] == tune.grid_search([0.2, 0.4])  # each value once, not drawn with repeats
+    optuna_space = search_space(load_config(None, ["sweep.search=optuna", "sweep.space={calibration.gamma: "
+                                                                          "{choice: [0.2, 0.4]}}"]).sweep)
+    assert isinstance(optuna_space["calibration.gamma"], tune.search.sample.Categorical)
     assert (space["calibration.inv_tau"].lower, space["calibration.inv_tau"].upper) == (10, 100)
     assert isinstance(space["calibration.inv_tau"].get_sampler(), tune.search.sample.LogUniform)
     assert isinstance(space["train.momentum"].get_sampler(), tune.search.sample.Uniform)
@@ -256,7 +259,7 @@ def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path)
     there, though the sweep as configured (train.epochs swept up to 3) would train it for 3 epochs."""
     cfg, uri, _, _ = swept
     lines = []
-    cfg = load_config(None, TINY + [f"cache_dir={cfg.cache_dir}", "experiment=sweep-asha", "train.warmup_steps=1",
+    cfg = load_config(None, TINY + [f"cache_dir={cfg.cache_dir}", "experiment=sweep-asha", "train.warmup_epochs=0",
                                     "sweep.space={train.lr: {grid: [0.01, 1.0e-9]}, train.epochs: {choice: [3]}}",
                                     "sweep.metric=loss", "sweep.mode=min"])
     assert cfg.max_epochs() == 3 and cfg.train.epochs == 2
@@ -267,3 +270,8 @@ def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path)
     experiment = client.get_experiment_by_name("sweep-asha").experiment_id
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert {c.data.params["train.lr"]: c.info.status for c in children} == {"0.01": "FINISHED", "1e-09": "KILLED"}
+    # what the stopped trial reported is in its run: logged before Tune could see it and stop the trial
+    (stopped,) = [c for c in children if c.info.status == "KILLED"]
+    (reported,) = [t for t in result.trials if t["train.lr"] == 1.0e-9]
+    assert [(m.step, m.value) for m in client.get_metric_history(stopped.info.run_id, "loss")] == \
+        [(1, pytest.approx(reported["loss"]))]
