@@ -120,7 +120,10 @@ def _field(key: str) -> str:
 
 class _LineProgress:
     """What a log file gets instead of a bar: a plain line at every 10 % and at least every 30 s, never
-    a carriage return (which `ray job logs` and CI logs would show as one endless line)."""
+    a carriage return (which `ray job logs` and CI logs would show as one endless line); nothing for work
+    done within QUIET_S."""
+
+    QUIET_S = 10
 
     def __init__(self, total: int, label: str):
         self.total, self.label, self.done = total, label, 0
@@ -130,6 +133,8 @@ class _LineProgress:
     def update(self, n: int) -> None:
         self.done += n
         tenths = 10 * self.done // self.total
+        if time.monotonic() - self.start < self.QUIET_S:
+            return
         if tenths > self.shown_tenths or time.monotonic() - self.last >= 30:
             self.shown_tenths, self.last = tenths, time.monotonic()
             print(f"{self.label}: {self.done}/{self.total} tasks ({100 * self.done // self.total} %, "
@@ -236,6 +241,7 @@ class Pipeline:
         self.seconds: dict[str, float] = {}
         self.t0 = time.time()
         self.timeline: list[dict] = []  # one bar per step and per eval task: start, end (s), cached, node
+        self.checked: list[tuple[CacheEntry, int]] = []  # datasets found whole, not yet remembered (check_images)
 
     def storage(self, default_folder: str) -> str:
         """Where Ray Train/Tune keep their runs: storage_path, else a folder of the cache root."""
@@ -490,10 +496,16 @@ class Pipeline:
             if found:
                 more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
                 raise ConfigError(f"{_field(key)}: {found[0]}{more}")
-        for key, entry, _ in builds.values():  # only once every dataset is whole: bad input writes nothing
+        self.checked = [(entry, infos[key].size) for key, entry, _ in builds.values()]
+
+    def remember_checked(self) -> None:
+        """Caches the decode checks of check_images, once the whole input is known to be good: bad input
+        writes nothing."""
+        for entry, size in self.checked:
             with entry.attempt() as attempt:
-                write_bytes(join(attempt, "checked.json"), json.dumps({"images": infos[key].size}).encode())
+                write_bytes(join(attempt, "checked.json"), json.dumps({"images": size}).encode())
                 entry.commit(attempt, [describe_file(join(attempt, "checked.json"))])
+        self.checked = []
 
     def prepare(self, training: bool) -> Prepared:
         """Everything before training and evaluation: the teacher, the datasets' descriptions, their text
@@ -502,6 +514,7 @@ class Pipeline:
         teacher, specs, infos = self.describe(training)
         if training:
             self._check_training_set(infos["train"])
+        self.remember_checked()
         with ExitStack() as stack:  # an attempt whose build fails leaves nothing behind
             texts, text_build = self.start_text(teacher, specs, infos, stack)
             cache, teacher_build = self.start_teacher_cache(teacher, specs["train"], infos["train"], stack) \

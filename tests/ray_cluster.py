@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -36,7 +36,11 @@ class Cluster:
     gcs_address: str  # what drivers pass as --address / RAY_ADDRESS
     dashboard: str  # what `ray job` and the state CLI take
     env: dict  # carries the token
-    temp: str
+    temp: str  # the head's
+    # Each node's own temp dir. Raylets sharing one would share the job packages unpacked under it, and a worker
+    # node's runtime-env agent that had not seen a package deletes the directory and unpacks it again
+    # (overwrite=True), from under the driver running in it on the head: its os.getcwd() then fails.
+    node_temps: list[str] = field(default_factory=list)
 
 
 def _start(args: list[str], env: dict) -> subprocess.Popen:
@@ -72,8 +76,10 @@ def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
     # group cleaner (the state API) sees this machine's other local Ray too, fails, and leaks the
     # placement group of every trainer that was killed.
     nodes_env = {**env, "RAY_ADDRESS": cluster.gcs_address}
+    cluster.node_temps.append(temp)
     with ExitStack() as stack:
-        stack.callback(shutil.rmtree, temp, True)
+        # registered before the nodes' stop, so it runs after it
+        stack.callback(lambda: [shutil.rmtree(t, True) for t in cluster.node_temps])
         head = _start(["--head", f"--port={gcs_port}", f"--ray-client-server-port={free_port()}",
                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={head_cpus}",
                        f"--temp-dir={temp}", *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], nodes_env)
@@ -88,7 +94,9 @@ def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
                 f"the Ray head did not come up: {(probe.stdout + probe.stderr)[-2000:]}"
             time.sleep(2)
         for count, resources in enumerate(workers, start=2):  # one at a time: two joining at once lost one
-            node = _start([f"--address={cluster.gcs_address}", *(f"--{k}={v}" for k, v in resources.items()),
+            cluster.node_temps.append(tempfile.mkdtemp(prefix=f"raytest{count}-", dir="/tmp"))
+            node = _start([f"--address={cluster.gcs_address}", f"--temp-dir={cluster.node_temps[-1]}",
+                           *(f"--{k}={v}" for k, v in resources.items()),
                            *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], nodes_env)
             nodes.append(node)
             deadline = time.time() + 120

@@ -193,6 +193,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ray_local, world, capf
     lines = [line for line in err.splitlines() if line.startswith("agft:")]
     assert code == 2, err[-3000:]
     assert len(lines) == 1 and fill(needle) in lines[0], err[-3000:]
+    # nothing else of ours: what may precede it is Ray's own notice that it started with token auth
+    assert [line for line in err.splitlines() if line.strip() and "authentication_token_setup" not in line] == lines, err
     assert "Traceback" not in err
     assert _snapshot(store) == before
     assert not (files / "pwned").exists()

@@ -251,6 +251,34 @@ def _assert_every_gpu_step_fell_back(logs: str) -> None:
         assert step in logs, step
 
 
+# A job's driver and a task on each node: where each runs, and whether the driver's working directory outlived
+# the other nodes' set-up of the same package.
+WHERE_EACH_NODE_RUNS = """import os, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init()
+@ray.remote(num_cpus=0)
+def here():
+    return os.getcwd()
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+folders = ray.get([here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote()
+                   for n in nodes])
+print("distinct:", len(set(folders)) == len(nodes), "driver cwd:", os.getcwd())
+"""
+
+
+def test_each_node_unpacks_a_job_package_in_its_own_directory(gpu_cluster, tmp_path):
+    """Two `ray job submit`s of one checkout back to back once lost the second driver's working directory (its
+    os.getcwd() failed in MLflow's store set-up): the worker nodes' runtime-env agents, sharing the head's temp
+    dir on this one machine, deleted and unpacked again the package the driver ran in. A package no node has
+    seen (a new file in it) makes every agent unpack it: the driver's directory must survive that."""
+    (tmp_path / "probe.py").write_text(WHERE_EACH_NODE_RUNS)
+    (tmp_path / "nonce").write_text(secrets.token_hex(8))
+    done = ray_cli("job", "submit", "--address", gpu_cluster.dashboard, "--working-dir", str(tmp_path), "--",
+                   "python", "probe.py", env=gpu_cluster.env, timeout=300)
+    assert done.returncode == 0 and "distinct: True driver cwd:" in done.stdout, (done.stdout + done.stderr)[-3000:]
+    assert len(set(gpu_cluster.node_temps)) == 3
+
+
 def test_gpus_asked_for_on_nodes_without_cuda_are_refused_before_any_work(gpu_cluster, tmp_path):
     """`train.use_gpu` and GPU tasks on nodes whose GPUs have no CUDA, without resources.cpu_fallback: one
     line naming the setting, exit 2, and no cache or tracking store written (not hours on the CPUs)."""
