@@ -83,7 +83,6 @@ def test_job_submission_runs_agft_and_writes_mlflow(head, tmp_path):
     assert logs.count("[train] epoch 1/") == 1 and "Reporting training result" not in logs
     assert "Wrapping provided model in DistributedDataParallel" not in logs and "\r" not in logs
     assert "PreemptionWatcher" not in logs  # Ray Train's ERROR line about its own actor (cli.RAY_NOISE)
-    assert re.search(r"teacher and text caches: \d+/\d+ tasks \(100 %", logs)
     # artifacts next to the store, not in the job's working directory, which Ray deletes later
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
     assert {"image_encoder.safetensors", "timeline.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -55,3 +55,21 @@ def test_table_formats_numbers_and_keeps_text():
 
 def test_an_empty_table_is_an_empty_string():
     assert report.table([]).strip() == ""
+
+
+def test_a_log_file_gets_plain_progress_lines_for_long_work_and_none_for_short(monkeypatch, capsys):
+    from pipeline import dag
+
+    clock = [100.0]
+    monkeypatch.setattr(dag.time, "monotonic", lambda: clock[0])
+    quick = dag._LineProgress(4, "text caches")
+    for _ in range(4):
+        quick.update(1)
+    assert capsys.readouterr().err == ""  # done within QUIET_S: nothing to report
+    slow = dag._LineProgress(4, "teacher cache")
+    for _ in range(4):
+        clock[0] += 6
+        slow.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["teacher cache: 2/4 tasks (50 %, 12 s)", "teacher cache: 3/4 tasks (75 %, 18 s)",
+                     "teacher cache: 4/4 tasks (100 %, 24 s)"]
