@@ -218,8 +218,13 @@ def test_a_tracking_server_that_never_comes_back_is_one_line_and_a_rerun_complet
             "--set", "train.epochs=2"] + [a for o in TINY if not o.startswith("train.epochs")
                                           for a in ("--set", o)]
     server = _start_mlflow(tmp_path, port)
+    # killed once training has checkpointed an epoch: the run's record and the fine-tune are under way (killed
+    # as the run appears, the driver's next call may fail before training starts, and nothing is kept to check)
     killer = threading.Thread(target=lambda: (
-        _wait_for(lambda: _experiment_runs(uri, "gone"), 300, "the run on the server"), _kill(server)))
+        _wait_for(lambda: _experiment_runs(uri, "gone"), 300, "the run on the server"),
+        _wait_for(lambda: [c for c in (Path(cfg.cache_dir) / "ray_train").glob("finetune-*/checkpoint_*")
+                           if c.stat().st_mtime > started], 300, "the first checkpoint"), _kill(server)))
+    started = time.time()
     killer.start()
     capfd.readouterr()
     code = main(argv)
