@@ -508,9 +508,9 @@ class Pipeline:
         self.checked = []
 
     def prepare(self, training: bool) -> Prepared:
-        """Everything before training and evaluation: the teacher, the datasets' descriptions, their text
-        caches and, for training, the teacher cache (it decodes every training image, so a corrupt one stops
-        the run here). The text and teacher caches do not depend on each other and build at once."""
+        """Everything before training and evaluation: the teacher, the datasets' descriptions (their images
+        checked), their text caches and, for training, the teacher cache. The text and teacher caches do not
+        depend on each other and build at once."""
         teacher, specs, infos = self.describe(training)
         if training:
             self._check_training_set(infos["train"])

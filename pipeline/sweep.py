@@ -21,7 +21,7 @@ from agft_core.catalog import is_uri
 from pipeline import report, tracking
 from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
 from pipeline.dag import Pipeline, Prepared, dataset_inputs
-from pipeline.train import ENCODER_FILE, TrainInputs, check_resources, fit, resolved, trainer_room
+from pipeline.train import ENCODER_FILE, EPOCH_METRICS, TrainInputs, check_resources, fit, resolved, trainer_room
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
@@ -72,7 +72,8 @@ def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage:
     # The run's end status is the driver's to set (_Progress): Tune may stop this trial by killing its
     # actor, which can surface here as an error after the trial has ended well.
     check_resources(cfg, trainer=True, tasks=False)  # a trial's own trainer: the CLI checked the base config's
-    fit(replace(inputs, cfg=cfg, run_id=run_id), storage, f"trial-{trial_id}", callbacks=[TuneReportCallback()])
+    fit(replace(inputs, cfg=cfg, run_id=run_id, log_epochs=False), storage, f"trial-{trial_id}",
+        callbacks=[TuneReportCallback()])
 
 
 class _Progress(tune.Callback):
@@ -97,6 +98,10 @@ class _Progress(tune.Callback):
         self.log(f"[sweep] trial {trial.trial_id} running {trial.config}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        """Logs the epoch to the trial's run. Tune calls this for every result it receives, before it acts on
+        the scheduler's decision: a trial ASHA stops keeps what it reported (the trial itself logs nothing)."""
+        run_id = tracking.find_trial_run(self.uri, self.experiment, self.parent_run_id, trial.trial_id)
+        tracking.log_history(self.uri, run_id, [{k: result[k] for k in ("epoch", *EPOCH_METRICS) if k in result}])
         value = result.get(self.metric)
         if value is not None and (self.best is None or self.sign * value > self.sign * self.best[1]):
             self.best = (trial.trial_id, value)

@@ -42,6 +42,7 @@ from tasks.common import cpu_fallback, say
 ENCODER_FILE = "image_encoder.safetensors"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+EPOCH_METRICS = ("loss", "train_robust_acc", "lr", "val_clean_acc", "val_robust_acc")  # what each epoch reports
 # Part of the fine-tune cache's fingerprint: changes when the same config would train differently.
 FINETUNE_RECIPE = "epoch-seeded-1"
 
@@ -62,6 +63,9 @@ class TrainInputs:
     # The newest complete checkpoint directory in the run's storage, which Ray Train may not know of:
     # a driver killed after a checkpoint's upload but before the controller recorded it.
     newest_on_disk: str | None = None
+    # Rank 0 logs each epoch to run_id; a sweep's trial does not: its driver logs what Tune received (sweep._Progress),
+    # so that the run holds exactly the epochs Tune saw, also of a trial ASHA stops.
+    log_epochs: bool = True
 
 
 class _Indexed(Dataset):
@@ -185,9 +189,8 @@ def train_loop(inputs: TrainInputs) -> None:
                         "val_robust_acc": totals[4].item() / totals[5].item()}
         history.append(metrics | {EPOCH_END: time.time()})
         if rank == 0:
-            # Logged before it is reported: Tune may stop the trial (ASHA) as soon as it sees the report. An
-            # epoch re-run after a failure replays the same numbers, and log_history logs each epoch once.
-            _log_quietly(inputs, history)
+            if inputs.log_epochs:
+                _log_quietly(inputs, history)
             say(f"[train] epoch {epoch + 1}/{cfg.train.epochs}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
             with tempfile.TemporaryDirectory() as d:
@@ -361,13 +364,18 @@ def check_resources(cfg: Config, *, trainer: bool, tasks: bool) -> None:
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
 
-def process_group_backend(use_gpu: bool) -> str:
+def process_group_backend(use_gpu: bool, cpu_fallback: bool) -> str:
     """gloo on CPUs; GPU_BACKEND with GPUs, if the GPU nodes have CUDA: GPUs declared to Ray on nodes without it
-    (allowed by resources.cpu_fallback, see check_cuda) get gloo, and the workers compute on their CPUs."""
+    get gloo and the workers compute on their CPUs where resources.cpu_fallback allows it. check_cuda asked the
+    nodes alive before any work; this asks again where the trainer's GPUs are (a node the autoscaler added)."""
     if not use_gpu:
         return "gloo"
     if ray.get(steps.cuda_available.options(num_cpus=0, num_gpus=1).remote()):
         return GPU_BACKEND
+    if not cpu_fallback:
+        raise ConfigError("resources.cpu_fallback: train.use_gpu asks for GPUs, and the GPU node the trainer got has "
+                          "no CUDA; fix its CUDA, set train.use_gpu=false, or set resources.cpu_fallback=true to "
+                          "train on its CPUs anyway")
     print("[train] WARNING: train.use_gpu, but CUDA is not available on the GPU nodes: training on their CPUs "
           "with gloo (resources.cpu_fallback)", flush=True)
     return "gloo"
@@ -444,7 +452,7 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration), newest_on_disk=newest),
-        torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu)),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu, inputs.cfg.resources.cpu_fallback)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(storage_path=storage_path, name=name, callbacks=[*(callbacks or []), failure_line],
