@@ -88,16 +88,14 @@ def saved_network(location: str, arch: str) -> dict:
     if not path.endswith(".safetensors") or not Path(path).is_file():
         return {}
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
+        saved_arch, saved = _saved_metadata(path)
     except Exception:  # noqa: BLE001 - not a safetensors file at all: load_weights says so
         return {}
-    if NETWORK_KEY not in metadata:
+    if not saved:
         return {}
-    saved = json.loads(metadata[NETWORK_KEY])
     register_embedded_architectures()
     expected = {**open_clip.get_model_config(arch), "quick_gelu": saved.get("quick_gelu", False)}
-    saved_arch = metadata.get("arch", arch)
+    saved_arch = saved_arch or arch
     if saved_arch != arch:
         raise InputError(f"{location} was saved from architecture {saved_arch}, not model.arch {arch}; set "
                          f"model.arch to {saved_arch}")
@@ -157,11 +155,18 @@ def load_weights(model: nn.Module, location: str) -> None:
         raise InputError(f"{location} is not a weights file of this architecture ({reason[:300]})") from None
 
 
+def _saved_metadata(path: str) -> tuple[str | None, dict]:
+    """(the architecture, the network config) save_weights wrote into a safetensors file; None and {} where
+    another tool saved it."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    return metadata.get("arch"), json.loads(metadata.get(NETWORK_KEY, "{}"))
+
+
 def _check_activation(model: nn.Module, location: str, path: str) -> None:
     """Weights trained in a QuickGELU network (OpenAI's) load into a GELU one without an error, and compute
     something else there: refused."""
-    with safe_open(path, framework="pt") as f:
-        saved = json.loads((f.metadata() or {}).get(NETWORK_KEY, "{}"))
+    _, saved = _saved_metadata(path)
     if "quick_gelu" in saved and saved["quick_gelu"] != uses_quick_gelu(model):
         activations = {True: "QuickGELU", False: "GELU"}
         raise InputError(f"{location} holds the weights of a {activations[saved['quick_gelu']]} network, and the "

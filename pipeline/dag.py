@@ -33,7 +33,7 @@ from agft_core.pretrain import RECIPE
 from pipeline import registry, report, tracking
 from pipeline.config import ROBUST_MEANING, Config, ConfigError, dump_yaml, preflight
 from pipeline.train import ENCODER_FILE, FINETUNE_RECIPE, HISTORY_FILE, TrainInputs, fit, read_history, resolved, \
-    worker_resources
+    room_beside_training
 from tasks import steps
 
 EVAL_FILE = "result.json"
@@ -201,22 +201,6 @@ def dataset_inputs(prepared: Prepared) -> list[dict]:
 def _attack_of(row: dict) -> tuple:
     """The (attack, ε, α, steps, restarts) an eval result row was computed under."""
     return row["attack"], row["eps"], row["alpha"], row["steps"], row["restarts"]
-
-
-def room_beside_training(cfg: Config, nodes: list[dict[str, float]]) -> bool:
-    """Whether an eval task still fits on some node once the trainer's workers are placed, each request on one
-    node as Ray places them: the workers first, each on the node with the least room that holds it."""
-    free = [dict(node) for node in nodes]
-    worker, task = worker_resources(cfg.train), {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}
-    holds = lambda node, shape: all(node.get(k, 0) >= v - 1e-9 for k, v in shape.items() if v)  # noqa: E731
-    for _ in range(cfg.train.num_workers):
-        fitting = [node for node in free if holds(node, worker)]
-        if not fitting:
-            return False
-        node = min(fitting, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
-        for key, amount in worker.items():
-            node[key] -= amount
-    return any(holds(node, task) for node in free)
 
 
 def pretrain_key(cfg: Config) -> dict:

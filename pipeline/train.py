@@ -284,14 +284,37 @@ def trainers_fitting(cfg: TrainConfig, nodes: list[dict[str, float]]) -> int:
     return max(1, sum(_fits(worker_resources(cfg), node) for node in nodes) // cfg.num_workers)
 
 
+def room_beside_training(cfg: Config, nodes: list[dict[str, float]]) -> bool:
+    """Whether a DAG task still fits on some node once the trainer's workers are placed, each request on one
+    node as Ray places them: the workers first, each on the node with the least room that holds it."""
+    free = [dict(node) for node in nodes]
+    worker, task = worker_resources(cfg.train), {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}
+    for _ in range(cfg.train.num_workers):
+        fitting = [node for node in free if _fits(worker, node)]
+        if not fitting:
+            return False
+        node = min(fitting, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
+        for key, amount in worker.items():
+            node[key] -= amount
+    return any(_fits(task, node) for node in free)
+
+
+def _cluster_shape() -> tuple[list[dict[str, float]], list[tuple[dict[str, float], int]] | None]:
+    """Each alive node's total resources, and the autoscaler's (resources, max nodes; -1 unbounded) per node
+    type, or None without an autoscaler."""
+    # The autoscaler publishes its node types in the GCS; ray.autoscaler has no public reader yet.
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs] if config else None
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]], groups
+
+
 def trainer_room(cfg: Config) -> int:
     """trainers_fitting on the cluster's alive nodes, or on its worker groups at their autoscaler's maximum
     (bounded ones) if that holds more."""
-    from ray._private.state import state
-
-    alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    config = state.get_cluster_config()
-    scaled = [dict(g.resources) for g in (config.node_group_configs if config else []) for _ in range(max(0, g.max_count))]
+    alive, groups = _cluster_shape()
+    scaled = [resources for resources, max_count in groups or [] for _ in range(max(0, max_count))]
     return max(trainers_fitting(cfg.train, alive), trainers_fitting(cfg.train, scaled))
 
 
@@ -347,13 +370,7 @@ def placement_problem(cfg: Config, nodes: list[dict[str, float]],
 
 def check_resources(cfg: Config, *, trainer: bool, tasks: bool) -> None:
     """Before any work: a trainer or a task that could never be placed would wait forever."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    # The autoscaler publishes its node types in the GCS; ray.autoscaler has no public reader yet.
-    from ray._private.state import state
-
-    config = state.get_cluster_config()
-    groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs] if config else None
-    problem, fatal = placement_problem(cfg, nodes, groups, trainer=trainer, tasks=tasks)
+    problem, fatal = placement_problem(cfg, *_cluster_shape(), trainer=trainer, tasks=tasks)
     if fatal:
         raise ConfigError(problem)
     if problem:

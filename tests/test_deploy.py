@@ -10,8 +10,7 @@ import yaml
 
 from pipeline.cli import _parser
 from pipeline.config import load_config
-from pipeline.dag import room_beside_training
-from pipeline.train import placement_problem
+from pipeline.train import placement_problem, room_beside_training
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 REPO = DEPLOY.parent

@@ -2,7 +2,7 @@
 import pytest
 
 from pipeline.config import load_config
-from pipeline.train import placement_problem
+from pipeline.train import placement_problem, room_beside_training
 
 CPU2 = {"CPU": 2.0, "memory": 1e9}
 
@@ -103,8 +103,6 @@ def test_a_gpu_run_reduces_cpu_tensors_with_gloo_and_cuda_tensors_with_nccl():
 def test_the_originals_eval_runs_beside_training_only_where_a_node_has_room_left_for_it():
     """Counted per node, as Ray places requests: two nodes of 10 CPUs and 1.5 GPUs hold 20 CPUs and 3 GPUs, more
     than the trainer (2 x 8 CPUs, 1 GPU) and a task (4 CPUs, 0.5 GPU) ask in all, yet each keeps 2 CPUs."""
-    from pipeline.dag import room_beside_training
-
     cfg = cfg_of("train.use_gpu=true", "train.cpus_per_worker=8", "resources.task_cpus=4",
                  "resources.task_gpus=0.5")
     assert not room_beside_training(cfg, [{"CPU": 10.0, "GPU": 1.5}] * 2)
