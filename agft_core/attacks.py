@@ -1,7 +1,8 @@
 """L∞ attacks in pixel space [0, 1]. They always run in fp32: autocast can mask gradients."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from pyautoattack import AutoAttack
@@ -10,8 +11,15 @@ from pyautoattack.autopgd_base import APGDAttack
 AUTOATTACK_MIN_CLASSES = 4  # its targeted DLR loss (APGD-T) ranks the top three wrong classes
 
 
-def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, alpha: float,
-        steps: int, random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+def pgd(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Projected gradient ascent on loss_fn inside the ε-ball around x, clamped to [0, 1].
 
     loss_fn maps a batch of images to a scalar loss; the returned images are detached.
@@ -38,21 +46,38 @@ def cw_margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (wrong.amax(dim=1) - true).mean()
 
 
-def apgd_ce(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-            restarts: int = 1, seed: int = 0) -> torch.Tensor:
+def apgd_ce(
+    classifier: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    restarts: int = 1,
+    seed: int = 0,
+) -> torch.Tensor:
     """APGD on the cross-entropy (pyautoattack), under L∞: PGD whose step size adapts to the loss, so it
     needs no α and converges where a fixed-step PGD can stall. Each restart attacks only the images
     still classified correctly; an image it cannot fool is returned unchanged."""
-    adversary = APGDAttack(classifier, n_iter=steps, norm="Linf", n_restarts=restarts, eps=eps, seed=seed,
-                           loss="ce", device=x.device)
+    adversary = APGDAttack(
+        classifier, n_iter=steps, norm="Linf", n_restarts=restarts, eps=eps, seed=seed, loss="ce", device=x.device
+    )
     # pyautoattack seeds the global generators, CUDA's too; the caller's random state is left as it was
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []), \
-            torch.autocast(device_type=x.device.type, enabled=False):
+    with (
+        torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []),
+        torch.autocast(device_type=x.device.type, enabled=False),
+    ):
         return adversary.perturb(x.detach().float(), y).detach()
 
 
-def autoattack(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-               version: str = "standard", seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+def autoattack(
+    classifier: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    version: str = "standard",
+    seed: int = 0,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """AutoAttack (pyautoattack) under L∞: 'standard' (APGD-CE, APGD-T, FAB-T, Square; on fewer than
     AUTOATTACK_MIN_CLASSES classes the same without APGD-T) or 'rand' (APGD-CE and APGD-DLR with EOT, for
     randomised models). classifier maps pixels to logits."""
@@ -61,12 +86,15 @@ def autoattack(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     if classes >= AUTOATTACK_MIN_CLASSES:
         adversary = AutoAttack(classifier, eps=eps, version=version, device=x.device, seed=seed)
     elif version == "standard":  # e.g. PCAM's two classes
-        adversary = AutoAttack(classifier, eps=eps, version="custom", attacks=["apgd-ce", "fab-t", "square"],
-                               device=x.device, seed=seed)
+        adversary = AutoAttack(
+            classifier, eps=eps, version="custom", attacks=["apgd-ce", "fab-t", "square"], device=x.device, seed=seed
+        )
         adversary.apgd.n_restarts = adversary.fab.n_restarts = 1  # as the standard version sets them
     else:
-        raise ValueError(f"AutoAttack's rand version needs the DLR loss, hence at least {AUTOATTACK_MIN_CLASSES} "
-                         f"classes; this task has {classes}")
+        raise ValueError(
+            f"AutoAttack's rand version needs the DLR loss, hence at least {AUTOATTACK_MIN_CLASSES} "
+            f"classes; this task has {classes}"
+        )
     targets = min(9, classes - 1)  # the standard 9 target classes need 10 classes
     adversary.apgd_targeted.n_target_classes = targets
     adversary.fab.n_target_classes = targets

@@ -12,6 +12,7 @@ manifest wins. A read re-checks the fingerprint, the schema version, every file'
 SHA-256, each Parquet file's row count and the total; anything else is stale or corrupt and
 gets rebuilt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,10 +21,11 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -125,8 +127,12 @@ def file_sha256(location: str) -> str:
 
 def describe_file(location: str, rows: int | None = None) -> dict[str, Any]:
     fs, path = filesystem(location)
-    return {"name": basename(location), "bytes": fs.get_file_info(path).size, "sha256": file_sha256(location),
-            "rows": rows}
+    return {
+        "name": basename(location),
+        "bytes": fs.get_file_info(path).size,
+        "sha256": file_sha256(location),
+        "rows": rows,
+    }
 
 
 @dataclass(frozen=True)
@@ -166,8 +172,11 @@ class CacheEntry:
                 return f"missing file {entry['name']}"
             if info.size != entry["bytes"] or file_sha256(self.file(entry["name"])) != entry["sha256"]:
                 return f"corrupt file {entry['name']}"
-            if entry["name"].endswith(".parquet") and entry["rows"] is not None and \
-                    pq.read_metadata(f"{directory}/{entry['name']}", filesystem=fs).num_rows != entry["rows"]:
+            if (
+                entry["name"].endswith(".parquet")
+                and entry["rows"] is not None
+                and pq.read_metadata(f"{directory}/{entry['name']}", filesystem=fs).num_rows != entry["rows"]
+            ):
                 return f"row count of {entry['name']} != its manifest's {entry['rows']}"
         if manifest["rows"] != sum(entry["rows"] or 0 for entry in manifest["files"]):
             return "manifest row total != the sum of its files"
@@ -203,8 +212,15 @@ class CacheEntry:
         name = basename(attempt)
         files = [{**f, "name": f"{name}/{f['name']}"} for f in files]
         rows = sum(f["rows"] or 0 for f in files)
-        manifest = {"fingerprint": self.fingerprint, "schema": SCHEMA_VERSION, "kind": self.kind,
-                    "inputs": dict(self.inputs), "files": files, "rows": rows, **(extra or {})}
+        manifest = {
+            "fingerprint": self.fingerprint,
+            "schema": SCHEMA_VERSION,
+            "kind": self.kind,
+            "inputs": dict(self.inputs),
+            "files": files,
+            "rows": rows,
+            **(extra or {}),
+        }
         replace_bytes(self.file(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
         self._prune(keep=name)
 
@@ -213,7 +229,7 @@ class CacheEntry:
         horizon = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() - STALE_ATTEMPT_S))
         for info in fs.get_file_info(pafs.FileSelector(directory)):
             if info.base_name.startswith(ATTEMPT_PREFIX):
-                if info.base_name != keep and info.base_name[len(ATTEMPT_PREFIX):] < horizon:
+                if info.base_name != keep and info.base_name[len(ATTEMPT_PREFIX) :] < horizon:
                     fs.delete_dir(info.path)
             elif info.base_name != MANIFEST and not info.base_name.endswith(".partial"):
                 fs.delete_file(info.path)  # a file of the layout before attempts, which no manifest names now

@@ -11,6 +11,7 @@ The fit uses a held-out fifth of the training split (images whose index is a mul
 choice needs no seed); the curve on the other four fifths is returned too, as a check that the chosen
 γ holds beyond the images it was fitted on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,8 +53,14 @@ def teacher_nll(cos: torch.Tensor, labels: torch.Tensor, scale: float) -> float:
     return F.cross_entropy(scale * cos, labels).item()
 
 
-def fit_gamma(teacher_emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, text_emb: torch.Tensor,
-              inv_tau: float, curve_points: int = 60) -> Calibration:
+def fit_gamma(
+    teacher_emb: torch.Tensor,
+    labels: torch.Tensor,
+    index: torch.Tensor,
+    text_emb: torch.Tensor,
+    inv_tau: float,
+    curve_points: int = 60,
+) -> Calibration:
     """γ from the teacher's L2-normalised image embeddings of the training split (with their labels and
     dataset indices) and the class text embeddings, for the student's logit scale inv_tau."""
     cos = teacher_emb.double() @ text_emb.double().T
@@ -63,15 +70,19 @@ def fit_gamma(teacher_emb: torch.Tensor, labels: torch.Tensor, index: torch.Tens
     fit_cos, fit_labels = cos[fit], labels[fit]
     # Searched in log s (the NLL, convex in s, is unimodal there too) and beyond γ = 1, to report how far
     # the teacher would sharpen; by convexity the minimiser clipped to γ ≤ 1 is the minimiser under that bound.
-    best = minimize_scalar(lambda log_s: teacher_nll(fit_cos, fit_labels, float(np.exp(log_s))),
-                           bounds=(np.log(SMALLEST_GAMMA * inv_tau), np.log(LARGEST_UNCLIPPED * inv_tau)),
-                           method="bounded", options={"xatol": 1e-6})
+    best = minimize_scalar(
+        lambda log_s: teacher_nll(fit_cos, fit_labels, float(np.exp(log_s))),
+        bounds=(np.log(SMALLEST_GAMMA * inv_tau), np.log(LARGEST_UNCLIPPED * inv_tau)),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
     scale = float(np.exp(best.x))
     gamma = min(1.0, scale / inv_tau)
     grid = np.geomspace(0.02, 1.0, curve_points)
     rest = ~fit if (~fit).any() else fit
-    curve = {"gamma": grid.tolist(),
-             "nll_fit": [teacher_nll(fit_cos, fit_labels, g * inv_tau) for g in grid],
-             "nll_rest": [teacher_nll(cos[rest], labels[rest], g * inv_tau) for g in grid]}
+    curve = {
+        "gamma": grid.tolist(),
+        "nll_fit": [teacher_nll(fit_cos, fit_labels, g * inv_tau) for g in grid],
+        "nll_rest": [teacher_nll(cos[rest], labels[rest], g * inv_tau) for g in grid],
+    }
     return Calibration(scale, inv_tau, teacher_nll(fit_cos, fit_labels, gamma * inv_tau), curve)
-

@@ -1,6 +1,7 @@
 """What a config may name, readable without importing torch, open_clip or pyarrow, so that a config
 is checked in a moment: methods, attacks, architectures, dataset kinds and their on-disk layouts,
 and the storage a cache may live on."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,8 +21,13 @@ COUNTED_STEP_ATTACKS = ("pgd", "cw", "apgd-ce")  # the attacks that take a numbe
 def attack_key(name: str, eps: float, alpha: float | None, steps: int | None, restarts: int = 1) -> tuple:
     """(attack, ε, α, steps, restarts) with what the attack does not use set to None: equal attacks share
     their cached results whatever the config's unused fields say."""
-    return (name, eps, alpha if name in FIXED_STEP_ATTACKS else None,
-            steps if name in COUNTED_STEP_ATTACKS else None, restarts)
+    return (
+        name,
+        eps,
+        alpha if name in FIXED_STEP_ATTACKS else None,
+        steps if name in COUNTED_STEP_ATTACKS else None,
+        restarts,
+    )
 
 
 # Robust accuracy as the paper counts it (the attacked image is classified correctly), and the
@@ -37,8 +43,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 def _arch_configs() -> dict[str, Path]:
     """open_clip's architectures (the JSON files its registry is built from) and ours."""
     open_clip_dir = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0])
-    return {p.stem: p for folder in (open_clip_dir / "model_configs", EMBEDDED_ARCH_DIR)
-            for p in folder.glob("*.json")}
+    return {p.stem: p for folder in (open_clip_dir / "model_configs", EMBEDDED_ARCH_DIR) for p in folder.glob("*.json")}
 
 
 def architectures() -> list[str]:
@@ -73,38 +78,82 @@ class Loader:
 
 LOADERS = {
     "imagenet": Loader(("train", "val"), "<root>/{train,val}/<wnid>/*.JPEG", "{split}"),
-    "cifar10": Loader(("train", "test"), "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
-                      "cifar-10-batches-py", native=32),
+    "cifar10": Loader(
+        ("train", "test"),
+        "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+        "cifar-10-batches-py",
+        native=32,
+    ),
     "cifar100": Loader(("train", "test"), "<root>/cifar-100-python/{train,test,meta}", "cifar-100-python", native=32),
-    "stl10": Loader(("train", "test"), "<root>/stl10_binary/{train,test}_{X,y}.bin + class_names.txt",
-                    "stl10_binary", native=96),
-    "dtd": Loader(("train", "val", "test"), "<root>/dtd/dtd/{images/<class>/*.jpg, labels/{train,val,test}1.txt}",
-                  "dtd/dtd/labels", "A surface with a {} texture."),
-    "food101": Loader(("train", "test"), "<root>/food-101/{images/<class>/<id>.jpg, meta/{train,test}.json}",
-                      "food-101/meta", "A photo of {}, a type of food."),
-    "pets": Loader(("trainval", "test"), "<root>/oxford-iiit-pet/{images/<Breed>_<n>.jpg, annotations/{trainval,"
-                   "test}.txt}", "oxford-iiit-pet/annotations", "A photo of a {}, a type of pet."),
-    "aircraft": Loader(("train", "val", "trainval", "test"), "<root>/fgvc-aircraft-2013b/data/{images/<id>.jpg, "
-                       "variants.txt, images_variant_<split>.txt}", "fgvc-aircraft-2013b/data",
-                       "A photo of a {}, a type of aircraft."),
-    "eurosat": Loader(("all",), "<root>/eurosat/2750/<Class>/*.jpg", "eurosat/2750",
-                      "A centered satellite photo of {}."),
-    "caltech101": Loader(("all",), "<root>/caltech101/101_ObjectCategories/<category>/*.jpg",
-                         "caltech101/101_ObjectCategories", "A photo of a {}."),
-    "caltech256": Loader(("all",), "<root>/caltech256/256_ObjectCategories/<NNN.category>/<NNN>_<nnnn>.jpg",
-                         "caltech256/256_ObjectCategories", "A photo of a {}."),
+    "stl10": Loader(
+        ("train", "test"), "<root>/stl10_binary/{train,test}_{X,y}.bin + class_names.txt", "stl10_binary", native=96
+    ),
+    "dtd": Loader(
+        ("train", "val", "test"),
+        "<root>/dtd/dtd/{images/<class>/*.jpg, labels/{train,val,test}1.txt}",
+        "dtd/dtd/labels",
+        "A surface with a {} texture.",
+    ),
+    "food101": Loader(
+        ("train", "test"),
+        "<root>/food-101/{images/<class>/<id>.jpg, meta/{train,test}.json}",
+        "food-101/meta",
+        "A photo of {}, a type of food.",
+    ),
+    "pets": Loader(
+        ("trainval", "test"),
+        "<root>/oxford-iiit-pet/{images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt}",
+        "oxford-iiit-pet/annotations",
+        "A photo of a {}, a type of pet.",
+    ),
+    "aircraft": Loader(
+        ("train", "val", "trainval", "test"),
+        "<root>/fgvc-aircraft-2013b/data/{images/<id>.jpg, variants.txt, images_variant_<split>.txt}",
+        "fgvc-aircraft-2013b/data",
+        "A photo of a {}, a type of aircraft.",
+    ),
+    "eurosat": Loader(
+        ("all",), "<root>/eurosat/2750/<Class>/*.jpg", "eurosat/2750", "A centered satellite photo of {}."
+    ),
+    "caltech101": Loader(
+        ("all",),
+        "<root>/caltech101/101_ObjectCategories/<category>/*.jpg",
+        "caltech101/101_ObjectCategories",
+        "A photo of a {}.",
+    ),
+    "caltech256": Loader(
+        ("all",),
+        "<root>/caltech256/256_ObjectCategories/<NNN.category>/<NNN>_<nnnn>.jpg",
+        "caltech256/256_ObjectCategories",
+        "A photo of a {}.",
+    ),
     "sun397": Loader(("all",), "<root>/SUN397/{ClassName.txt, <letter>/<category>/sun_*.jpg}", "SUN397/ClassName.txt"),
-    "flowers102": Loader(("train", "val", "test"), "<root>/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, "
-                         "setid.mat}", "flowers-102/setid.mat", "A photo of a {}, a type of flower."),
-    "cars": Loader(("train", "test"), "<root>/stanford_cars/{devkit/{cars_meta.mat,cars_train_annos.mat}, cars_train/, "
-                   "cars_test_annos_withlabels.mat, cars_test/}", "stanford_cars/devkit/cars_meta.mat",
-                   "A photo of a {}."),
-    "pcam": Loader(("train", "val", "test"), "<root>/pcam/camelyonpatch_level_2_split_<split>_{x,y}.h5",
-                   "pcam/camelyonpatch_level_2_split_{split}_y.h5", "This is a photo of {}."),
+    "flowers102": Loader(
+        ("train", "val", "test"),
+        "<root>/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}",
+        "flowers-102/setid.mat",
+        "A photo of a {}, a type of flower.",
+    ),
+    "cars": Loader(
+        ("train", "test"),
+        "<root>/stanford_cars/{devkit/{cars_meta.mat,cars_train_annos.mat}, cars_train/, "
+        "cars_test_annos_withlabels.mat, cars_test/}",
+        "stanford_cars/devkit/cars_meta.mat",
+        "A photo of a {}.",
+    ),
+    "pcam": Loader(
+        ("train", "val", "test"),
+        "<root>/pcam/camelyonpatch_level_2_split_<split>_{x,y}.h5",
+        "pcam/camelyonpatch_level_2_split_{split}_y.h5",
+        "This is a photo of {}.",
+    ),
     "imagefolder": Loader(("train", "val", "test"), "<root>/<split>/<class name>/*.{jpg,png}", "{split}"),
-    "parquet": Loader(("train", "val", "test"), "<root>/<split>.parquet with columns image (encoded bytes) and "
-                      "label (int), class names in the schema metadata key 'classnames' (JSON list)",
-                      "{split}.parquet"),
+    "parquet": Loader(
+        ("train", "val", "test"),
+        "<root>/<split>.parquet with columns image (encoded bytes) and "
+        "label (int), class names in the schema metadata key 'classnames' (JSON list)",
+        "{split}.parquet",
+    ),
 }
 KINDS = ("embedded", *LOADERS)
 
@@ -160,6 +209,7 @@ def check_location(location: str) -> str | None:
     """Why `location` can't hold caches or checkpoints, or None."""
     scheme = location.partition("://")[0] if is_uri(location) else "file"
     if scheme not in URI_SCHEMES:
-        return f"unsupported URI scheme {scheme}://; use a local path or one of " + \
-            ", ".join(f"{s}://" for s in URI_SCHEMES)
+        return f"unsupported URI scheme {scheme}://; use a local path or one of " + ", ".join(
+            f"{s}://" for s in URI_SCHEMES
+        )
     return None

@@ -1,4 +1,5 @@
 """Datasets as the method sees them: images in [0, 1], labels, class names and prompt templates."""
+
 from __future__ import annotations
 
 import numpy as np

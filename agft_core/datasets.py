@@ -4,6 +4,7 @@ Two sources: the embedded world (generated, offline, the default) and torchvisio
 reading a local root. Every dataset yields pixels in [0, 1], at the size it is attacked at: the
 model's input size, or the images' own for the small ones (the embedded world, CIFAR, STL-10).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,10 @@ def _curated(name: str, key: str, own: list[str]) -> dict[str, str]:
     """The dataset's own class folders (sorted, as CLIP's list is) -> CLIP's curated name."""
     curated = clip_classnames()[key]
     if len(curated) != len(own):
-        raise InputError(f"{name}: found {len(own)} class folders, but CLIP's curated names (clip-benchmark's "
-                         f"{key}) are for the {len(curated)} of the whole dataset; give the whole dataset")
+        raise InputError(
+            f"{name}: found {len(own)} class folders, but CLIP's curated names (clip-benchmark's "
+            f"{key}) are for the {len(curated)} of the whole dataset; give the whole dataset"
+        )
     return dict(zip(own, curated))
 
 
@@ -58,7 +61,7 @@ class ClassificationData:
     def __len__(self) -> int:
         return len(self.images)
 
-    def info(self) -> "DatasetInfo":
+    def info(self) -> DatasetInfo:
         identity = {**self.identity, "listing": _listing_digest(self.files)} if self.files else dict(self.identity)
         return DatasetInfo(self.name, list(self.classnames), list(self.templates), identity, len(self))
 
@@ -80,8 +83,9 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 def pixel_transform(size: int) -> T.Compose:
     # The paper's Resize + CenterCrop, without Normalize: the model normalises internally.
-    return T.Compose([_rgb, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      T.ToTensor()])
+    return T.Compose(
+        [_rgb, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()]
+    )
 
 
 def known_labels(images: Dataset) -> list[int] | None:
@@ -118,8 +122,13 @@ def _limited(data: ClassificationData, spec: DatasetSpec, labels: list[int] | No
         return data
     indices = subset_indices(len(data.images), spec.limit, spec.subset_seed, labels)
     data.images = Subset(data.images, indices)
-    data.identity = {**data.identity, "limit": spec.limit, "subset_seed": spec.subset_seed,
-                     "stratified": labels is not None, "subset": hashlib.sha256(np.asarray(indices).tobytes()).hexdigest()}
+    data.identity = {
+        **data.identity,
+        "limit": spec.limit,
+        "subset_seed": spec.subset_seed,
+        "stratified": labels is not None,
+        "subset": hashlib.sha256(np.asarray(indices).tobytes()).hexdigest(),
+    }
     return data
 
 
@@ -130,10 +139,13 @@ def _embedded(spec: DatasetSpec) -> ClassificationData:
     generated = world.generate(spec.name, spec.split, count, spec.world_seed)
     pixels = torch.from_numpy(generated.images).permute(0, 3, 1, 2).float().div_(255)
     content = hashlib.sha256(generated.images.tobytes() + generated.labels.tobytes()).hexdigest()
-    return ClassificationData(spec.name, TensorDataset(pixels, torch.from_numpy(generated.labels)),
-                              list(task.classnames), [task.template],
-                              {"kind": "embedded", "name": spec.name, "split": spec.split, "content": content,
-                               "size": world.IMAGE_SIZE})
+    return ClassificationData(
+        spec.name,
+        TensorDataset(pixels, torch.from_numpy(generated.labels)),
+        list(task.classnames),
+        [task.template],
+        {"kind": "embedded", "name": spec.name, "split": spec.split, "content": content, "size": world.IMAGE_SIZE},
+    )
 
 
 def _listing_digest(paths: list[Path]) -> str:
@@ -151,8 +163,10 @@ class ParquetImages(Dataset):
         missing = {"image", "label"} - set(table.column_names)
         classnames = (table.schema.metadata or {}).get(b"classnames")
         if missing or classnames is None:
-            raise ValueError(f"{path}: needs columns image and label and the schema metadata key 'classnames' "
-                             f"(missing: {sorted(missing) or ''}{' classnames' if classnames is None else ''})")
+            raise ValueError(
+                f"{path}: needs columns image and label and the schema metadata key 'classnames' "
+                f"(missing: {sorted(missing) or ''}{' classnames' if classnames is None else ''})"
+            )
         self.path, self.transform = path, transform
         self.images = table.column("image").to_pylist()
         self.labels = table.column("label").to_pylist()
@@ -182,8 +196,10 @@ class Checked(Dataset):
         try:
             return self.images[i]
         except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for a truncated or foreign file
-            raise InputError(f"{self.name}: corrupt image {self.where(i)} ({first_line(exc)}); fix or remove "
-                             f"it, or set corrupt: skip on this dataset to leave such images out") from None
+            raise InputError(
+                f"{self.name}: corrupt image {self.where(i)} ({first_line(exc)}); fix or remove "
+                f"it, or set corrupt: skip on this dataset to leave such images out"
+            ) from None
 
 
 def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path], object]:
@@ -193,8 +209,10 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         images = tvd.ImageFolder(str(root / spec.split), transform=transform)
         if spec.kind == "imagenet":
             if len(images.classes) != len(IMAGENET_CLASSNAMES):
-                raise InputError(f"{spec.name}: found {len(images.classes)} class folders under "
-                                 f"{root / spec.split}, expected 1000 ({LOADERS['imagenet'].layout})")
+                raise InputError(
+                    f"{spec.name}: found {len(images.classes)} class folders under "
+                    f"{root / spec.split}, expected 1000 ({LOADERS['imagenet'].layout})"
+                )
             classnames = list(IMAGENET_CLASSNAMES)
         else:
             classnames = [c.replace("_", " ") for c in images.classes]
@@ -205,12 +223,21 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         files = list(images._image_files)
         return images, [c.replace("_", " ").replace("/", " ") for c in images.classes], files, lambda i: files[i]
     if spec.kind in ("dtd", "food101", "pets", "aircraft", "flowers102", "cars"):
-        images = {"dtd": tvd.DTD, "food101": tvd.Food101, "pets": tvd.OxfordIIITPet, "aircraft": tvd.FGVCAircraft,
-                  "flowers102": tvd.Flowers102, "cars": tvd.StanfordCars}[spec.kind](
-            str(root), split=spec.split, transform=transform)
+        images = {
+            "dtd": tvd.DTD,
+            "food101": tvd.Food101,
+            "pets": tvd.OxfordIIITPet,
+            "aircraft": tvd.FGVCAircraft,
+            "flowers102": tvd.Flowers102,
+            "cars": tvd.StanfordCars,
+        }[spec.kind](str(root), split=spec.split, transform=transform)
         if spec.kind == "flowers102":  # CLIP's names fix three of torchvision's ("pink-yellow dahlia?")
-            return images, clip_classnames()["flowers"], [Path(f) for f in images._image_files], \
-                lambda i: images._image_files[i]
+            return (
+                images,
+                clip_classnames()["flowers"],
+                [Path(f) for f in images._image_files],
+                lambda i: images._image_files[i],
+            )
         if spec.kind == "pets":
             files = [Path(f) for f in images._images]
         elif spec.kind == "cars":
@@ -251,7 +278,8 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         folder = root / images.base_folder
     else:
         images = (tvd.CIFAR10 if spec.kind == "cifar10" else tvd.CIFAR100)(
-            str(root), train=spec.split == "train", transform=transform, download=False)
+            str(root), train=spec.split == "train", transform=transform, download=False
+        )
         folder = root / images.base_folder
     files = sorted(p for p in folder.iterdir() if p.is_file())
     return images, [c.replace("_", " ") for c in images.classes], files, lambda i: f"{folder} item {i}"
@@ -276,15 +304,24 @@ def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, IndexError, pa.ArrowException) as exc:
         # what torchvision's loaders and pyarrow raise for an empty, truncated or foreign dataset
-        raise InputError(f"{spec.name}: cannot read {spec.kind} {spec.split} under {spec.root} "
-                         f"({first_line(exc)}); expected layout {LOADERS[spec.kind].layout}") from None
+        raise InputError(
+            f"{spec.name}: cannot read {spec.kind} {spec.split} under {spec.root} "
+            f"({first_line(exc)}); expected layout {LOADERS[spec.kind].layout}"
+        ) from None
     if len(images) == 0:
-        raise InputError(f"{spec.name}: no images in {spec.kind} {spec.split} under {spec.root}; expected layout "
-                         f"{LOADERS[spec.kind].layout}")
+        raise InputError(
+            f"{spec.name}: no images in {spec.kind} {spec.split} under {spec.root}; expected layout "
+            f"{LOADERS[spec.kind].layout}"
+        )
     labels = known_labels(images)
-    data = ClassificationData(spec.name, Checked(spec.name, images, where), classnames, [LOADERS[spec.kind].template],
-                              {"kind": spec.kind, "split": spec.split, "root": str(Path(spec.root).resolve()),
-                               "size": size}, files)
+    data = ClassificationData(
+        spec.name,
+        Checked(spec.name, images, where),
+        classnames,
+        [LOADERS[spec.kind].template],
+        {"kind": spec.kind, "split": spec.split, "root": str(Path(spec.root).resolve()), "size": size},
+        files,
+    )
     data = _limited(data, spec, labels)  # before the scan for corrupt images: only the subset is decoded
     if spec.corrupt == "skip":
         bad = undecodable(data.images, range(len(data.images)))

@@ -1,7 +1,8 @@
 """Zero-shot evaluation: clean and PGD robust top-1 accuracy, and teacher embeddings for the cache."""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -13,20 +14,23 @@ from agft_core.catalog import FIXED_STEP_ATTACKS, ROBUST_DEFINITIONS
 from agft_core.losses import zero_shot_logits
 
 
-def batches(images: Dataset, batch_size: int, indices=None, device="cpu",
-            loader_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    images: Dataset, batch_size: int, indices=None, device="cpu", loader_workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(pixels, labels) on `device`, in order; loader_workers processes decode while the model runs."""
     subset = images if indices is None else Subset(images, list(indices))
     device = torch.device(device)
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=loader_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        subset, batch_size=batch_size, shuffle=False, num_workers=loader_workers, pin_memory=device.type == "cuda"
+    )
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 @torch.no_grad()
-def embed_images(encoder: nn.Module, images: Dataset, indices: range, batch_size: int, device="cpu",
-                 loader_workers: int = 0):
+def embed_images(
+    encoder: nn.Module, images: Dataset, indices: range, batch_size: int, device="cpu", loader_workers: int = 0
+):
     """(labels [n], embeddings [n, dim]) for images[indices], in order, on the CPU."""
     labels, embeddings = [], []
     for x, y in batches(images, batch_size, indices, device, loader_workers):
@@ -47,10 +51,22 @@ class ZeroShotClassifier(nn.Module):
         return zero_shot_logits(self.encoder(pixels), self.text, self.scale)
 
 
-def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float, images: Dataset, *,
-                       eps: float, alpha: float, steps: int, batch_size: int, device="cpu",
-                       generator: torch.Generator | None = None, attack: str = "pgd", restarts: int = 1,
-                       loader_workers: int = 0) -> dict[str, float]:
+def zero_shot_accuracy(
+    encoder: nn.Module,
+    text_emb: torch.Tensor,
+    scale: float,
+    images: Dataset,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    batch_size: int,
+    device="cpu",
+    generator: torch.Generator | None = None,
+    attack: str = "pgd",
+    restarts: int = 1,
+    loader_workers: int = 0,
+) -> dict[str, float]:
     """Top-1 accuracy on clean images and under an L∞ attack at the model's logit scale: pgd (hard-label
     cross-entropy), cw (PGD on the margin loss), apgd-ce (steps iterations and restarts, no α),
     autoattack or autoattack-rand.
@@ -67,13 +83,33 @@ def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float,
             clean_ok = classifier(x).argmax(-1) == y
         if attack in FIXED_STEP_ATTACKS:
             loss = F.cross_entropy if attack == "pgd" else cw_margin_loss
-            x_adv = pgd(lambda z: loss(classifier(z), y), x, eps, alpha, steps, generator=generator)
+            x_adv = pgd(
+                lambda z: loss(classifier(z), y),  # noqa: B023 - pgd calls it within this iteration
+                x,
+                eps,
+                alpha,
+                steps,
+                generator=generator,
+            )
         else:
-            seed = int(torch.randint(0, 2**31, (1,), generator=generator,
-                                     device=generator.device if generator is not None else "cpu"))
-            x_adv = apgd_ce(classifier, x, y, eps, steps, restarts, seed) if attack == "apgd-ce" else \
-                autoattack(classifier, x, y, eps, version=attack.partition("-")[2] or "standard", seed=seed,
-                           batch_size=batch_size)
+            seed = int(
+                torch.randint(
+                    0, 2**31, (1,), generator=generator, device=generator.device if generator is not None else "cpu"
+                )
+            )
+            x_adv = (
+                apgd_ce(classifier, x, y, eps, steps, restarts, seed)
+                if attack == "apgd-ce"
+                else autoattack(
+                    classifier,
+                    x,
+                    y,
+                    eps,
+                    version=attack.partition("-")[2] or "standard",
+                    seed=seed,
+                    batch_size=batch_size,
+                )
+            )
         with torch.no_grad():
             adv_ok = classifier(x_adv).argmax(-1) == y
         for name, ok in robust_outcomes(clean_ok, adv_ok).items():

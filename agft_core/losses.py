@@ -5,6 +5,7 @@ AGFT (Alignment-Guided Fine-Tuning) in three lines:
     log q = log_softmax(1/τ · cos(f_θ(x_adv), t))  the student, on the adversarial image
     L     = −Σ_j p_cal_j · log q_j                 soft-target cross-entropy, mean over the batch
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,11 +44,20 @@ def kl_divergence(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Te
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
 
 
-def pmg_aft_loss(adv_logits: torch.Tensor, orig_adv_logits: torch.Tensor, clean_logits: torch.Tensor,
-                 labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+def pmg_aft_loss(
+    adv_logits: torch.Tensor,
+    orig_adv_logits: torch.Tensor,
+    clean_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+) -> torch.Tensor:
     """PMG-AFT: CE on x_adv, plus KL to the frozen model on x_adv (α) and to the student on x (β)."""
-    return (F.cross_entropy(adv_logits, labels) + alpha * kl_divergence(orig_adv_logits, adv_logits)
-            + beta * kl_divergence(clean_logits, adv_logits))
+    return (
+        F.cross_entropy(adv_logits, labels)
+        + alpha * kl_divergence(orig_adv_logits, adv_logits)
+        + beta * kl_divergence(clean_logits, adv_logits)
+    )
 
 
 def fare_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
@@ -66,10 +76,20 @@ def attention_map(tokens: torch.Tensor, class_text: torch.Tensor, image_size: in
     return F.interpolate(maps, size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def tga_zsr_loss(adv_logits: torch.Tensor, labels: torch.Tensor, adv_map: torch.Tensor, clean_map: torch.Tensor,
-                 orig_map: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+def tga_zsr_loss(
+    adv_logits: torch.Tensor,
+    labels: torch.Tensor,
+    adv_map: torch.Tensor,
+    clean_map: torch.Tensor,
+    orig_map: torch.Tensor,
+    alpha: float,
+    beta: float,
+) -> torch.Tensor:
     """TGA-ZSR: CE on x_adv + α‖A_θ(x_adv) − A_orig(x)‖ + β‖A_θ(x) − A_orig(x)‖, norms over the flattened map."""
+
     def distance(a, b):
         return (a - b).flatten(1).norm(dim=1).mean()
-    return (F.cross_entropy(adv_logits, labels) + alpha * distance(adv_map, orig_map)
-            + beta * distance(clean_map, orig_map))
+
+    return (
+        F.cross_entropy(adv_logits, labels) + alpha * distance(adv_map, orig_map) + beta * distance(clean_map, orig_map)
+    )

@@ -13,6 +13,7 @@ wrapped in DDP, so each method makes exactly one forward call through it per ste
     fare      ‖f_θ(x_adv) − f_orig(x)‖², for both (no labels)
     tga_zsr   CE                               CE + α‖A_θ(x_adv) − A_orig(x)‖ + β‖A_θ(x) − A_orig(x)‖
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,16 @@ from torch import nn
 
 from agft_core.attacks import pgd
 from agft_core.catalog import METHODS
-from agft_core.losses import agft_loss, attention_map, calibrated_targets, fare_loss, pmg_aft_loss, tecoa_loss, \
-    tga_zsr_loss, zero_shot_logits
+from agft_core.losses import (
+    agft_loss,
+    attention_map,
+    calibrated_targets,
+    fare_loss,
+    pmg_aft_loss,
+    tecoa_loss,
+    tga_zsr_loss,
+    zero_shot_logits,
+)
 
 NEEDS_TEACHER = ("pmg_aft", "fare", "tga_zsr")  # a frozen encoder forward per step; AGFT reads the cache
 
@@ -77,8 +86,7 @@ class PMGAFT(Method):
         adv, clean = model(torch.cat([x_adv, x])).float().chunk(2)
         with torch.no_grad():
             orig_adv = self.teacher(x_adv).float()
-        loss = pmg_aft_loss(self.logits(adv), self.logits(orig_adv), self.logits(clean), labels,
-                            self.alpha, self.beta)
+        loss = pmg_aft_loss(self.logits(adv), self.logits(orig_adv), self.logits(clean), labels, self.alpha, self.beta)
         return loss, adv
 
 
@@ -117,8 +125,17 @@ class TGAZSR(Method):
         return tga_zsr_loss(self.logits(adv), labels, adv_map, clean_map, orig_map, self.alpha, self.beta), adv
 
 
-def build_method(name: str, text: torch.Tensor, scale: float, *, gamma: float, inv_tau: float,
-                 teacher: nn.Module | None = None, alpha: float = 1.0, beta: float = 1.0) -> Method:
+def build_method(
+    name: str,
+    text: torch.Tensor,
+    scale: float,
+    *,
+    gamma: float,
+    inv_tau: float,
+    teacher: nn.Module | None = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> Method:
     """text: the training classes' prompt embeddings; scale: the model's own logit scale."""
     if name in NEEDS_TEACHER and teacher is None:
         raise ValueError(f"{name} needs the frozen teacher encoder")

@@ -1,4 +1,5 @@
 """CLIP models: open_clip creation and loading, the pixel-space image encoder, zero-shot heads."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,8 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from huggingface_hub import try_to_load_from_cache
 from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from open_clip.transformer import QuickGELU
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -49,8 +50,7 @@ def create_clip(arch: str, weights: str | None, init_seed: int | None = RANDOM_I
             with torch.random.fork_rng(enabled=init_seed is not None):
                 if init_seed is not None:
                     torch.manual_seed(init_seed)
-                model = open_clip.create_model(arch, pretrained=None,
-                                               force_quick_gelu=bool(saved.get("quick_gelu")))
+                model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=bool(saved.get("quick_gelu")))
         finally:
             logging.disable(logging.NOTSET)
         if weights is not None:
@@ -61,8 +61,7 @@ def create_clip(arch: str, weights: str | None, init_seed: int | None = RANDOM_I
         # OpenAI's checkpoints were trained with QuickGELU; open_clip builds GELU for e.g. ViT-B-32 and
         # only warns, which would shift every number those weights give.
         quick_gelu = bool(open_clip.get_pretrained_cfg(arch, weights).get("quick_gelu"))
-        model = open_clip.create_model(arch, pretrained=weights, require_pretrained=True,
-                                       force_quick_gelu=quick_gelu)
+        model = open_clip.create_model(arch, pretrained=weights, require_pretrained=True, force_quick_gelu=quick_gelu)
     return model.eval()
 
 
@@ -97,11 +96,15 @@ def saved_network(location: str, arch: str) -> dict:
     expected = {**open_clip.get_model_config(arch), "quick_gelu": saved.get("quick_gelu", False)}
     saved_arch = saved_arch or arch
     if saved_arch != arch:
-        raise InputError(f"{location} was saved from architecture {saved_arch}, not model.arch {arch}; set "
-                         f"model.arch to {saved_arch}")
+        raise InputError(
+            f"{location} was saved from architecture {saved_arch}, not model.arch {arch}; set "
+            f"model.arch to {saved_arch}"
+        )
     if saved != expected:
-        raise InputError(f"{location} was saved from another version of {arch}'s open_clip config than this "
-                         f"install's; load it with the open_clip version that saved it")
+        raise InputError(
+            f"{location} was saved from another version of {arch}'s open_clip config than this "
+            f"install's; load it with the open_clip version that saved it"
+        )
     return saved
 
 
@@ -123,9 +126,11 @@ def cached_pretrained(arch: str, tag: str) -> str | None:
 
 
 def missing_pretrained_message(arch: str, tag: str) -> str:
-    return (f"pretrained weights {tag!r} for {arch} are not in the local Hugging Face cache ({hf_constants.HF_HUB_CACHE}) "
-            f"or ~/.cache/clip; fetch them once where there is network access, or set model.weights to a "
-            f"local weights file")
+    return (
+        f"pretrained weights {tag!r} for {arch} are not in the local Hugging Face cache ({hf_constants.HF_HUB_CACHE}) "
+        f"or ~/.cache/clip; fetch them once where there is network access, or set model.weights to a "
+        f"local weights file"
+    )
 
 
 def load_weights(model: nn.Module, location: str) -> None:
@@ -146,8 +151,10 @@ def load_weights(model: nn.Module, location: str) -> None:
     except InputError:
         raise
     except pickle.UnpicklingError:
-        raise InputError(f"{location}: refused, its pickle holds code or objects other than tensors (loaded with "
-                         f"torch.load(weights_only=True)); convert it to .safetensors where you trust it") from None
+        raise InputError(
+            f"{location}: refused, its pickle holds code or objects other than tensors (loaded with "
+            f"torch.load(weights_only=True)); convert it to .safetensors where you trust it"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - safetensors, format and shape errors alike mean bad weights
         # load_state_dict's first line only says "Error(s) in loading state_dict"; the next names a tensor
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
@@ -169,9 +176,11 @@ def _check_activation(model: nn.Module, location: str, path: str) -> None:
     _, saved = _saved_metadata(path)
     if "quick_gelu" in saved and saved["quick_gelu"] != uses_quick_gelu(model):
         activations = {True: "QuickGELU", False: "GELU"}
-        raise InputError(f"{location} holds the weights of a {activations[saved['quick_gelu']]} network, and the "
-                         f"model they would load into is {activations[not saved['quick_gelu']]}; start from the "
-                         f"model.weights these weights were trained from")
+        raise InputError(
+            f"{location} holds the weights of a {activations[saved['quick_gelu']]} network, and the "
+            f"model they would load into is {activations[not saved['quick_gelu']]}; start from the "
+            f"model.weights these weights were trained from"
+        )
 
 
 def save_weights(module: nn.Module, path: Path, arch: str) -> None:
@@ -196,9 +205,13 @@ def preprocess_cfg(model: nn.Module) -> dict:
     """The model's own image size and normalisation, kept with anything derived from it."""
     cfg = model.visual.preprocess_cfg
     size = cfg["size"]  # open_clip gives ViTs a (h, w) pair and ResNets a single int
-    return {"size": [size, size] if isinstance(size, int) else list(size),
-            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "interpolation": cfg["interpolation"],
-            "resize_mode": cfg["resize_mode"]}
+    return {
+        "size": [size, size] if isinstance(size, int) else list(size),
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "interpolation": cfg["interpolation"],
+        "resize_mode": cfg["resize_mode"],
+    }
 
 
 def input_size(arch: str) -> int:
@@ -228,15 +241,20 @@ class ImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_clip(cls, model: nn.Module) -> "ImageEncoder":
+    def from_clip(cls, model: nn.Module) -> ImageEncoder:
         cfg = preprocess_cfg(model)
         return cls(model.visual, cfg["mean"], cfg["std"], cfg["size"][0], cfg["interpolation"])
 
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels at the model's size."""
         if pixels.shape[-1] != self.size or pixels.shape[-2] != self.size:
-            pixels = F.interpolate(pixels, size=(self.size, self.size), mode=self.interpolation, align_corners=False,
-                                   antialias=pixels.shape[-1] > self.size).clamp(0, 1)
+            pixels = F.interpolate(
+                pixels,
+                size=(self.size, self.size),
+                mode=self.interpolation,
+                align_corners=False,
+                antialias=pixels.shape[-1] > self.size,
+            ).clamp(0, 1)
         return (pixels - self.mean) / self.std
 
     def forward(self, pixels: torch.Tensor, output: str = "embedding"):
@@ -245,8 +263,9 @@ class ImageEncoder(nn.Module):
         x = self.model_input(pixels)
         if output == "tokens":
             if getattr(self.visual, "proj", None) is None or not hasattr(self.visual, "output_tokens"):
-                raise ValueError(f"patch tokens need a ViT image tower with a projection, not "
-                                 f"{type(self.visual).__name__}")
+                raise ValueError(
+                    f"patch tokens need a ViT image tower with a projection, not {type(self.visual).__name__}"
+                )
             self.visual.output_tokens = True
             try:
                 pooled, tokens = self.visual(x)

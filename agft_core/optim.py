@@ -1,4 +1,5 @@
 """The learning-rate schedule of the fine-tune and of the teacher's pretraining, from torch's own schedulers."""
+
 from __future__ import annotations
 
 import torch
@@ -12,5 +13,11 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
     warmup = min(warmup, total)
     if warmup == 0:
         return CosineAnnealingLR(optimizer, T_max=max(1, total))
-    return SequentialLR(optimizer, [LinearLR(optimizer, 1 / warmup, 1.0, total_iters=max(1, warmup - 1)),
-                                    CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))], milestones=[warmup])
+    return SequentialLR(
+        optimizer,
+        [
+            LinearLR(optimizer, 1 / warmup, 1.0, total_iters=max(1, warmup - 1)),
+            CosineAnnealingLR(optimizer, T_max=max(1, total - warmup)),
+        ],
+        milestones=[warmup],
+    )

@@ -1,10 +1,11 @@
 """Contrastive pretraining of the embedded teacher on the world's captioned images."""
+
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import open_clip
@@ -36,15 +37,28 @@ def native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def pretrain_clip(arch: str, images: np.ndarray, captions: list[str], *, epochs: int, batch_size: int, lr: float,
-                  seed: int, amp: str = "bf16", on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+def pretrain_clip(
+    arch: str,
+    images: np.ndarray,
+    captions: list[str],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    amp: str = "bf16",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> nn.Module:
     """A randomly initialised `arch` whose image and text towers are trained together, on the CPU, with
     open_clip's ClipLoss (in fp32, on the outputs of towers run under cpu_autocast(amp)); the seed fixes the init
     and the data order. The lr warms up over the first 1/20 of the steps, then decays on a cosine. Returns it in
     eval mode."""
     if amp == "bf16" and not native_bf16():
-        warnings.warn("pretrain.amp=bf16 on a CPU without native bf16 instructions is emulated and slow; "
-                      "pretrain.amp=off is faster here", stacklevel=2)
+        warnings.warn(
+            "pretrain.amp=bf16 on a CPU without native bf16 instructions is emulated and slow; "
+            "pretrain.amp=off is faster here",
+            stacklevel=2,
+        )
     torch.manual_seed(seed)
     model = create_clip(arch, None, init_seed=None)  # drawn from `seed`, set above
     tokens = open_clip.get_tokenizer(arch)(captions)
@@ -60,7 +74,7 @@ def pretrain_clip(arch: str, images: np.ndarray, captions: list[str], *, epochs:
         order = torch.randperm(len(pixels))
         running = 0.0
         for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             with cpu_autocast(amp):
                 image_emb = encoder(pixels[idx])
                 text_emb = F.normalize(model.encode_text(tokens[idx]), dim=-1)

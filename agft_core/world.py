@@ -13,6 +13,7 @@ each (dataset, split) draws from its own seed stream, so the zero-shot suite nev
 image with pretraining or fine-tuning. The handwritten digits are partitioned once per world
 seed into disjoint pretrain / train / test pools.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,9 +30,14 @@ GENERATOR_VERSION = "world-v2"
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring", "star", "bar")
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 70, 230),
-    "yellow": (240, 220, 30), "cyan": (40, 220, 220), "magenta": (220, 40, 200),
-    "orange": (250, 140, 20), "white": (250, 250, 250),
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (40, 70, 230),
+    "yellow": (240, 220, 30),
+    "cyan": (40, 220, 220),
+    "magenta": (220, 40, 200),
+    "orange": (250, 140, 20),
+    "white": (250, 250, 250),
 }
 BACKGROUNDS = ("plain", "striped", "checkered", "noisy")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -39,8 +45,7 @@ SIZES = ("small", "large")
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Upper-case glyphs named by their lower-case letter: CLIP's tokenizer lower-cases every prompt.
 LETTERS = ("a", "b", "e", "h", "k", "m", "r", "s", "t", "x")
-GLYPHS = {"digit": {name: str(i) for i, name in enumerate(DIGITS)},
-          "letter": {name: name.upper() for name in LETTERS}}
+GLYPHS = {"digit": {name: str(i) for i, name in enumerate(DIGITS)}, "letter": {name: name.upper() for name in LETTERS}}
 FONTS = ("DejaVuSans-Bold.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans.ttf")
 # What the pretraining corpus is made of; the shapes stay the bulk, as the fine-tuning task is theirs.
 CORPUS_MIX = {"shape": 0.5, "digit": 0.2, "letter": 0.2, "handwritten": 0.1}
@@ -100,8 +105,11 @@ class WorldData:
 
 
 def caption(attrs: dict, rng: np.random.Generator) -> str:
-    said = {k: rng.random() < (IDENTITY_MENTION if k in ("shape", "glyph") else CAPTION_MENTION) for k in attrs
-            if k not in UNCAPTIONED}
+    said = {
+        k: rng.random() < (IDENTITY_MENTION if k in ("shape", "glyph") else CAPTION_MENTION)
+        for k in attrs
+        if k not in UNCAPTIONED
+    }
     scene = attrs["scene"]
     words = [attrs[k] for k in ("size", "colour") if said.get(k)]
     if scene == "shape":
@@ -146,14 +154,15 @@ def handwritten_pools(seed: int) -> dict[str, np.ndarray]:
     """Disjoint indices of the handwritten digits for each split, drawn once per world seed."""
     order = np.random.default_rng(_stream_seed(seed, "handwritten", "pools")).permutation(len(_handwritten()[1]))
     test, train = HANDWRITTEN_POOLS["test"], HANDWRITTEN_POOLS["train"]
-    return {"test": order[:test], "train": order[test:test + train], "pretrain": order[test + train:]}
+    return {"test": order[:test], "train": order[test : test + train], "pretrain": order[test + train :]}
 
 
 @functools.cache
 def fingerprint() -> str:
     """Everything generated images depend on besides the seed: the generator, the font files,
     the handwritten digits and the font renderer."""
-    from PIL import __version__ as pillow, features
+    from PIL import __version__ as pillow
+    from PIL import features
 
     h = hashlib.sha256(f"{GENERATOR_VERSION}/{pillow}/{features.version('freetype2')}".encode())
     for name in FONTS:
@@ -181,8 +190,13 @@ def _background(rng: np.random.Generator, kind: str) -> np.ndarray:
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float):
     def ring_points(n, radius, phase=0.0):
-        return [(cx + radius * math.cos(phase + angle + 2 * math.pi * k / n),
-                 cy + radius * math.sin(phase + angle + 2 * math.pi * k / n)) for k in range(n)]
+        return [
+            (
+                cx + radius * math.cos(phase + angle + 2 * math.pi * k / n),
+                cy + radius * math.sin(phase + angle + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
 
     if shape == "square":
         return ring_points(4, r, math.pi / 4)
@@ -283,8 +297,9 @@ def generate(name: str, split: str, count: int, seed: int) -> WorldData:
         scenes = [_scan(i) for i in pool[:count]]
     else:
         kinds, weights = list(CORPUS_MIX), list(CORPUS_MIX.values())
-        scenes = [_sample(task.scene if task else kinds[rng.choice(len(kinds), p=weights)], rng, pool)
-                  for _ in range(count)]
+        scenes = [
+            _sample(task.scene if task else kinds[rng.choice(len(kinds), p=weights)], rng, pool) for _ in range(count)
+        ]
     images, labels, captions = [], [], []
     for attrs in scenes:
         images.append(render(attrs, rng))

@@ -1,4 +1,5 @@
 """How the benchmarks run the `agft` CLI: as a user does, one fresh process per command, timed."""
+
 import subprocess
 import sys
 import time

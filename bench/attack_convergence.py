@@ -7,6 +7,7 @@ Usage: .venv/bin/python bench/attack_convergence.py --cache-dir .agft-cache [--o
        [--out bench/results/attack_convergence.json]
 The cache must hold a finished `agft run` of configs/demo.yaml (its teacher and fine-tune are read, not rebuilt).
 """
+
 import argparse
 import glob
 import json
@@ -61,23 +62,48 @@ def main() -> None:
         for model, encoder in encoders.items():
             for label, (attack, alpha255, steps, restarts) in ATTACKS.items():
                 start = time.perf_counter()
-                scores = zero_shot_accuracy(encoder, text, logit_scale(clip), data.images, eps=eps,
-                                            alpha=(alpha255 or 0) / 255, steps=steps, batch_size=cfg.eval.batch_size,
-                                            generator=torch.Generator().manual_seed(0), attack=attack,
-                                            restarts=restarts)
-                rows.append({"dataset": data.name, "model": model, "attack": label, "attacked": scores["attacked"],
-                             "clean": scores["clean"], "seconds": round(time.perf_counter() - start, 1)})
+                scores = zero_shot_accuracy(
+                    encoder,
+                    text,
+                    logit_scale(clip),
+                    data.images,
+                    eps=eps,
+                    alpha=(alpha255 or 0) / 255,
+                    steps=steps,
+                    batch_size=cfg.eval.batch_size,
+                    generator=torch.Generator().manual_seed(0),
+                    attack=attack,
+                    restarts=restarts,
+                )
+                rows.append(
+                    {
+                        "dataset": data.name,
+                        "model": model,
+                        "attack": label,
+                        "attacked": scores["attacked"],
+                        "clean": scores["clean"],
+                        "seconds": round(time.perf_counter() - start, 1),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     reference = {(r["dataset"], r["model"]): r["attacked"] for r in rows if r["attack"] == REFERENCE}
-    gaps = {label: max(r["attacked"] - reference[r["dataset"], r["model"]] for r in rows if r["attack"] == label)
-            for label in ATTACKS}
+    gaps = {
+        label: max(r["attacked"] - reference[r["dataset"], r["model"]] for r in rows if r["attack"] == label)
+        for label in ATTACKS
+    }
     seconds = {label: sum(r["seconds"] for r in rows if r["attack"] == label) for label in ATTACKS}
     converged = [label for label in ATTACKS if label != REFERENCE and gaps[label] <= TOLERANCE]
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "command": f"bench/attack_convergence.py --limit {args.limit}" + (" --original" if args.original else ""),
-              "eps": eps, "tolerance": TOLERANCE, "reference": REFERENCE,
-              "largest_gap_to_reference": gaps, "seconds": seconds,
-              "cheapest_converged": min(converged, key=seconds.get) if converged else None, "rows": rows}
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "command": f"bench/attack_convergence.py --limit {args.limit}" + (" --original" if args.original else ""),
+        "eps": eps,
+        "tolerance": TOLERANCE,
+        "reference": REFERENCE,
+        "largest_gap_to_reference": gaps,
+        "seconds": seconds,
+        "cheapest_converged": min(converged, key=seconds.get) if converged else None,
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("largest_gap_to_reference", "seconds", "cheapest_converged")}, indent=1))

@@ -5,6 +5,7 @@ Usage: .venv/bin/python bench/compare_budget.py [--set compare.methods=[tecoa,ag
 Writes the JSON (wall time, the command, the per-seed numbers) and the markdown table next to it.
 --keep-cache DIR builds the caches in DIR, which must not exist yet (the run stays cold), and keeps them.
 """
+
 import argparse
 import csv
 import json
@@ -44,9 +45,13 @@ def main() -> None:
         (parent,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "tags.kind = 'compare'")
         per_seed = Path(client.download_artifacts(parent.info.run_id, "compare_per_seed.csv", tmp))
         rows = list(csv.DictReader(per_seed.open()))
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "command": "agft compare " + " ".join(f"--set {o}" for o in args.overrides),
-              "wall_seconds": round(wall, 1), "table": str(table), "per_seed": rows}
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "command": "agft compare " + " ".join(f"--set {o}" for o in args.overrides),
+        "wall_seconds": round(wall, 1),
+        "table": str(table),
+        "per_seed": rows,
+    }
     out.write_text(json.dumps(report, indent=2))
     print(f"compare: {wall:.1f}s; wrote {out} and {table}")
 

@@ -9,6 +9,7 @@ Reports both tables' zero-shot means, the gap, γ auto's value and the seconds o
 
 Usage: .venv/bin/python bench/gamma_auto.py [--out bench/results/gamma_auto.json] [--cache-dir DIR]
 """
+
 import argparse
 import json
 import os
@@ -17,9 +18,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from mlflow.tracking import MlflowClient
-
 from agft_cli import agft
+from mlflow.tracking import MlflowClient
 
 GAMMAS = [0.2, 0.4, 0.7, 1.0]
 SEEDS = [0, 1, 2]
@@ -30,8 +30,11 @@ def zero_shot_means(uri: str, parent: str) -> dict:
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     metrics = client.get_run(parent).data.metrics
-    return {"clean": metrics["agft_clean/zero-shot_mean"], "robust": metrics["agft_robust/zero-shot_mean"],
-            "gammas": [r.data.metrics.get("calibration_gamma", r.data.params["calibration.gamma"]) for r in runs]}
+    return {
+        "clean": metrics["agft_clean/zero-shot_mean"],
+        "robust": metrics["agft_robust/zero-shot_mean"],
+        "gammas": [r.data.metrics.get("calibration_gamma", r.data.params["calibration.gamma"]) for r in runs],
+    }
 
 
 def calibration_seconds(uri: str, parent: str, tmp: str) -> list[float]:
@@ -56,21 +59,50 @@ def main() -> None:
         common = ["--set", f"cache_dir={args.cache_dir or tmp + '/cache'}", "--tracking-uri", uri]
         best = Path(tmp) / "best.yaml"
         space = json.dumps({"calibration.gamma": {"grid": GAMMAS}})
-        sweep_seconds = agft("sweep", *common, "--set", f"sweep.space={space}", "--set", "sweep.num_samples=1",
-                             "--set", "sweep.scheduler=fifo", "--best-out", str(best))
+        sweep_seconds = agft(
+            "sweep",
+            *common,
+            "--set",
+            f"sweep.space={space}",
+            "--set",
+            "sweep.num_samples=1",
+            "--set",
+            "sweep.scheduler=fifo",
+            "--best-out",
+            str(best),
+        )
         chosen = yaml.safe_load(best.read_text())["calibration"]["gamma"]
-        report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "gammas": GAMMAS,
-                  "seeds": SEEDS, "sweep": {"seconds": sweep_seconds, "chosen_gamma": chosen}}
+        report = {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "gammas": GAMMAS,
+            "seeds": SEEDS,
+            "sweep": {"seconds": sweep_seconds, "chosen_gamma": chosen},
+        }
         client = MlflowClient(uri)
         for name, gamma in (("swept", chosen), ("auto", "auto")):
             table = out.with_name(f"{out.stem}_{name}.md")
-            seconds = agft("compare", *common, "--out", str(table), "--set", "compare.methods=[agft]",
-                           "--set", f"compare.seeds={json.dumps(SEEDS)}", "--set", f"calibration.gamma={gamma}")
+            seconds = agft(
+                "compare",
+                *common,
+                "--out",
+                str(table),
+                "--set",
+                "compare.methods=[agft]",
+                "--set",
+                f"compare.seeds={json.dumps(SEEDS)}",
+                "--set",
+                f"calibration.gamma={gamma}",
+            )
             experiment = client.get_experiment_by_name("agft").experiment_id
-            (parent,) = client.search_runs([experiment], "tags.kind = 'compare'", order_by=["start_time DESC"],
-                                           max_results=1)
-            report[name] = {"gamma": gamma, "compare_seconds": seconds, "table": table.read_text(),
-                            **zero_shot_means(uri, parent.info.run_id)}
+            (parent,) = client.search_runs(
+                [experiment], "tags.kind = 'compare'", order_by=["start_time DESC"], max_results=1
+            )
+            report[name] = {
+                "gamma": gamma,
+                "compare_seconds": seconds,
+                "table": table.read_text(),
+                **zero_shot_means(uri, parent.info.run_id),
+            }
             if gamma == "auto":
                 report[name]["calibration_seconds"] = calibration_seconds(uri, parent.info.run_id, tmp)
             print(f"{name} (γ = {gamma}): {report[name]['clean']:.4f} / {report[name]['robust']:.4f}", flush=True)

@@ -14,14 +14,15 @@ Three steps on the same model, data and machine, in one process:
 FLOPs are counted over one step with torch's per-op formulas; MFU is achieved FLOP/s over the bf16 matmul
 rate measured on the same device.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ def main() -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and device.type == "cuda")
     x = torch.rand(args.batch, 3, size, size, device=device)
     y = torch.randint(0, args.classes, (args.batch,), device=device)
-    index = torch.randperm(len(cache), device=device)[:args.batch]
+    index = torch.randperm(len(cache), device=device)[: args.batch]
 
     def reference() -> None:
         with torch.no_grad():
@@ -108,11 +109,20 @@ def main() -> None:
     steps = {"reference": reference, "ours": ours(student)}
     if args.compile:
         steps["ours_compiled"] = ours(torch.compile(student))
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-              "torch": torch.__version__, "arch": args.arch, "image_size": size, "batch": args.batch,
-              "amp": args.amp, "pgd_steps": args.pgd_steps, "steps_timed": args.steps}
-    peak = {"bf16": matmul_tflops(device, torch.bfloat16, 8192 if device.type == "cuda" else 1024, 20),
-            "fp32": matmul_tflops(device, torch.float32, 8192 if device.type == "cuda" else 1024, 20)}
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "torch": torch.__version__,
+        "arch": args.arch,
+        "image_size": size,
+        "batch": args.batch,
+        "amp": args.amp,
+        "pgd_steps": args.pgd_steps,
+        "steps_timed": args.steps,
+    }
+    peak = {
+        "bf16": matmul_tflops(device, torch.bfloat16, 8192 if device.type == "cuda" else 1024, 20),
+        "fp32": matmul_tflops(device, torch.float32, 8192 if device.type == "cuda" else 1024, 20),
+    }
     report["matmul_tflops"] = {k: round(v, 2) for k, v in peak.items()}
     for name, step in steps.items():
         for _ in range(args.warmup):  # compiles a compiled step
@@ -129,13 +139,17 @@ def main() -> None:
         _sync(device)
         seconds = (time.perf_counter() - start) / args.steps
         report[name] = {
-            "images_per_s": round(args.batch / seconds, 1), "step_ms": round(1000 * seconds, 2),
+            "images_per_s": round(args.batch / seconds, 1),
+            "step_ms": round(1000 * seconds, 2),
             "gflop_per_step": round(flops / 1e9, 1),
             "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if device.type == "cuda" else None,
+            if device.type == "cuda"
+            else None,
             "mfu_vs_bf16_matmul": round(flops / seconds / (peak["bf16"] * 1e12), 4),
             "speedup_vs_reference": round(report["reference"]["step_ms"] / (1000 * seconds), 3)
-            if name != "reference" else 1.0}
+            if name != "reference"
+            else 1.0,
+        }
         print(name, report[name], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

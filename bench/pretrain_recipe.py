@@ -8,6 +8,7 @@ Usage: .venv/bin/python bench/pretrain_recipe.py [--variants ref,6ep,...] [--tod
                                                   [--out bench/results/pretrain_recipe.json]
 --today scores a teacher that an earlier commit pretrained (its pretrain cache file), as "today".
 """
+
 import argparse
 import json
 import os
@@ -54,21 +55,32 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--today", help="a teacher's weights file, pretrained by the commit before the change")
     parser.add_argument("--out", default="bench/results/pretrain_recipe.json")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides, e.g. a "
-                        "smaller pretrain.corpus_size to check the script")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="config overrides, e.g. a smaller pretrain.corpus_size to check the script",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     cfg = load_config(None, args.overrides)
-    base = {"epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size, "lr": cfg.pretrain.lr,
-            "amp": cfg.pretrain.amp}
+    base = {
+        "epochs": cfg.pretrain.epochs,
+        "batch_size": cfg.pretrain.batch_size,
+        "lr": cfg.pretrain.lr,
+        "amp": cfg.pretrain.amp,
+    }
     corpus = world.generate("corpus", "pretrain", cfg.pretrain.corpus_size, cfg.data.world_seed)
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "base": base, "variants": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.today:
         with torch.no_grad():
-            report["today"] = {"weights": args.today,
-                               "clean_accuracy": clean_accuracy(create_clip(cfg.model.arch, args.today), cfg)}
+            report["today"] = {
+                "weights": args.today,
+                "clean_accuracy": clean_accuracy(create_clip(cfg.model.arch, args.today), cfg),
+            }
         print(f"today: {report['today']['clean_accuracy']}", flush=True)
     for name in args.variants.split(","):
         recipe = base | VARIANTS[name]
@@ -85,8 +97,14 @@ def main() -> None:
         if ref:
             result["time_ratio_to_ref"] = round(result["seconds"] / ref["seconds"], 3)
         if today:  # the acceptance test: no suite dataset more than 1 point below today's teacher
-            result["worst_drop_vs_today_points"] = round(max(
-                today["clean_accuracy"][d] - result["clean_accuracy"][d] for d in today["clean_accuracy"] if d != "mean"), 2)
+            result["worst_drop_vs_today_points"] = round(
+                max(
+                    today["clean_accuracy"][d] - result["clean_accuracy"][d]
+                    for d in today["clean_accuracy"]
+                    if d != "mean"
+                ),
+                2,
+            )
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 

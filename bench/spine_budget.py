@@ -7,6 +7,7 @@ change), from DIR and with DIR on PYTHONPATH: Ray puts the driver's working dire
 on its workers' sys.path, so from another checkout the workers would import that checkout's agft_core.
 It reports this tree's cold time as a ratio to it: both measured side by side in one run.
 """
+
 import argparse
 import json
 import os
@@ -22,13 +23,25 @@ RUNS = {"cold": [], "warm": [], "warm_retrain": ["--rerun", "train"]}
 
 def timed_run(tmp: Path, name: str, extra: list[str], config: str | None, tree: str | None = None) -> dict:
     summary = tmp / f"{name}.json"
-    cmd = [str(Path(sys.executable).with_name("agft")), "run", "--set", f"cache_dir={tmp}/cache", "--tracking-uri",
-           f"sqlite:///{tmp}/mlflow.db", "--summary", str(summary), *extra]
+    cmd = [
+        str(Path(sys.executable).with_name("agft")),
+        "run",
+        "--set",
+        f"cache_dir={tmp}/cache",
+        "--tracking-uri",
+        f"sqlite:///{tmp}/mlflow.db",
+        "--summary",
+        str(summary),
+        *extra,
+    ]
     if config:
         cmd += ["--config", config]
     start = time.perf_counter()
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))} \
-        if tree else None
+    env = (
+        os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))}
+        if tree
+        else None
+    )
     subprocess.run(cmd, check=True, env=env, cwd=tree)
     wall = time.perf_counter() - start
     print(f"{name}: {wall:.1f}s", flush=True)
@@ -44,14 +57,16 @@ def main() -> None:
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": {}}
     if args.base_tree:
         with tempfile.TemporaryDirectory() as tmp:
-            report["runs"]["cold_base"] = timed_run(Path(tmp), "cold_base", [], args.config,
-                                                    str(Path(args.base_tree).resolve()))
+            report["runs"]["cold_base"] = timed_run(
+                Path(tmp), "cold_base", [], args.config, str(Path(args.base_tree).resolve())
+            )
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in RUNS.items():
             report["runs"][name] = timed_run(Path(tmp), name, extra, args.config)
     if args.base_tree:
-        report["cold_ratio_to_base"] = round(report["runs"]["cold"]["wall_seconds"]
-                                             / report["runs"]["cold_base"]["wall_seconds"], 3)
+        report["cold_ratio_to_base"] = round(
+            report["runs"]["cold"]["wall_seconds"] / report["runs"]["cold_base"]["wall_seconds"], 3
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -12,6 +12,7 @@ Usage: .venv/bin/python bench/sweep_budget.py [--trials 4] [--cache-dir DIR] [--
 The budget: sweep seconds ≤ 1.05 × K × train-only seconds + one cache build; the JSON gives
 (sweep − cache build) / (K × train-only), and the same for the Tune phase alone.
 """
+
 import argparse
 import json
 import os
@@ -43,9 +44,15 @@ def main() -> None:
         uri = f"sqlite:///{tmp}/mlflow.db"
         # A new experiment name gives a new sweep fingerprint: a finished sweep of the same config
         # would otherwise be restored instead of run.
-        cfg = load_config(args.config, [f"sweep.num_samples={args.trials}", f"sweep.scheduler={args.scheduler}",
-                                        f"experiment=sweep-bench-{int(time.time())}"]
-                          + ([f"cache_dir={args.cache_dir}"] if args.cache_dir else []))
+        cfg = load_config(
+            args.config,
+            [
+                f"sweep.num_samples={args.trials}",
+                f"sweep.scheduler={args.scheduler}",
+                f"experiment=sweep-bench-{int(time.time())}",
+            ]
+            + ([f"cache_dir={args.cache_dir}"] if args.cache_dir else []),
+        )
 
         start = time.perf_counter()
         teacher = Pipeline(cfg, uri, log=print)
@@ -72,16 +79,22 @@ def main() -> None:
 
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "trials": args.trials, "epochs_per_trial": cfg.train.epochs, "scheduler": args.scheduler,
-        "cold_start": not teacher.hits["pretrain"], "pretrain_seconds": round(pretrain, 1),
+        "trials": args.trials,
+        "epochs_per_trial": cfg.train.epochs,
+        "scheduler": args.scheduler,
+        "cold_start": not teacher.hits["pretrain"],
+        "pretrain_seconds": round(pretrain, 1),
         "cache_build_seconds": round(cache_build, 1),
         "train_only_seconds": {"before": round(before, 1), "after": round(after, 1)},
-        "sweep_seconds": round(sweep_seconds, 1), "sweep_phase_seconds": result.seconds,
+        "sweep_seconds": round(sweep_seconds, 1),
+        "sweep_phase_seconds": result.seconds,
         # the budget: sweep <= 1.05 x K x train-only + one cache build
-        "ratio_sweep_minus_cache_build_to_k_train_only":
-            round((sweep_seconds - cache_build) / (args.trials * train_only_mean), 3),
+        "ratio_sweep_minus_cache_build_to_k_train_only": round(
+            (sweep_seconds - cache_build) / (args.trials * train_only_mean), 3
+        ),
         "ratio_trials_phase_to_k_train_only": round(result.seconds["trials"] / (args.trials * train_only_mean), 3),
-        "sweep_cache_hits": result.cache_hits, "trials_table": result.trials,
+        "sweep_cache_hits": result.cache_hits,
+        "trials_table": result.trials,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))

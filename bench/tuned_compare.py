@@ -7,6 +7,7 @@ Usage: .venv/bin/python bench/tuned_compare.py [--out bench/results/tuned_compar
 Writes the JSON (the search spaces, each sweep's trials and choice, wall times) and the table next to it.
 --reuse takes the choices of the methods an earlier run of this script swept, and sweeps only the others.
 """
+
 import argparse
 import json
 import os
@@ -15,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
 from agft_cli import agft
 
 # Four trials per method: what each method's authors or the paper name as its knobs.
@@ -41,26 +41,49 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or f"{tmp}/cache"
         common = ["--set", f"cache_dir={cache}", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
-        report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "spaces": SPACES,
-                  "seeds": SEEDS, "sweeps": json.loads(Path(args.reuse).read_text())["sweeps"] if args.reuse else {}}
+        report = {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "spaces": SPACES,
+            "seeds": SEEDS,
+            "sweeps": json.loads(Path(args.reuse).read_text())["sweeps"] if args.reuse else {},
+        }
         tuned = {method: sweep["chosen"] for method, sweep in report["sweeps"].items()}
         for method, space in SPACES.items():
             if method in tuned:
                 continue
             best = Path(tmp) / f"best-{method}.yaml"
-            seconds = agft("sweep", *common, "--set", f"train.method={method}",
-                           "--set", f"sweep.space={json.dumps(space)}", "--set", "sweep.num_samples=1",
-                           "--set", "sweep.scheduler=fifo", "--best-out", str(best))
+            seconds = agft(
+                "sweep",
+                *common,
+                "--set",
+                f"train.method={method}",
+                "--set",
+                f"sweep.space={json.dumps(space)}",
+                "--set",
+                "sweep.num_samples=1",
+                "--set",
+                "sweep.scheduler=fifo",
+                "--best-out",
+                str(best),
+            )
             chosen = yaml.safe_load(best.read_text())
             tuned[method] = {key: _get(chosen, key) for key in space}
             report["sweeps"][method] = {"seconds": seconds, "chosen": tuned[method]}
             out.write_text(json.dumps(report, indent=2))  # a long run keeps each sweep's result
             print(f"sweep {method}: {tuned[method]} in {seconds}s", flush=True)
         table = out.with_suffix(".md")
-        report["compare_seconds"] = agft("compare", *common, "--out", str(table),
-                                         "--set", f"compare.methods={json.dumps(list(SPACES))}",
-                                         "--set", f"compare.seeds={json.dumps(SEEDS)}",
-                                         "--set", f"compare.per_method={json.dumps(tuned)}")
+        report["compare_seconds"] = agft(
+            "compare",
+            *common,
+            "--out",
+            str(table),
+            "--set",
+            f"compare.methods={json.dumps(list(SPACES))}",
+            "--set",
+            f"compare.seeds={json.dumps(SEEDS)}",
+            "--set",
+            f"compare.per_method={json.dumps(tuned)}",
+        )
         report["table"] = table.read_text()
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out} and {table}")

@@ -1,4 +1,5 @@
 """The `agft` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,16 @@ from importlib.metadata import version
 from pathlib import Path
 
 from agft_core.errors import InputError, first_line
-from pipeline.config import ConfigError, check_ray_address, check_sweep, check_tracking, dump_yaml, load_config, \
-    on_cluster, tracking_uri
+from pipeline.config import (
+    ConfigError,
+    check_ray_address,
+    check_sweep,
+    check_tracking,
+    dump_yaml,
+    load_config,
+    on_cluster,
+    tracking_uri,
+)
 
 STEPS = ("pretrain", "text", "teacher", "train", "eval")
 
@@ -23,35 +32,60 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_config(p):
         p.add_argument("--config", help="YAML config (default: configs/demo.yaml)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                       help="override one config field, e.g. --set train.epochs=2 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="override one config field, e.g. --set train.epochs=2 (repeatable)",
+        )
         return p
 
     def with_cluster(p):
         with_config(p)
         p.add_argument("--address", help="attach to a running Ray cluster (default: start a local one)")
-        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                                              "sqlite:///mlflow.db)")
-        p.add_argument("--verbose", action="store_true", help="also Ray's, Ray Train's and Tune's INFO logs "
-                                                              "(same as --set verbose=true)")
+        p.add_argument(
+            "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+        )
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also Ray's, Ray Train's and Tune's INFO logs (same as --set verbose=true)",
+        )
         return p
 
     run = with_cluster(commands.add_parser("run", help="run the whole DAG: caches, fine-tune, eval, report"))
-    run.add_argument("--rerun", action="append", default=[], choices=STEPS,
-                     help="recompute this step even if its cache is valid (repeatable)")
+    run.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        choices=STEPS,
+        help="recompute this step even if its cache is valid (repeatable)",
+    )
     run.add_argument("--summary", metavar="PATH", help="also write the results, step times and cache hits as JSON")
     sweep = with_cluster(commands.add_parser("sweep", help="Ray Tune search over the config's sweep.space"))
     sweep.add_argument("--best-out", default="best.yaml", help="where to write the best trial's config")
-    evaluate = with_cluster(commands.add_parser(
-        "eval", help="the evaluation matrix (eval.matrix): datasets x attacks x eps, original and checkpoints"))
-    evaluate.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                          help="also evaluate this fine-tuned image encoder, e.g. agft=image_encoder.safetensors "
-                               "(repeatable; same as --set eval.matrix.checkpoints.NAME=PATH)")
-    comparison = with_cluster(commands.add_parser(
-        "compare", help="the original teacher vs each of compare.methods, over compare.seeds"))
+    evaluate = with_cluster(
+        commands.add_parser(
+            "eval", help="the evaluation matrix (eval.matrix): datasets x attacks x eps, original and checkpoints"
+        )
+    )
+    evaluate.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also evaluate this fine-tuned image encoder, e.g. agft=image_encoder.safetensors "
+        "(repeatable; same as --set eval.matrix.checkpoints.NAME=PATH)",
+    )
+    comparison = with_cluster(
+        commands.add_parser("compare", help="the original teacher vs each of compare.methods, over compare.seeds")
+    )
     comparison.add_argument("--out", default="compare.md", help="where to write the markdown table")
-    show = with_config(commands.add_parser("world", help="draw the embedded world's images with their captions "
-                                                           "and labels into a PNG"))
+    show = with_config(
+        commands.add_parser("world", help="draw the embedded world's images with their captions and labels into a PNG")
+    )
     show.add_argument("--out", default="world.png")
     with_config(commands.add_parser("validate", help="check a config and print it fully resolved"))
     return parser
@@ -60,8 +94,10 @@ def _parser() -> argparse.ArgumentParser:
 # Ray Train's own PreemptionWatcher actor logs the first at ERROR level in every run (ray-project/ray#53727): it
 # concerns an actor restart that Ray Train manages, nothing a user can act on. The raylet prints the second when
 # a train worker dies, which Ray Train recovers from and pipeline.train._FailureLine reports in one line.
-RAY_NOISE = (r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
-             r"|A worker died or was killed while executing a task by an unexpected system error")
+RAY_NOISE = (
+    r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+    r"|A worker died or was killed while executing a task by an unexpected system error"
+)
 
 
 def _skip_ray_noise() -> None:
@@ -80,8 +116,13 @@ def _start_ray(address: str | None, verbose: bool) -> None:
 
     import ray
 
-    ray.init(address=address, logging_level=logging.INFO if verbose else logging.WARNING, ignore_reinit_error=True,
-             log_to_driver=True, configure_logging=True)
+    ray.init(
+        address=address,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        ignore_reinit_error=True,
+        log_to_driver=True,
+        configure_logging=True,
+    )
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # "Creating tables..."
     if not verbose:  # a model logged and registered draws a download bar for each file it checks
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -147,19 +188,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         cause = str(exc.cause).strip().splitlines()[-1] if str(exc.cause).strip() else type(exc.cause).__name__
         task = getattr(exc, "function_name", None) or "(unnamed)"  # unset when the task failed to import
-        print(f"agft: error: task {task} failed: {type(exc.cause).__name__}: {cause} "
-              f"(--verbose shows the traceback)", file=sys.stderr)
+        print(
+            f"agft: error: task {task} failed: {type(exc.cause).__name__}: {cause} (--verbose shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
     except TRACKING_ERRORS as exc:  # MLflow already retried with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES)
-        print(f"agft: error: the tracking server {uri} failed ({first_line(exc)[:300]}); caches and checkpoints are kept: run "
-              f"the same command again once it answers, and the run's record is completed", file=sys.stderr)
+        print(
+            f"agft: error: the tracking server {uri} failed ({first_line(exc)[:300]}); caches and checkpoints are "
+            f"kept: run the same command again once it answers, and the run's record is completed",
+            file=sys.stderr,
+        )
         return 1
 
     print()
     print(f"Zero-shot top-1 accuracy (%): original teacher vs {cfg.train.method.upper()} fine-tuned")
     print(cfg.eval.caption())
-    print(table([{c.replace("_", " "): v for c, v in r.items()} for r in result.rows], percent=True,
-                markdown=False))
+    print(table([{c.replace("_", " "): v for c, v in r.items()} for r in result.rows], percent=True, markdown=False))
     total = round(time.perf_counter() - start, 2)
     print(f"step seconds: {result.seconds}   total: {total}s")
     if args.summary:
@@ -199,8 +244,8 @@ def _eval(pipeline, uri: str) -> int:
 
 
 def _sweep(cfg, uri: str, best_out: Path) -> int:
-    from pipeline.sweep import SweepFailed, sweep
     from pipeline.report import table
+    from pipeline.sweep import SweepFailed, sweep
 
     try:
         result = sweep(cfg, uri, best_out)

@@ -5,6 +5,7 @@ only the method and the fine-tune's seed change. The teacher, text and teacher c
 by the first run and read by all others. Results: one MLflow parent run with a nested run per
 (method, seed), and a table of mean ± sample std over seeds, per dataset and over datasets.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -31,8 +32,9 @@ class CompareResult:
 def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
     start = time.perf_counter()
     spec = cfg.compare
-    parent = tracking.start_run(uri, cfg.experiment, cfg.run_params(),
-                                {"mlflow.runName": "compare", "kind": "compare"}, cfg.artifact_location)
+    parent = tracking.start_run(
+        uri, cfg.experiment, cfg.run_params(), {"mlflow.runName": "compare", "kind": "compare"}, cfg.artifact_location
+    )
     per_seed = []
     with tracking.finishing(uri, parent):
         total = len(spec.seeds) * len(spec.methods)
@@ -40,8 +42,9 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
             for j, method in enumerate(spec.methods):
                 log(f"[compare] run {i * len(spec.methods) + j + 1}/{total}: {method}, seed {seed}")
                 # The table shows the headline attack only: the quick view would cost time for nothing
-                run_cfg = with_overrides(cfg, {"seed": seed, "train.method": method, "eval.quick": None,
-                                               **spec.per_method.get(method, {})})
+                run_cfg = with_overrides(
+                    cfg, {"seed": seed, "train.method": method, "eval.quick": None, **spec.per_method.get(method, {})}
+                )
                 # No seed changes the teacher's weights, only its attack's random start: it is evaluated
                 # once, in the first run, instead of spending a run's eval on it per seed
                 first = i == 0 and j == 0
@@ -52,10 +55,24 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
                     if row["dataset"] == "mean":
                         continue
                     if first:
-                        per_seed.append({"method": ORIGINAL, "seed": seed, "dataset": row["dataset"],
-                                         "clean": row["original_clean"], "robust": row["original_robust"]})
-                    per_seed.append({"method": method, "seed": seed, "dataset": row["dataset"],
-                                     "clean": row["finetuned_clean"], "robust": row["finetuned_robust"]})
+                        per_seed.append(
+                            {
+                                "method": ORIGINAL,
+                                "seed": seed,
+                                "dataset": row["dataset"],
+                                "clean": row["original_clean"],
+                                "robust": row["original_robust"],
+                            }
+                        )
+                    per_seed.append(
+                        {
+                            "method": method,
+                            "seed": seed,
+                            "dataset": row["dataset"],
+                            "clean": row["finetuned_clean"],
+                            "robust": row["finetuned_robust"],
+                        }
+                    )
         table = summary_table(per_seed, cfg.data.train.name)
         _report(uri, parent, cfg, table, per_seed, out)
     return CompareResult(parent, table, per_seed, round(time.perf_counter() - start, 1))
@@ -81,35 +98,55 @@ def summary_table(per_seed: list[dict], fine_tuned: str | None = None) -> list[d
         for method in methods:
             for kind in ("clean", "robust"):
                 over = averages.get(name, [name])
-                row[f"{method} {kind}"] = stats([statistics.fmean(value[method, s, d, kind] for d in over)
-                                                 for s in seeds[method]])
+                row[f"{method} {kind}"] = stats(
+                    [statistics.fmean(value[method, s, d, kind] for d in over) for s in seeds[method]]
+                )
         rows.append(row)
     return rows
 
 
 def markdown(table: list[dict], seeds: int, caption: str) -> str:
     """caption: what the robust columns are (attack and count) and how each method was trained."""
-    cells = [{"dataset": row["dataset"], **{column: f"{100 * m:.2f}" + ("" if s is None else f" ± {100 * s:.2f}")
-                                           for column, (m, s) in list(row.items())[1:]}} for row in table]
-    return f"Zero-shot top-1 accuracy (%), mean ± sample std over {seeds} seed(s) of each fine-tune; the original " \
-        f"teacher (no seed changes its weights) evaluated once, at the first seed's attack start\n{caption}\n\n" + \
-        report.table(cells)
+    cells = [
+        {
+            "dataset": row["dataset"],
+            **{
+                column: f"{100 * m:.2f}" + ("" if s is None else f" ± {100 * s:.2f}")
+                for column, (m, s) in list(row.items())[1:]
+            },
+        }
+        for row in table
+    ]
+    return (
+        f"Zero-shot top-1 accuracy (%), mean ± sample std over {seeds} seed(s) of each fine-tune; the original "
+        f"teacher (no seed changes its weights) evaluated once, at the first seed's attack start\n{caption}\n\n"
+        + report.table(cells)
+    )
 
 
 def _report(uri: str, parent: str, cfg: Config, table: list[dict], per_seed: list[dict], out: Path) -> None:
-    tuned = "".join(f"; {method}: " + ", ".join(f"{k} = {v}" for k, v in values.items())
-                    for method, values in cfg.compare.per_method.items())
+    tuned = "".join(
+        f"; {method}: " + ", ".join(f"{k} = {v}" for k, v in values.items())
+        for method, values in cfg.compare.per_method.items()
+    )
     attack = cfg.eval.model_copy(update={"quick": None}).caption()  # its runs leave the quick view out
     text = markdown(table, len(cfg.compare.seeds), f"{attack}\n{cfg.train.recipe_caption()}{tuned}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    metrics = {f"{column.replace(' ', '_')}/{row['dataset'].replace(' ', '_')}": mean
-               for row in table for column, (mean, _) in list(row.items())[1:]}
+    metrics = {
+        f"{column.replace(' ', '_')}/{row['dataset'].replace(' ', '_')}": mean
+        for row in table
+        for column, (mean, _) in list(row.items())[1:]
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "config.yaml").write_text(dump_yaml(cfg))
         report.write_csv(per_seed, folder / "compare_per_seed.csv")
-        report.plot_compare(table[-1], folder / "compare.png",
-                              f"Zero-shot mean over datasets not fine-tuned on, ± std over {len(cfg.compare.seeds)} seed(s)")
-        tracking.log_results(uri, parent, metrics, [out, folder / "config.yaml", folder / "compare_per_seed.csv",
-                                                   folder / "compare.png"])
+        report.plot_compare(
+            table[-1],
+            folder / "compare.png",
+            f"Zero-shot mean over datasets not fine-tuned on, ± std over {len(cfg.compare.seeds)} seed(s)",
+        )
+        tracking.log_results(
+            uri, parent, metrics, [out, folder / "config.yaml", folder / "compare_per_seed.csv", folder / "compare.png"]
+        )

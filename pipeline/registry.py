@@ -1,14 +1,15 @@
 """Models in MLflow: a CLIP logged as a pyfunc model (pipeline/zero_shot_model.py) and registered under the
 experiment's name, one version per fine-tuned encoder and one for the original teacher it started from."""
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import pandas as pd
@@ -25,8 +26,19 @@ from agft_core.cache import local_path
 
 MODEL_CODE = Path(__file__).with_name("zero_shot_model.py")
 # What the model's code imports (agft_core.evaluate imports pyautoattack), pinned to what logged it.
-REQUIREMENTS = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "huggingface_hub", "pyarrow",
-                "numpy", "pandas", "pillow", "pyautoattack")
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "safetensors",
+    "huggingface_hub",
+    "pyarrow",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pyautoattack",
+)
 ORIGINAL, FINETUNED = "original", "fine-tuned"  # the versions' "role" tag
 
 
@@ -45,8 +57,10 @@ class ServableClip:
 def signature(classnames: list[str]) -> ModelSignature:
     """Encoded images in (a binary column; base64 in a JSON request), class names as a parameter. The output
     has one column per requested class name, so it has no fixed schema."""
-    return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "image")]),
-                          params=ParamSchema([ParamSpec("classnames", DataType.string, classnames, shape=(-1,))]))
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        params=ParamSchema([ParamSpec("classnames", DataType.string, classnames, shape=(-1,))]),
+    )
 
 
 def register(uri: str, run_id: str, name: str, clip: ServableClip, tags: dict[str, str]) -> ModelVersion:
@@ -57,14 +71,19 @@ def register(uri: str, run_id: str, name: str, clip: ServableClip, tags: dict[st
     with tempfile.TemporaryDirectory() as tmp, _working_directory(tmp):
         model_dir = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
-            model_dir, python_model=str(MODEL_CODE), artifacts={"clip": local_path(clip.weights)},
+            model_dir,
+            python_model=str(MODEL_CODE),
+            artifacts={"clip": local_path(clip.weights)},
             model_config={"arch": clip.arch, "classnames": clip.classnames, "templates": clip.templates},
-            code_paths=[str(Path(agft_core.__file__).parent)], signature=signature(clip.classnames),
+            code_paths=[str(Path(agft_core.__file__).parent)],
+            signature=signature(clip.classnames),
             input_example=(pd.DataFrame({"image": [clip.example]}), {"classnames": clip.classnames}),
             # without a local build tag such as torch's +cu130, which no package index serves
-            pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in REQUIREMENTS])
-        logged = client.create_logged_model(experiment_id, name=f"{name}-{tags['role']}", source_run_id=run_id,
-                                            tags=tags)
+            pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in REQUIREMENTS],
+        )
+        logged = client.create_logged_model(
+            experiment_id, name=f"{name}-{tags['role']}", source_run_id=run_id, tags=tags
+        )
         try:
             client.log_model_artifacts(logged.model_id, str(model_dir))
         except BaseException:
@@ -72,8 +91,10 @@ def register(uri: str, run_id: str, name: str, clip: ServableClip, tags: dict[st
             raise
         client.finalize_logged_model(logged.model_id, "READY")
     try:
-        client.create_registered_model(name, description="AGFT fine-tuned CLIPs (role fine-tuned) and the "
-                                                         "teachers they started from (role original)")
+        client.create_registered_model(
+            name,
+            description="AGFT fine-tuned CLIPs (role fine-tuned) and the teachers they started from (role original)",
+        )
     except MlflowException as exc:
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise

@@ -1,4 +1,5 @@
 """The human-facing report: result rows, tables, CSV and plots (matplotlib, drawn off-screen)."""
+
 from __future__ import annotations
 
 import csv
@@ -70,8 +71,12 @@ def plot_timeline(timeline: list[dict], path: Path) -> None:
     overlapped, and on which node."""
     with _figure(path, (9, 0.35 * len(timeline) + 1.2)) as ax:
         for i, bar in enumerate(timeline):
-            ax.barh(i, max(bar["end"] - bar["start"], 0.05), left=bar["start"],
-                    color="lightgrey" if bar["cached"] else "tab:blue")
+            ax.barh(
+                i,
+                max(bar["end"] - bar["start"], 0.05),
+                left=bar["start"],
+                color="lightgrey" if bar["cached"] else "tab:blue",
+            )
             where = "" if bar["node"] == "driver" else f"  node {bar['node'][:8]}"
             ax.text(bar["end"], i, f" {bar['end'] - bar['start']:.1f} s{where}", va="center", fontsize=7)
         ax.set_yticks(range(len(timeline)), [bar["step"] for bar in timeline], fontsize=8)
@@ -87,8 +92,13 @@ def plot_calibration(calibration, path: Path) -> None:
         ax.plot(curve["gamma"], curve["nll_fit"], label="held-out fifth (fitted on)")
         ax.plot(curve["gamma"], curve["nll_rest"], "--", label="the other four fifths")
         ax.axvline(calibration.gamma, color="k", lw=0.8)
-        ax.annotate(f"γ = {calibration.gamma:.3f}", (calibration.gamma, calibration.nll), textcoords="offset points",
-                    xytext=(-60, 20), fontsize=8)
+        ax.annotate(
+            f"γ = {calibration.gamma:.3f}",
+            (calibration.gamma, calibration.nll),
+            textcoords="offset points",
+            xytext=(-60, 20),
+            fontsize=8,
+        )
         ax.set_xscale("log")
         ax.set_xlabel(f"γ (the teacher's logit scale is γ · {calibration.inv_tau:g})")
         ax.set_ylabel("teacher NLL of the true class")
@@ -106,11 +116,20 @@ def table(rows: list[dict], percent: bool = False, markdown: bool = True) -> str
     shown to 4 places, or with percent as percentages to 2; every other cell as it is (tabulate's own
     number parsing would reformat cells that are already text, such as "81.00 ± 0.13")."""
     columns = list(rows[0]) if rows else []
-    cell = lambda v: (f"{100 * v:.2f}" if percent else f"{v:.4f}") if isinstance(v, float) else \
-        "" if v is None else str(v)
-    return tabulate([[cell(r.get(c)) for c in columns] for r in rows], headers=columns, disable_numparse=True,
-                    tablefmt="github" if markdown else "simple",
-                    colalign=["left"] + ["right"] * (len(columns) - 1) if columns else None) + "\n"
+
+    def cell(v):
+        return (f"{100 * v:.2f}" if percent else f"{v:.4f}") if isinstance(v, float) else "" if v is None else str(v)
+
+    return (
+        tabulate(
+            [[cell(r.get(c)) for c in columns] for r in rows],
+            headers=columns,
+            disable_numparse=True,
+            tablefmt="github" if markdown else "simple",
+            colalign=["left"] + ["right"] * (len(columns) - 1) if columns else None,
+        )
+        + "\n"
+    )
 
 
 def plot_sweep(trials: list[dict], axes: list[str], out: Path, best_trial: str | None = None) -> None:
@@ -129,8 +148,12 @@ def plot_sweep(trials: list[dict], axes: list[str], out: Path, best_trial: str |
             if t["val_robust_acc"] > best_robust:
                 frontier.append(t)
                 best_robust = t["val_robust_acc"]
-        ax.plot([100 * t["val_clean_acc"] for t in frontier], [100 * t["val_robust_acc"] for t in frontier], "r--",
-                label="Pareto frontier")
+        ax.plot(
+            [100 * t["val_clean_acc"] for t in frontier],
+            [100 * t["val_robust_acc"] for t in frontier],
+            "r--",
+            label="Pareto frontier",
+        )
         ax.set_xlabel("validation clean accuracy (%)")
         ax.set_ylabel("validation robust accuracy (%)")
         ax.legend()
@@ -153,12 +176,21 @@ def matrix_rows(results: list[dict]) -> list[dict]:
     cells: dict[tuple, dict] = {}
     for r in results:
         cells.setdefault((r["model"], "clean", "", ""), {})[r["dataset"]] = r["clean"]
-        cells.setdefault((r["model"], _attack_name(r), f"{r['eps'] * 255:g}", _alpha(r)), {})[r["dataset"]] = \
-            r["robust"]
+        cells.setdefault((r["model"], _attack_name(r), f"{r['eps'] * 255:g}", _alpha(r)), {})[r["dataset"]] = r[
+            "robust"
+        ]
     rows = []
     for (model, attack, eps255, alpha255), values in cells.items():
-        rows.append({"model": model, "attack": attack, "eps (/255)": eps255, "alpha (/255)": alpha255,
-                     **{d: values[d] for d in datasets}, "mean": sum(values[d] for d in datasets) / len(datasets)})
+        rows.append(
+            {
+                "model": model,
+                "attack": attack,
+                "eps (/255)": eps255,
+                "alpha (/255)": alpha255,
+                **{d: values[d] for d in datasets},
+                "mean": sum(values[d] for d in datasets) / len(datasets),
+            }
+        )
     return rows
 
 
@@ -208,8 +240,9 @@ def plot_compare(mean_row: dict, path: Path, title: str) -> None:
     with _figure(path, (max(5, 1.4 * len(methods)), 4)) as ax:
         for offset, kind in ((-0.2, "clean"), (0.2, "robust")):
             means, stds = zip(*(mean_row[f"{m} {kind}"] for m in methods))
-            ax.bar(x + offset, [100 * v for v in means], 0.4, yerr=[100 * (v or 0) for v in stds], capsize=3,
-                   label=kind)
+            ax.bar(
+                x + offset, [100 * v for v in means], 0.4, yerr=[100 * (v or 0) for v in stds], capsize=3, label=kind
+            )
         ax.set_xticks(x, methods)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title, fontsize=10)

@@ -4,6 +4,7 @@ Each trial is a function that builds a TorchTrainer reporting to Tune through
 TuneReportCallback (Ray 2.60's pattern for Train inside Tune), logs into its own nested
 MLflow run, and is scheduled by ASHA on the per-epoch validation metric.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,22 +59,33 @@ def _search_algorithm(sweep: SweepConfig):
 def _scheduler(sweep: SweepConfig, max_epochs: int):
     if sweep.scheduler == "fifo":
         return None
-    return tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=max_epochs,
-                                         grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+    return tune.schedulers.ASHAScheduler(
+        time_attr="epoch", max_t=max_epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor
+    )
 
 
 def run_trial(params: dict, *, inputs: TrainInputs, parent_run_id: str, storage: str, datasets: list[dict]) -> None:
     """One trial: a full Ray Train fine-tune of the base config with `params` applied."""
     cfg = resolved(with_overrides(inputs.cfg, params), inputs.calibration)  # γ: auto at this trial's 1/τ
     trial_id = tune.get_context().get_trial_id()
-    run_id = tracking.trial_run(inputs.tracking_uri, cfg.experiment, parent_run_id, trial_id,
-                                cfg.run_params(), {f"sweep.{k}": str(v) for k, v in params.items()})
+    run_id = tracking.trial_run(
+        inputs.tracking_uri,
+        cfg.experiment,
+        parent_run_id,
+        trial_id,
+        cfg.run_params(),
+        {f"sweep.{k}": str(v) for k, v in params.items()},
+    )
     tracking.log_datasets(inputs.tracking_uri, run_id, datasets)
     # The run's end status is the driver's to set (_Progress): Tune may stop this trial by killing its
     # actor, which can surface here as an error after the trial has ended well.
     check_resources(cfg, trainer=True, tasks=False)  # a trial's own trainer: the CLI checked the base config's
-    fit(replace(inputs, cfg=cfg, run_id=run_id, log_epochs=False), storage, f"trial-{trial_id}",
-        callbacks=[TuneReportCallback()])
+    fit(
+        replace(inputs, cfg=cfg, run_id=run_id, log_epochs=False),
+        storage,
+        f"trial-{trial_id}",
+        callbacks=[TuneReportCallback()],
+    )
 
 
 class _Progress(tune.Callback):
@@ -111,8 +123,10 @@ class _Progress(tune.Callback):
         done = epochs >= trial.config.get("train.epochs", self.max_epochs)
         self._close(trial, "FINISHED" if done else "KILLED")
         best = f"best so far: {self.best[0]} {self.metric}={self.best[1]:.4f}" if self.best else ""
-        self.log(f"[sweep] trial {trial.trial_id} {'done' if done else 'stopped early by ASHA'} after {epochs} "
-                 f"epochs; {best}")
+        self.log(
+            f"[sweep] trial {trial.trial_id} {'done' if done else 'stopped early by ASHA'} after {epochs} "
+            f"epochs; {best}"
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED")
@@ -153,12 +167,18 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
         parent_run_id = read_bytes(parent_file).decode().strip()
         log(f"[sweep] resuming {sweep_dir} (finished trials are kept)")
     else:
-        parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.run_params(),
-                                           {"mlflow.runName": name, "sweep": "parent"}, cfg.artifact_location)
+        parent_run_id = tracking.start_run(
+            tracking_uri,
+            cfg.experiment,
+            cfg.run_params(),
+            {"mlflow.runName": name, "sweep": "parent"},
+            cfg.artifact_location,
+        )
         pipeline.log_calibration(parent_run_id, prepared.calibration)
         tracking.log_datasets(tracking_uri, parent_run_id, datasets)
-    trainable = tune.with_parameters(run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage,
-                                     datasets=datasets)
+    trainable = tune.with_parameters(
+        run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage, datasets=datasets
+    )
     # The trial driver only waits on its trainer, whose workers hold the CPUs/GPUs; Ray refuses an
     # empty request, so the driver asks for the memory it actually uses.
     trainable = tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY})
@@ -168,23 +188,36 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
         concurrent = spec.max_concurrent_trials
         if concurrent == "auto":
             concurrent = trainer_room(cfg)
-            log(f"[sweep] up to {concurrent} trial{'s' * (concurrent > 1)} at once: the cluster's room for trainers "
-                f"of {cfg.train.num_workers} workers")
+            log(
+                f"[sweep] up to {concurrent} trial{'s' * (concurrent > 1)} at once: the cluster's room for trainers "
+                f"of {cfg.train.num_workers} workers"
+            )
         tuner = tune.Tuner(
-            trainable, param_space=search_space(spec),
-            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                        max_concurrent_trials=concurrent,
-                                        # Never reuse a trial's actor. The trial's Train run ends after
-                                        # Tune has marked the trial done (ASHA stops it at max_t, or early),
-                                        # so reuse fails and stalls Tune (issue 16), and a reused actor
-                                        # keeps an early-stopped trainer alive. A killed actor takes its
-                                        # Train controller and workers with it.
-                                        reuse_actors=False,
-                                        search_alg=_search_algorithm(spec),
-                                        scheduler=_scheduler(spec, cfg.max_epochs())),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if cfg.verbose else 0,
-                                      callbacks=[_Progress(spec.metric, spec.mode, cfg.max_epochs(), tracking_uri,
-                                                                 cfg.experiment, parent_run_id)]))
+            trainable,
+            param_space=search_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                num_samples=spec.num_samples,
+                max_concurrent_trials=concurrent,
+                # Never reuse a trial's actor. The trial's Train run ends after
+                # Tune has marked the trial done (ASHA stops it at max_t, or early),
+                # so reuse fails and stalls Tune (issue 16), and a reused actor
+                # keeps an early-stopped trainer alive. A killed actor takes its
+                # Train controller and workers with it.
+                reuse_actors=False,
+                search_alg=_search_algorithm(spec),
+                scheduler=_scheduler(spec, cfg.max_epochs()),
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                verbose=1 if cfg.verbose else 0,
+                callbacks=[
+                    _Progress(spec.metric, spec.mode, cfg.max_epochs(), tracking_uri, cfg.experiment, parent_run_id)
+                ],
+            ),
+        )
     fs, path = filesystem(sweep_dir)
     fs.create_dir(path, recursive=True)
     write_bytes(parent_file, parent_run_id.encode())
@@ -196,8 +229,10 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     if not any(not r.error and (r.metrics or {}).get(spec.metric) is not None for r in grid):
         tracking.finish_run(tracking_uri, parent_run_id, "FAILED")
         first_error = next((r.error for r in grid if r.error), None)
-        raise SweepFailed(f"sweep: none of the {len(trials)} trials reported {spec.metric}; the first error: "
-                          f"{_last_line(first_error)}")
+        raise SweepFailed(
+            f"sweep: none of the {len(trials)} trials reported {spec.metric}; the first error: "
+            f"{_last_line(first_error)}"
+        )
     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True)
     best_params = dict(best.config)
     best_out.write_text(dump_yaml(with_overrides(cfg, best_params)))
@@ -206,21 +241,30 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
         _register_best(pipeline, prepared, parent_run_id, storage, best_trial, best_params, best.metrics)
     _report(tracking_uri, parent_run_id, cfg, trials, best_params, best_out, best_trial)
     seconds["report"] = time.perf_counter() - clock
-    return SweepResult(parent_run_id, trials, best_params, best_out, pipeline.hits,
-                       {k: round(v, 2) for k, v in seconds.items()})
+    return SweepResult(
+        parent_run_id, trials, best_params, best_out, pipeline.hits, {k: round(v, 2) for k, v in seconds.items()}
+    )
 
 
 def _trial_row(result, cfg: Config, calibration: Calibration | None, metric: str) -> dict:
     m = result.metrics or {}
     trial_cfg = resolved(with_overrides(cfg, result.config), calibration)
-    return {"trial_id": m.get("trial_id"), **result.config,
-            "calibration.gamma": trial_cfg.calibration.gamma, "calibration.inv_tau": trial_cfg.calibration.inv_tau,
-            "epochs": m.get("epoch"), "val_clean_acc": m.get("val_clean_acc"),
-            "val_robust_acc": m.get("val_robust_acc"), metric: m.get(metric), "error": bool(result.error)}
+    return {
+        "trial_id": m.get("trial_id"),
+        **result.config,
+        "calibration.gamma": trial_cfg.calibration.gamma,
+        "calibration.inv_tau": trial_cfg.calibration.inv_tau,
+        "epochs": m.get("epoch"),
+        "val_clean_acc": m.get("val_clean_acc"),
+        "val_robust_acc": m.get("val_robust_acc"),
+        metric: m.get(metric),
+        "error": bool(result.error),
+    }
 
 
-def _register_best(pipeline: Pipeline, prepared: Prepared, parent_run_id: str, storage: str, trial_id: str,
-                   params: dict, metrics: dict) -> None:
+def _register_best(
+    pipeline: Pipeline, prepared: Prepared, parent_run_id: str, storage: str, trial_id: str, params: dict, metrics: dict
+) -> None:
     """The best trial's fine-tuned CLIP (the checkpoint of the epoch its metrics are from), logged to the sweep's
     parent run and registered, tagged with its trial, its values and its validation accuracy; the parent run is
     tagged with the version. A resumed sweep whose parent has its model already registers nothing."""
@@ -229,28 +273,33 @@ def _register_best(pipeline: Pipeline, prepared: Prepared, parent_run_id: str, s
     if not metrics.get(CHECKPOINT_PATH_KEY):
         raise SweepFailed(f"sweep: the best trial {trial_id} reported no checkpoint to register")
     # Ray reports the path inside its filesystem, without the storage's scheme
-    checkpoint = f"{storage.split('://', 1)[0]}://{metrics[CHECKPOINT_PATH_KEY]}" if is_uri(storage) \
+    checkpoint = (
+        f"{storage.split('://', 1)[0]}://{metrics[CHECKPOINT_PATH_KEY]}"
+        if is_uri(storage)
         else metrics[CHECKPOINT_PATH_KEY]
-    tags = {"sweep_trial": trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()},
-            **{k: f"{metrics[k]:.4f}" for k in ("val_clean_acc", "val_robust_acc") if metrics.get(k) is not None}}
+    )
+    tags = {
+        "sweep_trial": trial_id,
+        **{f"sweep.{k}": str(v) for k, v in params.items()},
+        **{k: f"{metrics[k]:.4f}" for k in ("val_clean_acc", "val_robust_acc") if metrics.get(k) is not None},
+    }
     version = pipeline.register_model(prepared, parent_run_id, join(checkpoint, ENCODER_FILE), tags)
     name = pipeline.cfg.experiment
     tracking.tag_run(pipeline.uri, parent_run_id, {"best_model": f"models:/{name}/{version.version}"})
     pipeline.log(f"[registry] {name}: version {version.version} (the best trial, {trial_id})")
 
 
-def _report(uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best: dict, best_out: Path,
-            best_trial: str) -> None:
+def _report(
+    uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best: dict, best_out: Path, best_trial: str
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         report.write_csv(trials, out / "trials.csv")
         (out / "trials.md").write_text(report.table(trials))
-        report.plot_sweep(trials, sorted({"calibration.gamma", "calibration.inv_tau", *cfg.sweep.space}), out,
-                          best_trial)
+        report.plot_sweep(
+            trials, sorted({"calibration.gamma", "calibration.inv_tau", *cfg.sweep.space}), out, best_trial
+        )
         (out / "best_params.json").write_text(json.dumps(best, indent=2))
-        files = [out / "trials.csv", out / "trials.md", out / "best_params.json", best_out,
-                 *sorted(out.glob("*.png"))]
+        files = [out / "trials.csv", out / "trials.md", out / "best_params.json", best_out, *sorted(out.glob("*.png"))]
         tracking.log_results(uri, parent_run_id, {}, files)
     tracking.finish_run(uri, parent_run_id)
-
-

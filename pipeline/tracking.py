@@ -1,12 +1,13 @@
 """MLflow I/O: runs, their params, per-epoch history, results and artifacts. What the results look
 like (tables, CSV, plots) is pipeline/report.py."""
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import requests
@@ -37,45 +38,56 @@ def _default_artifact_location(uri: str, experiment: str) -> str | None:
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return None  # a tracking server decides
-    return (Path(uri[len(prefix):]).resolve().parent / "mlruns" / experiment).as_uri()
+    return (Path(uri[len(prefix) :]).resolve().parent / "mlruns" / experiment).as_uri()
 
 
-def start_run(uri: str, experiment: str, params: dict, tags: dict[str, str],
-              artifact_location: str | None = None) -> str:
+def start_run(
+    uri: str, experiment: str, params: dict, tags: dict[str, str], artifact_location: str | None = None
+) -> str:
     # The experiment is created here, in the driver, before any worker logs to the store.
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if artifact_location and not is_uri(artifact_location):
         artifact_location = Path(artifact_location).resolve().as_uri()
     if found and artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
-        raise ConfigError(f"artifact_location: experiment {experiment!r} already keeps its artifacts at "
-                          f"{found.artifact_location}; set a new experiment name to use {artifact_location}")
-    experiment_id = found.experiment_id if found else \
-        client.create_experiment(experiment, artifact_location or _default_artifact_location(uri, experiment))
+        raise ConfigError(
+            f"artifact_location: experiment {experiment!r} already keeps its artifacts at "
+            f"{found.artifact_location}; set a new experiment name to use {artifact_location}"
+        )
+    experiment_id = (
+        found.experiment_id
+        if found
+        else client.create_experiment(experiment, artifact_location or _default_artifact_location(uri, experiment))
+    )
     run = client.create_run(experiment_id, tags=tags)
     flat = _flatten("", params)
     items = list(flat.items())
     for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
     return run.info.run_id
 
 
 def find_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
     client = MlflowClient(uri)
-    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
-                               f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    found = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+    )
     return found[0].info.run_id if found else None
 
 
-def trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, params: dict,
-              tags: dict[str, str]) -> str:
+def trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, params: dict, tags: dict[str, str]) -> str:
     """The nested run of one sweep trial; a trial restarted by a resumed sweep keeps its run."""
     found = find_trial_run(uri, experiment, parent_run_id, trial_id)
     if found:
         MlflowClient(uri).update_run(found, status="RUNNING")
         return found
-    return start_run(uri, experiment, params, {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id,
-                                               "mlflow.runName": f"trial-{trial_id}", **tags})
+    return start_run(
+        uri,
+        experiment,
+        params,
+        {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "mlflow.runName": f"trial-{trial_id}", **tags},
+    )
 
 
 def run_tags(uri: str, run_id: str) -> dict[str, str]:
@@ -95,10 +107,14 @@ def log_history(uri: str, run_id: str, history: list[dict[str, float]]) -> None:
     client = MlflowClient(uri)
     logged = {m.step for m in client.get_metric_history(run_id, "loss")}
     missing = [m for m in history if int(m["epoch"]) not in logged]
-    metrics = [Metric(k, float(v), int(m.get(EPOCH_END, time.time()) * 1000), int(m["epoch"]))
-               for m in missing for k, v in m.items() if k not in ("epoch", EPOCH_END)]
+    metrics = [
+        Metric(k, float(v), int(m.get(EPOCH_END, time.time()) * 1000), int(m["epoch"]))
+        for m in missing
+        for k, v in m.items()
+        if k not in ("epoch", EPOCH_END)
+    ]
     for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i:i + 500])
+        client.log_batch(run_id, metrics=metrics[i : i + 500])
 
 
 def log_results(uri: str, run_id: str, metrics: dict[str, float], artifacts: list[Path]) -> None:
@@ -106,7 +122,7 @@ def log_results(uri: str, run_id: str, metrics: dict[str, float], artifacts: lis
     now = int(time.time() * 1000)
     items = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
     for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
+        client.log_batch(run_id, metrics=items[i : i + 500])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
 
@@ -114,9 +130,16 @@ def log_results(uri: str, run_id: str, metrics: dict[str, float], artifacts: lis
 def log_datasets(uri: str, run_id: str, datasets: list[dict]) -> None:
     """Each dataset a run used as one of its MLflow dataset inputs: {"name", "digest", "source_type", "source"
     (a dict), "context" (training, validation or evaluation)}, so the UI can filter runs by their data."""
-    MlflowClient(uri).log_inputs(run_id, datasets=[
-        DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], json.dumps(d["source"], sort_keys=True)),
-                     [InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in datasets])
+    MlflowClient(uri).log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(
+                Dataset(d["name"], d["digest"], d["source_type"], json.dumps(d["source"], sort_keys=True)),
+                [InputTag(MLFLOW_DATASET_CONTEXT, d["context"])],
+            )
+            for d in datasets
+        ],
+    )
 
 
 def browse_hint(uri: str, run_id: str) -> str:

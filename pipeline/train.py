@@ -1,4 +1,5 @@
 """The Ray Train step: distributed adversarial fine-tuning of the image encoder (AGFT or TeCoA)."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ import torch.distributed as dist
 from ray.exceptions import ActorDiedError
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
-from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, \
-    WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -119,10 +119,17 @@ def train_loop(inputs: TrainInputs) -> None:
     teacher_emb = torch.from_numpy(embeddings_of(teacher)).to(device)
 
     data = load_dataset(cfg.data.train.spec(cfg.data.world_seed), inputs.image_size)
-    sampler = DistributedSampler(_Indexed(data.images), num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    loader = DataLoader(_Indexed(data.images), batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.resources.loader_workers, pin_memory=device.type == "cuda")
+    sampler = DistributedSampler(
+        _Indexed(data.images), num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    loader = DataLoader(
+        _Indexed(data.images),
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.resources.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
     steps_per_epoch = len(loader)
     optimizer = make_optimizer(cfg.train, encoder.parameters())
     schedule = warmup_cosine(optimizer, cfg.train.warmup_steps(steps_per_epoch), steps_per_epoch * cfg.train.epochs)
@@ -143,9 +150,15 @@ def train_loop(inputs: TrainInputs) -> None:
         frozen = ImageEncoder.from_clip(create_clip(cfg.model.arch, inputs.teacher_weights)).to(device)
         frozen.eval().requires_grad_(False)
     weights = {"pmg_aft": cfg.train.pmg_aft, "tga_zsr": cfg.train.tga_zsr}.get(cfg.train.method)
-    method = build_method(cfg.train.method, text_emb, scale, gamma=cfg.calibration.gamma,
-                          inv_tau=cfg.calibration.inv_tau, teacher=frozen,
-                          **(weights.model_dump() if weights else {}))
+    method = build_method(
+        cfg.train.method,
+        text_emb,
+        scale,
+        gamma=cfg.calibration.gamma,
+        inv_tau=cfg.calibration.inv_tau,
+        teacher=frozen,
+        **(weights.model_dump() if weights else {}),
+    )
 
     validation = cfg.train.validation
     if validation:
@@ -167,36 +180,76 @@ def train_loop(inputs: TrainInputs) -> None:
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, robust correct, images
         for x, y, idx in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, student_emb = adversarial_step(model, raw, method, x, y, teacher_emb[idx.to(device)],
-                                                 cfg.train.attack, cfg.train.amp, optimizer, scaler)
+            loss, student_emb = adversarial_step(
+                model,
+                raw,
+                method,
+                x,
+                y,
+                teacher_emb[idx.to(device)],
+                cfg.train.attack,
+                cfg.train.amp,
+                optimizer,
+                scaler,
+            )
             schedule.step()
             correct = ((student_emb @ text_emb.T).argmax(-1) == y).sum()
             totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
         if validation:
             v = validation.attack
-            scores = zero_shot_accuracy(raw, val_text, scale, val_shard, eps=v.eps, alpha=v.alpha, steps=v.steps,
-                                        batch_size=cfg.eval.batch_size, device=device,
-                                        generator=torch.Generator(device).manual_seed(cfg.seed + rank),
-                                        loader_workers=cfg.resources.loader_workers)
-            totals = torch.cat([totals, totals.new_tensor([scores["clean"] * scores["n"],
-                                                           scores[cfg.eval.robust] * scores["n"], scores["n"]])])
+            scores = zero_shot_accuracy(
+                raw,
+                val_text,
+                scale,
+                val_shard,
+                eps=v.eps,
+                alpha=v.alpha,
+                steps=v.steps,
+                batch_size=cfg.eval.batch_size,
+                device=device,
+                generator=torch.Generator(device).manual_seed(cfg.seed + rank),
+                loader_workers=cfg.resources.loader_workers,
+            )
+            totals = torch.cat(
+                [
+                    totals,
+                    totals.new_tensor(
+                        [scores["clean"] * scores["n"], scores[cfg.eval.robust] * scores["n"], scores["n"]]
+                    ),
+                ]
+            )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
-        metrics = {"epoch": epoch + 1, "loss": totals[0].item() / totals[2].item(),
-                   "train_robust_acc": totals[1].item() / totals[2].item(), "lr": schedule.get_last_lr()[0]}
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": totals[0].item() / totals[2].item(),
+            "train_robust_acc": totals[1].item() / totals[2].item(),
+            "lr": schedule.get_last_lr()[0],
+        }
         if validation:
-            metrics |= {"val_clean_acc": totals[3].item() / totals[5].item(),
-                        "val_robust_acc": totals[4].item() / totals[5].item()}
+            metrics |= {
+                "val_clean_acc": totals[3].item() / totals[5].item(),
+                "val_robust_acc": totals[4].item() / totals[5].item(),
+            }
         history.append(metrics | {EPOCH_END: time.time()})
         if rank == 0:
             if inputs.log_epochs:
                 _log_quietly(inputs, history)
-            say(f"[train] epoch {epoch + 1}/{cfg.train.epochs}: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            say(
+                f"[train] epoch {epoch + 1}/{cfg.train.epochs}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
+            )
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict(), "epoch": epoch, "history": json.dumps(history)},
-                           Path(d) / STATE_FILE)
+                torch.save(
+                    {
+                        "encoder": encoder.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "epoch": epoch,
+                        "history": json.dumps(history),
+                    },
+                    Path(d) / STATE_FILE,
+                )
                 save_weights(encoder, Path(d) / ENCODER_FILE, cfg.model.arch)
                 (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
@@ -204,8 +257,9 @@ def train_loop(inputs: TrainInputs) -> None:
             ray.train.report(metrics)
 
 
-def _resume_point(recorded: Checkpoint | None, newest_on_disk: str | None,
-                  device: torch.device) -> tuple[Checkpoint | None, dict | None]:
+def _resume_point(
+    recorded: Checkpoint | None, newest_on_disk: str | None, device: torch.device
+) -> tuple[Checkpoint | None, dict | None]:
     """The checkpoint to resume from and its state: Ray Train's, or a newer complete one on disk."""
     candidates = [recorded] if recorded else []
     if newest_on_disk and (not recorded or basename(newest_on_disk) > basename(recorded.path)):
@@ -225,8 +279,11 @@ def _resume_point(recorded: Checkpoint | None, newest_on_disk: str | None,
 def _checkpoint_dirs(run_dir: str) -> list[str]:
     """The checkpoint directories of a Ray Train run, oldest first: Ray names them checkpoint_<time>."""
     fs, path = filesystem(run_dir)
-    found = [info.base_name for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+    found = [
+        info.base_name
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    ]
     return [join(run_dir, name) for name in sorted(found)]
 
 
@@ -320,6 +377,7 @@ def trainer_room(cfg: Config) -> int:
 
 class Demand(NamedTuple):
     """`count` requests of `shape` that must be placed together, and the settings that size them."""
+
     label: str
     shape: dict[str, float]
     count: int
@@ -329,17 +387,31 @@ class Demand(NamedTuple):
 
 def demands(cfg: Config, trainer: bool, tasks: bool) -> list[Demand]:
     """The trainer's workers, placed at once, and the largest single DAG task (the input check, caches, eval)."""
-    workers = Demand(f"train.num_workers={cfg.train.num_workers} workers", worker_resources(cfg.train),
-                     cfg.train.num_workers, "train.num_workers or train.cpus_per_worker", "train.use_gpu=false")
-    task = Demand("a DAG task (input check, caches, eval)",
-                  {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}, 1,
-                  "resources.task_cpus or resources.task_gpus", "resources.task_gpus=0")
+    workers = Demand(
+        f"train.num_workers={cfg.train.num_workers} workers",
+        worker_resources(cfg.train),
+        cfg.train.num_workers,
+        "train.num_workers or train.cpus_per_worker",
+        "train.use_gpu=false",
+    )
+    task = Demand(
+        "a DAG task (input check, caches, eval)",
+        {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus},
+        1,
+        "resources.task_cpus or resources.task_gpus",
+        "resources.task_gpus=0",
+    )
     return [workers] * trainer + [task] * tasks
 
 
-def placement_problem(cfg: Config, nodes: list[dict[str, float]],
-                      node_groups: list[tuple[dict[str, float], int]] | None, *,
-                      trainer: bool = True, tasks: bool = True) -> tuple[str | None, bool]:
+def placement_problem(
+    cfg: Config,
+    nodes: list[dict[str, float]],
+    node_groups: list[tuple[dict[str, float], int]] | None,
+    *,
+    trainer: bool = True,
+    tasks: bool = True,
+) -> tuple[str | None, bool]:
     """(message, fatal) when the cluster cannot hold the trainer's workers (`trainer`) or a DAG task (`tasks`)
     now, else (None, False).
 
@@ -355,11 +427,17 @@ def placement_problem(cfg: Config, nodes: list[dict[str, float]],
         need = f"{demand.label} of {shape} each; the cluster's nodes hold {now}"
         anywhere = nodes + [resources for resources, _ in node_groups or []]
         no_gpus = demand.shape.get("GPU") and not any(node.get("GPU") for node in anywhere)
-        fix = f"this cluster has no GPU: set {demand.gpu_setting} or add GPU nodes" if no_gpus \
+        fix = (
+            f"this cluster has no GPU: set {demand.gpu_setting} or add GPU nodes"
+            if no_gpus
             else f"lower {demand.to_lower}, or add nodes"
+        )
         if node_groups is not None:
-            room = [max_count if max_count < 0 else max_count * _fits(demand.shape, resources)
-                    for resources, max_count in node_groups if _fits(demand.shape, resources) > 0]
+            room = [
+                max_count if max_count < 0 else max_count * _fits(demand.shape, resources)
+                for resources, max_count in node_groups
+                if _fits(demand.shape, resources) > 0
+            ]
             if any(r < 0 for r in room) or now + sum(room) >= demand.count:
                 waiting.append(need)
                 continue
@@ -390,11 +468,16 @@ def process_group_backend(use_gpu: bool, cpu_fallback: bool) -> str:
     if ray.get(steps.cuda_available.options(num_cpus=0, num_gpus=1).remote()):
         return GPU_BACKEND
     if not cpu_fallback:
-        raise ConfigError("resources.cpu_fallback: train.use_gpu asks for GPUs, and the GPU node the trainer got has "
-                          "no CUDA; fix its CUDA, set train.use_gpu=false, or set resources.cpu_fallback=true to "
-                          "train on its CPUs anyway")
-    print("[train] WARNING: train.use_gpu, but CUDA is not available on the GPU nodes: training on their CPUs "
-          "with gloo (resources.cpu_fallback)", flush=True)
+        raise ConfigError(
+            "resources.cpu_fallback: train.use_gpu asks for GPUs, and the GPU node the trainer got has "
+            "no CUDA; fix its CUDA, set train.use_gpu=false, or set resources.cpu_fallback=true to "
+            "train on its CPUs anyway"
+        )
+    print(
+        "[train] WARNING: train.use_gpu, but CUDA is not available on the GPU nodes: training on their CPUs "
+        "with gloo (resources.cpu_fallback)",
+        flush=True,
+    )
     return "gloo"
 
 
@@ -411,20 +494,33 @@ def check_cuda(cfg: Config, *, trainer: bool) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
-    probes = {steps.cuda_available.options(num_cpus=0, num_gpus=PROBE_GPUS, scheduling_strategy=(
-        NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))).remote(): n for n in nodes}
+    probes = {
+        steps.cuda_available.options(
+            num_cpus=0,
+            num_gpus=PROBE_GPUS,
+            scheduling_strategy=(NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)),
+        ).remote(): n
+        for n in nodes
+    }
     ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=CUDA_PROBE_TIMEOUT_S)
     without = [probes[ref] for ref in ready if not ray.get(ref)]
     if without:
         node = without[0]
-        asked = [field for field, on in (("train.use_gpu", trainer and cfg.train.use_gpu),
-                                         (f"resources.task_gpus={cfg.resources.task_gpus:g}", cfg.resources.task_gpus))
-                 if on]
-        raise ConfigError(f"resources.cpu_fallback: {' and '.join(asked)} ask{'s' * (len(asked) == 1)} for GPUs, and node {node['NodeManagerAddress']} "
-                          f"declares {node['Resources']['GPU']:g} to Ray but has no CUDA"
-                          f"{f' (and {len(without) - 1} more nodes)' if len(without) > 1 else ''}: its GPU work would "
-                          f"run on its CPUs; fix its CUDA, set train.use_gpu=false and resources.task_gpus=0, or "
-                          f"set resources.cpu_fallback=true to compute on the CPUs anyway")
+        asked = [
+            field
+            for field, on in (
+                ("train.use_gpu", trainer and cfg.train.use_gpu),
+                (f"resources.task_gpus={cfg.resources.task_gpus:g}", cfg.resources.task_gpus),
+            )
+            if on
+        ]
+        raise ConfigError(
+            f"resources.cpu_fallback: {' and '.join(asked)} ask{'s' * (len(asked) == 1)} for GPUs, and node "
+            f"{node['NodeManagerAddress']} declares {node['Resources']['GPU']:g} to Ray but has no CUDA"
+            f"{f' (and {len(without) - 1} more nodes)' if len(without) > 1 else ''}: its GPU work would "
+            f"run on its CPUs; fix its CUDA, set train.use_gpu=false and resources.task_gpus=0, or "
+            f"set resources.cpu_fallback=true to compute on the CPUs anyway"
+        )
 
 
 def _start_failure_limit(start_timeout_s: float) -> int:
@@ -451,10 +547,18 @@ class _FailureLine(ray.train.UserCallback):
         # a rank whose process died surfaces as a failed health check wrapping ActorDiedError
         errors = {rank: getattr(e, "health_check_failure", e) for rank, e in sorted(worker_exceptions.items())}
         died = [rank for rank, e in errors.items() if isinstance(e, ActorDiedError)]
-        what = "; ".join([f"rank {rank}'s process died" for rank in died] if died else
-                         [f"rank {rank}: {type(e).__name__}: {first_line(e)[:120]}" for rank, e in errors.items()])
-        outcome = f"no retries left (train.max_failures={self.max_failures})" if self.failures > self.max_failures \
-            else f"resuming from the epoch-{self.epoch} checkpoint" if self.epoch else "restarting from epoch 1"
+        what = "; ".join(
+            [f"rank {rank}'s process died" for rank in died]
+            if died
+            else [f"rank {rank}: {type(e).__name__}: {first_line(e)[:120]}" for rank, e in errors.items()]
+        )
+        outcome = (
+            f"no retries left (train.max_failures={self.max_failures})"
+            if self.failures > self.max_failures
+            else f"resuming from the epoch-{self.epoch} checkpoint"
+            if self.epoch
+            else "restarting from epoch 1"
+        )
         say(f"[train] worker failure ({what}): {outcome}")
 
 
@@ -470,17 +574,22 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
         train_loop,
         train_loop_config=replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration), newest_on_disk=newest),
         torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu, inputs.cfg.resources.cpu_fallback)),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=worker_resources(cfg)),
-        run_config=RunConfig(storage_path=storage_path, name=name, callbacks=[*(callbacks or []), failure_line],
-                             # Ray Train's console logs (every rank's report, worker-group listings, a failed
-                             # rank's traceback: _FailureLine says it in one line) only on request; its log
-                             # files keep every level
-                             logging_config=LoggingConfig(log_level="INFO" if inputs.cfg.verbose else "CRITICAL"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             failure_config=FailureConfig(
-                                 max_failures=cfg.max_failures,
-                                 controller_failure_limit=_start_failure_limit(cfg.start_timeout_s))),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
+        ),
+        run_config=RunConfig(
+            storage_path=storage_path,
+            name=name,
+            callbacks=[*(callbacks or []), failure_line],
+            # Ray Train's console logs (every rank's report, worker-group listings, a failed
+            # rank's traceback: _FailureLine says it in one line) only on request; its log
+            # files keep every level
+            logging_config=LoggingConfig(log_level="INFO" if inputs.cfg.verbose else "CRITICAL"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(
+                max_failures=cfg.max_failures, controller_failure_limit=_start_failure_limit(cfg.start_timeout_s)
+            ),
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -492,4 +601,3 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
 def read_history(location: str) -> list[dict]:
     """The per-epoch metrics of a HISTORY_FILE."""
     return json.loads(read_bytes(location))
-

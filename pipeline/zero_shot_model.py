@@ -5,6 +5,7 @@ MLflow executes this file when it loads the model ("models from code"), with agf
 (pipeline/registry.py logs both), so it imports nothing else of the project and loads wherever torch and
 open_clip are installed.
 """
+
 from __future__ import annotations
 
 import io

@@ -25,8 +25,11 @@ def cpu_fallback(step: str, device: torch.device) -> torch.device:
     with `ray start --num-gpus` on a CPU machine, or a driver mismatch) falls back to the CPU, saying so."""
     if device.type != "cuda" or torch.cuda.is_available():
         return device
-    say(f"[{step}] WARNING: Ray granted GPU {ray.get_gpu_ids()} but CUDA is not available on node "
-        f"{ray.get_runtime_context().get_node_id()[:12]}: computing on the CPU", sys.stderr)
+    say(
+        f"[{step}] WARNING: Ray granted GPU {ray.get_gpu_ids()} but CUDA is not available on node "
+        f"{ray.get_runtime_context().get_node_id()[:12]}: computing on the CPU",
+        sys.stderr,
+    )
     return torch.device("cpu")
 
 

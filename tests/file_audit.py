@@ -3,6 +3,7 @@
 Python's audit hooks miss what native code opens (safetensors, pyarrow), so the driver's reads are
 checked here, below every library.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,10 @@ def opened_under(log: Path, roots: list[Path]) -> list[str]:
     hits = []
     for line in log.read_text().splitlines():
         match = OPENED.search(line)
-        if match and any(path == r or path.startswith(r + os.sep)
-                         for path in {match.group(1), os.path.realpath(match.group(1))} for r in roots):
+        if match and any(
+            path == r or path.startswith(r + os.sep)
+            for path in {match.group(1), os.path.realpath(match.group(1))}
+            for r in roots
+        ):
             hits.append(line)
     return hits

@@ -1,5 +1,6 @@
 """A real MLflow tracking server for tests: PostgreSQL (Debian's postgresql, a throwaway cluster) as
 the backend and auth store, artifacts proxied by the server, HTTP basic auth on."""
+
 from __future__ import annotations
 
 import glob
@@ -42,8 +43,17 @@ def postgres():
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, root, True)
         run(_postgres_bin("initdb"), "-D", str(data), "-U", "agft", "--auth=trust")
-        run(_postgres_bin("pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "start",
-            "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1")
+        run(
+            _postgres_bin("pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+        )
         stack.callback(run, _postgres_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         for database in ("mlflow", "mlflow_auth"):
             run(_postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "agft", database)
@@ -82,22 +92,45 @@ def mlflow_server():
         (root / "basic_auth.ini").write_text(
             "[mlflow]\ndefault_permission = READ\n"
             f"database_uri = {store}mlflow_auth\nadmin_username = admin\nadmin_password = {password}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env = {
+            **os.environ,
+            "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        }
         log = (root / "server.log").open("w")
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
-                                 "--backend-store-uri", f"{store}mlflow",
-                                 "--artifacts-destination", (root / "artifacts").as_uri(),
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                                 "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--app-name",
+                "basic-auth",
+                "--backend-store-uri",
+                f"{store}mlflow",
+                "--artifacts-destination",
+                (root / "artifacts").as_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--allowed-hosts",
+                f"127.0.0.1:{port},localhost:{port}",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         stack.callback(proc.wait, 60)
         stack.callback(proc.terminate)
         uri = f"http://127.0.0.1:{port}"
         deadline = time.time() + 180
         while status_without_credentials(uri) not in (200, 401):
-            assert proc.poll() is None and time.time() < deadline, \
+            assert proc.poll() is None and time.time() < deadline, (
                 f"mlflow server did not come up: {(root / 'server.log').read_text()[-3000:]}"
+            )
             time.sleep(2)
         yield Server(uri, "admin", password, root / "artifacts")

@@ -1,5 +1,6 @@
 """Real Ray clusters for tests: a head and optional worker nodes as separate `ray start` processes on
 this machine, every port their own (the session's local Ray holds Ray's defaults), token auth on."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-              "metrics-export-port", "runtime-env-agent-port")
+PORT_FLAGS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
 
 
 def free_port() -> int:
@@ -44,8 +51,13 @@ class Cluster:
 
 
 def _start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _stop(nodes: list[subprocess.Popen]) -> None:
@@ -80,36 +92,56 @@ def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
     with ExitStack() as stack:
         # registered before the nodes' stop, so it runs after it
         stack.callback(lambda: [shutil.rmtree(t, True) for t in cluster.node_temps])
-        head = _start(["--head", f"--port={gcs_port}", f"--ray-client-server-port={free_port()}",
-                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={head_cpus}",
-                       f"--temp-dir={temp}", *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], nodes_env)
+        head = _start(
+            [
+                "--head",
+                f"--port={gcs_port}",
+                f"--ray-client-server-port={free_port()}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard_port}",
+                f"--num-cpus={head_cpus}",
+                f"--temp-dir={temp}",
+                *(f"--{flag}={free_port()}" for flag in PORT_FLAGS),
+            ],
+            nodes_env,
+        )
         nodes = [head]
         stack.callback(_stop, nodes)
         # `job list` answers as soon as the dashboard does; a submission also needs the head's job
         # agent, which can come up later on a loaded machine: probe with a job that does nothing.
         deadline = time.time() + 120
-        while (probe := ray_cli("job", "submit", "--address", cluster.dashboard, "--no-wait", "--", "true",
-                                env=env)).returncode:
-            assert time.time() < deadline and head.poll() is None, \
+        while (
+            probe := ray_cli("job", "submit", "--address", cluster.dashboard, "--no-wait", "--", "true", env=env)
+        ).returncode:
+            assert time.time() < deadline and head.poll() is None, (
                 f"the Ray head did not come up: {(probe.stdout + probe.stderr)[-2000:]}"
+            )
             time.sleep(2)
         for count, resources in enumerate(workers, start=2):  # one at a time: two joining at once lost one
             cluster.node_temps.append(tempfile.mkdtemp(prefix=f"raytest{count}-", dir="/tmp"))
-            node = _start([f"--address={cluster.gcs_address}", f"--temp-dir={cluster.node_temps[-1]}",
-                           *(f"--{k}={v}" for k, v in resources.items()),
-                           *(f"--{flag}={free_port()}" for flag in PORT_FLAGS)], nodes_env)
+            node = _start(
+                [
+                    f"--address={cluster.gcs_address}",
+                    f"--temp-dir={cluster.node_temps[-1]}",
+                    *(f"--{k}={v}" for k, v in resources.items()),
+                    *(f"--{flag}={free_port()}" for flag in PORT_FLAGS),
+                ],
+                nodes_env,
+            )
             nodes.append(node)
             deadline = time.time() + 120
             while _alive_nodes(cluster) < count:
-                assert time.time() < deadline and node.poll() is None, \
+                assert time.time() < deadline and node.poll() is None, (
                     f"worker node {count - 1} did not join: {_alive_nodes(cluster)} nodes alive"
+                )
                 time.sleep(2)
         yield cluster
 
 
 def _alive_nodes(cluster: Cluster) -> int:
-    listed = ray_cli("list", "nodes", "--address", cluster.dashboard, "--filter", "state=ALIVE", "--format", "json",
-                     env=cluster.env)
+    listed = ray_cli(
+        "list", "nodes", "--address", cluster.dashboard, "--filter", "state=ALIVE", "--format", "json", env=cluster.env
+    )
     return len(json.loads(listed.stdout)) if listed.returncode == 0 else 0
 
 

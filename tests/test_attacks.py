@@ -5,12 +5,14 @@ import torch.nn.functional as F
 from agft_core.attacks import apgd_ce, autoattack, cw_margin_loss, pgd
 from agft_core.evaluate import robust_outcomes
 
+
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(16, 3, 8, 8, generator=g)
     x[:4] = 0.0  # images on the box's faces: projection must clamp to [0, 1]
     x[4:8] = 1.0
     return x
+
 
 def test_pgd_stays_in_the_eps_ball_and_the_box():
     torch.manual_seed(0)
@@ -22,13 +24,18 @@ def test_pgd_stays_in_the_eps_ball_and_the_box():
     assert x_adv.min().item() >= 0 and x_adv.max().item() <= 1
     assert not torch.equal(x_adv, x)
 
+
 def test_pgd_raises_the_loss():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
     x, y = _batch(), torch.arange(16) % 5
-    loss = lambda z: F.cross_entropy(model(z), y)
+
+    def loss(z):
+        return F.cross_entropy(model(z), y)
+
     x_adv = pgd(loss, x, 4 / 255, 1 / 255, steps=5)
     assert loss(x_adv).item() > loss(x).item()
+
 
 def test_pgd_on_a_linear_loss_reaches_the_closed_form_worst_case():
     # max_{|δ|∞ ≤ ε, x+δ ∈ [0,1]} w·(x+δ) is attained at clip(x + ε·sign(w), 0, 1).
@@ -103,16 +110,22 @@ def _accuracy(model, x, y):
 def test_accuracy_never_rises_as_the_attack_gets_stronger(trained_mlp):
     model, x, y = trained_mlp
     eps = 8 / 255
-    ce = lambda z: F.cross_entropy(model(z), y)
-    g = lambda: torch.Generator().manual_seed(1)
-    results = {"clean": _accuracy(model, x, y),
-               "pgd2": _accuracy(model, pgd(ce, x, eps, eps / 2, 2, generator=g()), y),
-               "pgd20": _accuracy(model, pgd(ce, x, eps, eps / 8, 20, generator=g()), y),
-               "cw20": _accuracy(model, pgd(lambda z: cw_margin_loss(model(z), y), x, eps, eps / 8, 20,
-                                            generator=g()), y),
-               "apgd_ce5": _accuracy(model, apgd_ce(model, x, y, eps, 5), y),
-               "apgd_ce50": _accuracy(model, apgd_ce(model, x, y, eps, 50, restarts=2), y),
-               "autoattack": _accuracy(model, autoattack(model, x, y, eps, "standard", batch_size=100), y)}
+
+    def ce(z):
+        return F.cross_entropy(model(z), y)
+
+    def g():
+        return torch.Generator().manual_seed(1)
+
+    results = {
+        "clean": _accuracy(model, x, y),
+        "pgd2": _accuracy(model, pgd(ce, x, eps, eps / 2, 2, generator=g()), y),
+        "pgd20": _accuracy(model, pgd(ce, x, eps, eps / 8, 20, generator=g()), y),
+        "cw20": _accuracy(model, pgd(lambda z: cw_margin_loss(model(z), y), x, eps, eps / 8, 20, generator=g()), y),
+        "apgd_ce5": _accuracy(model, apgd_ce(model, x, y, eps, 5), y),
+        "apgd_ce50": _accuracy(model, apgd_ce(model, x, y, eps, 50, restarts=2), y),
+        "autoattack": _accuracy(model, autoattack(model, x, y, eps, "standard", batch_size=100), y),
+    }
     assert results["clean"] >= 0.9, results
     assert results["clean"] >= results["pgd2"] >= results["pgd20"] >= results["autoattack"], results
     assert results["clean"] >= results["apgd_ce5"] >= results["apgd_ce50"] >= results["autoattack"], results

@@ -1,5 +1,6 @@
 """The catalogue of bad input: each is one line naming the field or file, exit status 2, no traceback,
 and the MLflow store and the caches byte-identical before and after. Real files in each format."""
+
 import hashlib
 import io
 import json
@@ -61,8 +62,15 @@ def world(tmp_path_factory):
     store, files = root / "store", root / "files"
     entry = CacheEntry(store / "cache", "teacher", {"weights": "w", "dataset": "d", "preprocess": "p"})
     attempt = entry.begin()
-    entry.commit(attempt, [write_parquet(embedding_table({"index": np.arange(4)}, np.ones((4, 8), np.float32)),
-                                         join(attempt, "part-00000.parquet"))])
+    entry.commit(
+        attempt,
+        [
+            write_parquet(
+                embedding_table({"index": np.arange(4)}, np.ones((4, 8), np.float32)),
+                join(attempt, "part-00000.parquet"),
+            )
+        ],
+    )
     uri = f"sqlite:///{store / 'mlflow.db'}"
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("agft"))
@@ -78,7 +86,8 @@ def world(tmp_path_factory):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(out, format="PNG")
         buffers.append(out.getvalue())
     table = pa.table({"image": buffers, "label": [0, 1, 0, 1]}).replace_schema_metadata(
-        {"classnames": json.dumps(["cat", "dog"])})
+        {"classnames": json.dumps(["cat", "dog"])}
+    )
     (files / "parquet").mkdir()
     pq.write_table(table, files / "parquet" / "train.parquet")
     data = (files / "parquet" / "train.parquet").read_bytes()
@@ -96,8 +105,11 @@ def world(tmp_path_factory):
 
 
 def _snapshot(store: Path) -> dict[str, str]:
-    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(store.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _config_file(files: Path, name: str, text: str) -> Path:
@@ -125,52 +137,107 @@ CASES = [
     ("unknown-dataset-kind", ["--set", "data.train={kind: mnistx, name: m, split: train, root: /x}"], "mnistx"),
     ("unknown-embedded-dataset", ["--set", "data.train={name: unicorns, split: train}"], "unicorns"),
     ("unknown-pretrained-tag", ["--set", "model.arch=ViT-B-32", "--set", "model.weights=laion9b"], "laion9b"),
-    ("missing-pretrained-weights", ["--set", "model.arch=ViT-B-32", "--set", "model.weights=openai"],
-     "model.weights"),
+    ("missing-pretrained-weights", ["--set", "model.arch=ViT-B-32", "--set", "model.weights=openai"], "model.weights"),
     ("gpus-fraction-above-one", ["--set", "resources.task_gpus=1.5"], "resources.task_gpus"),
     ("unsupported-cache-scheme", ["--set", "cache_dir=ftp://host/cache"], "cache_dir"),
     ("same-zero-shot-name-twice", ["--set", "data.zero_shot=[{name: colours}, {name: colours}]"], "colours"),
-    ("uniform-axis-on-integer", ["--set", "sweep.space={train.epochs: {uniform: [1, 3]}}"],
-     "sweep.space.train.epochs"),
-    ("grace-period-above-epochs", ["--set", "sweep.grace_period=5", "--set", "train.epochs=2"],
-     "sweep.grace_period"),
+    ("uniform-axis-on-integer", ["--set", "sweep.space={train.epochs: {uniform: [1, 3]}}"], "sweep.space.train.epochs"),
+    ("grace-period-above-epochs", ["--set", "sweep.grace_period=5", "--set", "train.epochs=2"], "sweep.grace_period"),
     ("unreachable-tracking-server", ["--tracking-uri", "http://127.0.0.1:{port}"], "--tracking-uri"),
     ("unreachable-ray-address", ["--address", "127.0.0.1:{port}"], "--address"),
     # found by the Ray tasks that read the data and the weights, before anything is written
-    ("missing-train-root", RANDOM + ["--set", "data.train={kind: imagefolder, name: f, split: train, "
-                                              "root: {files}/nowhere}"], "data.train"),
-    ("missing-zero-shot-root", RANDOM + ["--set", "data.zero_shot=[{kind: cifar10, name: c, split: test, "
-                                                  "root: {files}/nowhere}]"], "data.zero_shot.0"),
-    ("missing-validation-root", RANDOM + ["--set", "train.validation={dataset: {kind: imagefolder, name: v, "
-                                                   "split: val, root: {files}/good}}"], "train.validation"),
-    ("empty-image-folder", RANDOM + ["--set", "data.train={kind: imagefolder, name: e, split: train, "
-                                              "root: {files}/empty}"], "data.train: e: cannot read imagefolder train under {files}/empty"),
-    ("corrupt-image", RANDOM + ["--set", "data.train={kind: imagefolder, name: k, split: train, "
-                                         "root: {files}/corrupt}", "--set", "train.batch_size=2"],
-     "data.train: k: corrupt image {files}/corrupt/train/dog/2.png"),
+    (
+        "missing-train-root",
+        RANDOM + ["--set", "data.train={kind: imagefolder, name: f, split: train, root: {files}/nowhere}"],
+        "data.train",
+    ),
+    (
+        "missing-zero-shot-root",
+        RANDOM + ["--set", "data.zero_shot=[{kind: cifar10, name: c, split: test, root: {files}/nowhere}]"],
+        "data.zero_shot.0",
+    ),
+    (
+        "missing-validation-root",
+        RANDOM + ["--set", "train.validation={dataset: {kind: imagefolder, name: v, split: val, root: {files}/good}}"],
+        "train.validation",
+    ),
+    (
+        "empty-image-folder",
+        RANDOM + ["--set", "data.train={kind: imagefolder, name: e, split: train, root: {files}/empty}"],
+        "data.train: e: cannot read imagefolder train under {files}/empty",
+    ),
+    (
+        "corrupt-image",
+        RANDOM
+        + [
+            "--set",
+            "data.train={kind: imagefolder, name: k, split: train, root: {files}/corrupt}",
+            "--set",
+            "train.batch_size=2",
+        ],
+        "data.train: k: corrupt image {files}/corrupt/train/dog/2.png",
+    ),
     # a zero-shot or validation set is decoded only after training: checked before anything is written
-    ("corrupt-zero-shot-image", RANDOM + ["--set", "data.zero_shot=[{kind: imagefolder, name: k, split: train, "
-                                                   "root: {files}/corrupt}]"],
-     "data.zero_shot.0: k: corrupt image {files}/corrupt/train/dog/2.png"),
-    ("corrupt-validation-image", RANDOM + ["--set", "train.validation={dataset: {kind: imagefolder, name: k, "
-                                                    "split: train, root: {files}/corrupt}}"],
-     "train.validation.dataset: k: corrupt image {files}/corrupt/train/dog/2.png"),
-    ("truncated-parquet-dataset", RANDOM + ["--set", "data.train={kind: parquet, name: p, split: train, "
-                                                     "root: {files}/parquet}"], "data.train: p: cannot read parquet train under {files}/parquet"),
-    ("missing-weights-file", ["--set", "model.arch=RN50", "--set", "model.weights={files}/nowhere/rn50.pt"],
-     "model.weights: weights file {files}/nowhere/rn50.pt does not exist"),
-    ("garbage-weights", ["--set", f"model.arch={EMBEDDED_ARCH}", "--set",
-                         "model.weights={files}/garbage.safetensors"], "model.weights: {files}/garbage.safetensors is not"),
-    ("weights-of-another-architecture", ["--set", f"model.arch={EMBEDDED_ARCH}", "--set",
-                                         "model.weights={files}/wide.safetensors"], "saved from architecture agft-tiny-vit-wide"),
-    ("pickle-that-runs-code", ["--set", f"model.arch={EMBEDDED_ARCH}", "--set", "model.weights={files}/evil.pt"],
-     "model.weights: {files}/evil.pt: refused"),
-    ("more-teacher-shards-than-images", RANDOM + ["--set", "data.train={kind: imagefolder, name: g, split: train, "
-                                                           "root: {files}/good}", "--set", "train.batch_size=2",
-                                                  "--set", "teacher_cache_shards=100"], "teacher_cache_shards"),
-    ("batch-above-a-workers-share", RANDOM + ["--set", "data.train={kind: imagefolder, name: g, split: train, "
-                                                       "root: {files}/good}", "--set", "train.batch_size=64"],
-     "train.batch_size"),
+    (
+        "corrupt-zero-shot-image",
+        RANDOM + ["--set", "data.zero_shot=[{kind: imagefolder, name: k, split: train, root: {files}/corrupt}]"],
+        "data.zero_shot.0: k: corrupt image {files}/corrupt/train/dog/2.png",
+    ),
+    (
+        "corrupt-validation-image",
+        RANDOM
+        + ["--set", "train.validation={dataset: {kind: imagefolder, name: k, split: train, root: {files}/corrupt}}"],
+        "train.validation.dataset: k: corrupt image {files}/corrupt/train/dog/2.png",
+    ),
+    (
+        "truncated-parquet-dataset",
+        RANDOM + ["--set", "data.train={kind: parquet, name: p, split: train, root: {files}/parquet}"],
+        "data.train: p: cannot read parquet train under {files}/parquet",
+    ),
+    (
+        "missing-weights-file",
+        ["--set", "model.arch=RN50", "--set", "model.weights={files}/nowhere/rn50.pt"],
+        "model.weights: weights file {files}/nowhere/rn50.pt does not exist",
+    ),
+    (
+        "garbage-weights",
+        ["--set", f"model.arch={EMBEDDED_ARCH}", "--set", "model.weights={files}/garbage.safetensors"],
+        "model.weights: {files}/garbage.safetensors is not",
+    ),
+    (
+        "weights-of-another-architecture",
+        ["--set", f"model.arch={EMBEDDED_ARCH}", "--set", "model.weights={files}/wide.safetensors"],
+        "saved from architecture agft-tiny-vit-wide",
+    ),
+    (
+        "pickle-that-runs-code",
+        ["--set", f"model.arch={EMBEDDED_ARCH}", "--set", "model.weights={files}/evil.pt"],
+        "model.weights: {files}/evil.pt: refused",
+    ),
+    (
+        "more-teacher-shards-than-images",
+        RANDOM
+        + [
+            "--set",
+            "data.train={kind: imagefolder, name: g, split: train, root: {files}/good}",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "teacher_cache_shards=100",
+        ],
+        "teacher_cache_shards",
+    ),
+    (
+        "batch-above-a-workers-share",
+        RANDOM
+        + [
+            "--set",
+            "data.train={kind: imagefolder, name: g, split: train, root: {files}/good}",
+            "--set",
+            "train.batch_size=64",
+        ],
+        "train.batch_size",
+    ),
 ]
 SWEEP_ONLY = {"uniform-axis-on-integer", "grace-period-above-epochs"}
 
@@ -194,7 +261,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ray_local, world, capf
     assert code == 2, err[-3000:]
     assert len(lines) == 1 and fill(needle) in lines[0], err[-3000:]
     # nothing else of ours: what may precede it is Ray's own notice that it started with token auth
-    assert [line for line in err.splitlines() if line.strip() and "authentication_token_setup" not in line] == lines, err
+    assert [line for line in err.splitlines() if line.strip() and "authentication_token_setup" not in line] == lines, (
+        err
+    )
     assert "Traceback" not in err
     assert _snapshot(store) == before
     assert not (files / "pwned").exists()

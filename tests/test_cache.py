@@ -22,8 +22,11 @@ def _build(entry: CacheEntry, shards: list[np.ndarray]) -> None:
 
 
 def _entry(root, **inputs):
-    return CacheEntry(root, "teacher", {"weights": "w1", "dataset": "d1", "preprocess": "p1",
-                                        "prompts": ["a photo of a {}."], **inputs})
+    return CacheEntry(
+        root,
+        "teacher",
+        {"weights": "w1", "dataset": "d1", "preprocess": "p1", "prompts": ["a photo of a {}."], **inputs},
+    )
 
 
 @pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
@@ -83,8 +86,9 @@ def test_missing_shard_wrong_rows_and_bad_manifest_are_detected(tmp_path):
 def test_a_build_that_dies_before_its_manifest_is_not_trusted(tmp_path):
     entry = _entry(tmp_path)
     directory = entry.begin()
-    write_parquet(embedding_table({"index": np.arange(3)}, np.ones((3, 2), np.float32)),
-                  join(directory, "part-00000.parquet"))
+    write_parquet(
+        embedding_table({"index": np.arange(3)}, np.ones((3, 2), np.float32)), join(directory, "part-00000.parquet")
+    )
     assert entry.problem() == "missing"
 
 

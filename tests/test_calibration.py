@@ -1,5 +1,6 @@
 """calibration.gamma: auto - temperature scaling of the teacher, checked on embeddings whose best
 temperature is known: labels drawn from softmax(s · cos(x, t)) make s the likelihood's maximiser."""
+
 import math
 
 import pytest

@@ -28,12 +28,16 @@ def test_the_lr_and_the_warm_up_follow_the_global_batch_by_the_stated_rule():
     paper = load_config(REPO / "configs" / "vitb32_imagenet.yaml")
     assert (paper.train.global_batch, paper.train.effective_lr) == (256, 4e-4)
     assert paper.train.warmup_steps(1_281_167 // 256) == 1001
-    wide = {rule: load_config(REPO / "configs" / "vitb32_imagenet.yaml",
-                              ["train.num_workers=16", f"train.lr_scaling={rule}"]).train for rule in ("none", "linear", "sqrt")}
+    wide = {
+        rule: load_config(
+            REPO / "configs" / "vitb32_imagenet.yaml", ["train.num_workers=16", f"train.lr_scaling={rule}"]
+        ).train
+        for rule in ("none", "linear", "sqrt")
+    }
     assert wide["linear"].global_batch == 2048 and wide["linear"].warmup_steps(1_281_167 // 2048) == 125
     assert wide["none"].effective_lr == 4e-4
     assert wide["linear"].effective_lr == pytest.approx(3.2e-3)
-    assert wide["sqrt"].effective_lr == pytest.approx(4e-4 * 8 ** 0.5)
+    assert wide["sqrt"].effective_lr == pytest.approx(4e-4 * 8**0.5)
     optimizer = make_optimizer(wide["linear"], [torch.nn.Parameter(torch.zeros(2))])
     assert optimizer.defaults["lr"] == pytest.approx(3.2e-3)  # what trains is the scaled lr
     params = load_config(REPO / "configs" / "vitb32_imagenet.yaml", ["train.num_workers=16"]).run_params()
@@ -56,14 +60,23 @@ def test_paper_config_evaluates_with_the_papers_protocol():
     cfg = load_config(REPO / "configs" / "vitb32_imagenet.yaml")
     assert cfg.eval.attack.as_tuple() == ("pgd", pytest.approx(1 / 255), pytest.approx(1 / 255), 20, 1)
     assert cfg.eval.robust == "attacked" and cfg.eval.matrix.alpha == pytest.approx(1 / 255)
-    assert cfg.eval.caption().startswith("robust: PGD-20 (α = 1/255), ε = 1/255; an image counts as robust when "
-                                         "its attacked version is classified correctly (the paper's count)")
+    assert cfg.eval.caption().startswith(
+        "robust: PGD-20 (α = 1/255), ε = 1/255; an image counts as robust when "
+        "its attacked version is classified correctly (the paper's count)"
+    )
     assert load_config(None, ["eval.matrix.eps=[4/255]"]).eval.matrix.alpha == pytest.approx(1 / 255)  # not α = ε
 
 
-@pytest.mark.parametrize("method, optimizer, lr, weight_decay, eps255, steps", [
-    ("agft", "sgd", 4e-4, 0.0, 1, 2), ("tecoa", "sgd", 1e-5, 0.0, 1, 2), ("pmg_aft", "sgd", 5e-5, 0.0, 1, 2),
-    ("fare", "adamw", 1e-5, 1e-4, 4, 10), ("tga_zsr", "sgd", 1e-4, 0.0, 1, 2)])
+@pytest.mark.parametrize(
+    "method, optimizer, lr, weight_decay, eps255, steps",
+    [
+        ("agft", "sgd", 4e-4, 0.0, 1, 2),
+        ("tecoa", "sgd", 1e-5, 0.0, 1, 2),
+        ("pmg_aft", "sgd", 5e-5, 0.0, 1, 2),
+        ("fare", "adamw", 1e-5, 1e-4, 4, 10),
+        ("tga_zsr", "sgd", 1e-4, 0.0, 1, 2),
+    ],
+)
 def test_published_recipe_replaces_the_shared_one_per_method(method, optimizer, lr, weight_decay, eps255, steps):
     from pipeline.config import with_overrides
 
@@ -90,9 +103,9 @@ def test_the_recipes_optimizer_is_the_one_that_trains():
 
 
 def test_per_method_compare_settings_are_checked_like_the_config():
-    assert load_config(None, ["compare.methods=[fare]", "compare.per_method={fare: {train.attack.eps: 4/255}}"]
-                       ).compare.per_method == {
-        "fare": {"train.attack.eps": "4/255"}}
+    assert load_config(
+        None, ["compare.methods=[fare]", "compare.per_method={fare: {train.attack.eps: 4/255}}"]
+    ).compare.per_method == {"fare": {"train.attack.eps": "4/255"}}
     with pytest.raises(ConfigError, match=r"compare\.per_method\.tecoa: train\.lrr: Extra inputs"):
         load_config(None, ["compare.per_method={tecoa: {train.lrr: 1.0e-4}}"])
     with pytest.raises(ConfigError, match=r"compare\.per_method\.fare: fare is not in compare\.methods"):
@@ -114,17 +127,23 @@ def test_set_overrides_one_field_and_parses_fractions():
     assert cfg.eval.attack.eps == pytest.approx(4 / 255)
 
 
-@pytest.mark.parametrize("override, field", [
-    ("train.nonsense=1", "train.nonsense"),
-    ("train.attack.eps=1.5", "train.attack.eps"),
-    ("train.attack.eps=-0.1", "train.attack.eps"),
-    ("calibration.gamma=0", "calibration.gamma"),
-    ("calibration.gamma=1.2", "calibration.gamma: 1.2 is not in (0, 1]; use a number in (0, 1] or auto"),
-    ("calibration.gamma=automatic", "calibration.gamma: 'automatic' is not a number; use a number in (0, 1] or auto"),
-    ("calibration.inv_tau=0", "calibration.inv_tau"),
-    ("model.arch=ViT-Q-99", "model.arch"),
-    ("eval.quick.restarts=2", "eval.quick: restarts: only apgd-ce restarts, not pgd"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.nonsense=1", "train.nonsense"),
+        ("train.attack.eps=1.5", "train.attack.eps"),
+        ("train.attack.eps=-0.1", "train.attack.eps"),
+        ("calibration.gamma=0", "calibration.gamma"),
+        ("calibration.gamma=1.2", "calibration.gamma: 1.2 is not in (0, 1]; use a number in (0, 1] or auto"),
+        (
+            "calibration.gamma=automatic",
+            "calibration.gamma: 'automatic' is not a number; use a number in (0, 1] or auto",
+        ),
+        ("calibration.inv_tau=0", "calibration.inv_tau"),
+        ("model.arch=ViT-Q-99", "model.arch"),
+        ("eval.quick.restarts=2", "eval.quick: restarts: only apgd-ce restarts, not pgd"),
+    ],
+)
 def test_bad_values_are_rejected_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(None, [override])
@@ -165,9 +184,11 @@ def test_a_config_is_checked_without_importing_torch_ray_or_mlflow(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: 2\n  epochs: 3\n")
-    probe = ("import sys; from pipeline.cli import main; code = main(['validate', '--config', sys.argv[1]]); "
-             "heavy = sorted({'torch', 'ray', 'mlflow', 'open_clip', 'pyarrow'} & set(sys.modules)); "
-             "print(code, heavy)")
+    probe = (
+        "import sys; from pipeline.cli import main; code = main(['validate', '--config', sys.argv[1]]); "
+        "heavy = sorted({'torch', 'ray', 'mlflow', 'open_clip', 'pyarrow'} & set(sys.modules)); "
+        "print(code, heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[0] == "2 []" and "duplicate key 'epochs'" in out.stderr
 

@@ -1,4 +1,5 @@
 """Real dataset loaders on tiny files written in each dataset's own on-disk format."""
+
 import io
 import json
 import os
@@ -43,9 +44,13 @@ def _check(data, n, classnames, template, side=16):
     assert x.shape == (3, side, side) and 0 <= x.min() and x.max() <= 1 and 0 <= int(y) < len(classnames)
 
 
-@pytest.mark.parametrize("kind, folder, labels_key, names_key, meta", [
-    ("cifar10", "cifar-10-batches-py", "labels", "label_names", "batches.meta"),
-    ("cifar100", "cifar-100-python", "fine_labels", "fine_label_names", "meta")])
+@pytest.mark.parametrize(
+    "kind, folder, labels_key, names_key, meta",
+    [
+        ("cifar10", "cifar-10-batches-py", "labels", "label_names", "batches.meta"),
+        ("cifar100", "cifar-100-python", "fine_labels", "fine_label_names", "meta"),
+    ],
+)
 def test_cifar_pickles(tmp_path, no_md5, kind, folder, labels_key, names_key, meta):
     base = tmp_path / folder
     base.mkdir()
@@ -164,7 +169,9 @@ def test_food101_reads_its_split_json(tmp_path):
         for i in range(2):
             _jpeg(base / "images" / cls / f"{i}.jpg")
     (base / "meta").mkdir()
-    (base / "meta" / "test.json").write_text(json.dumps({"apple_pie": ["apple_pie/1"], "ramen": ["ramen/0", "ramen/1"]}))
+    (base / "meta" / "test.json").write_text(
+        json.dumps({"apple_pie": ["apple_pie/1"], "ramen": ["ramen/0", "ramen/1"]})
+    )
     data = load_dataset(DatasetSpec("food101", "food101", "test", str(tmp_path)), 16)
     _check(data, 3, ["apple pie", "ramen"], "A photo of {}, a type of food.")
     assert [int(data.images[i][1]) for i in range(3)] == [0, 1, 1]
@@ -192,8 +199,18 @@ def test_fgvc_aircraft_reads_its_variant_lists(tmp_path):
     assert [int(data.images[i][1]) for i in range(2)] == [1, 0]
 
 
-EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
-                   "PermanentCrop", "Residential", "River", "SeaLake"]
+EUROSAT_FOLDERS = [
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
+]
 
 
 def test_eurosat_folders_get_clips_readable_class_names(tmp_path):
@@ -216,18 +233,36 @@ def test_eurosat_with_missing_class_folders_is_refused(tmp_path):
 def test_caltech101_takes_clips_names_by_folder_and_converts_greyscale(tmp_path):
     base = tmp_path / "caltech101" / "101_ObjectCategories"
     # The real dataset's first folders in sorted order, then stand-ins for the other 96 categories
-    for folder in ("BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "Motorbikes", "accordion", "airplanes",
-                   *(f"zz_{i:02d}" for i in range(95))):
+    for folder in (
+        "BACKGROUND_Google",
+        "Faces",
+        "Faces_easy",
+        "Leopards",
+        "Motorbikes",
+        "accordion",
+        "airplanes",
+        *(f"zz_{i:02d}" for i in range(95)),
+    ):
         _jpeg(base / folder / "image_0001.jpg")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(base / "Faces_easy" / "image_0001.jpg")  # greyscale
     data = load_dataset(DatasetSpec("caltech101", "caltech101", "all", str(tmp_path)), 16)
     assert len(data.classnames) == 101 and len(data) == 101  # the background is not a class
-    name_of = {folder: data.classnames[label] for label, folder in
-               ((int(data.images[i][1]), data.images.images.categories[int(data.images[i][1])]) for i in range(7))}
+    name_of = {
+        folder: data.classnames[label]
+        for label, folder in (
+            (int(data.images[i][1]), data.images.images.categories[int(data.images[i][1])]) for i in range(7)
+        )
+    }
     # clip-benchmark's list starts with "background": matched by position, Faces would be "background"
-    assert name_of == {"Faces": "off-center face", "Faces_easy": "centered face", "Leopards": "leopard",
-                       "Motorbikes": "motorbike", "accordion": "accordion", "airplanes": "airplane",
-                       "zz_00": "anchor"}
+    assert name_of == {
+        "Faces": "off-center face",
+        "Faces_easy": "centered face",
+        "Leopards": "leopard",
+        "Motorbikes": "motorbike",
+        "accordion": "accordion",
+        "airplanes": "airplane",
+        "zz_00": "anchor",
+    }
     assert all(data.images[i][0].shape == (3, 16, 16) for i in range(3))
 
 
@@ -304,8 +339,9 @@ def test_small_images_are_attacked_at_their_own_resolution_and_upsampled_inside_
 
     base = tmp_path / "cifar-10-batches-py"
     base.mkdir()
-    (base / "test_batch").write_bytes(pickle.dumps({"data": _pixels(4, 32).transpose(0, 3, 1, 2).reshape(4, -1),
-                                                    "labels": [0, 1, 0, 1]}))
+    (base / "test_batch").write_bytes(
+        pickle.dumps({"data": _pixels(4, 32).transpose(0, 3, 1, 2).reshape(4, -1), "labels": [0, 1, 0, 1]})
+    )
     (base / "batches.meta").write_bytes(pickle.dumps({"label_names": ["cat", "dog"]}))
     data = load_dataset(DatasetSpec("cifar10", "cifar10", "test", str(tmp_path)), 224)
     x = torch.stack([data.images[i][0] for i in range(4)])
@@ -324,13 +360,22 @@ def test_small_images_are_attacked_at_their_own_resolution_and_upsampled_inside_
 # The official AGFT code's prompt per dataset (clip_dataset.py; TeCoA's and TGA-ZSR's are the same but for
 # a missing full stop): the paper's 15 zero-shot datasets.
 PAPER_PROMPTS = {
-    "caltech101": "A photo of a {}.", "caltech256": "A photo of a {}.", "cifar10": "This is a photo of a {}.",
-    "cifar100": "This is a photo of a {}.", "dtd": "A surface with a {} texture.",
-    "eurosat": "A centered satellite photo of {}.", "aircraft": "A photo of a {}, a type of aircraft.",
-    "flowers102": "A photo of a {}, a type of flower.", "food101": "A photo of {}, a type of food.",
-    "imagenet": "This is a photo of a {}.", "pets": "A photo of a {}, a type of pet.",
-    "pcam": "This is a photo of {}.", "cars": "A photo of a {}.", "stl10": "This is a photo of a {}.",
-    "sun397": "This is a photo of a {}."}
+    "caltech101": "A photo of a {}.",
+    "caltech256": "A photo of a {}.",
+    "cifar10": "This is a photo of a {}.",
+    "cifar100": "This is a photo of a {}.",
+    "dtd": "A surface with a {} texture.",
+    "eurosat": "A centered satellite photo of {}.",
+    "aircraft": "A photo of a {}, a type of aircraft.",
+    "flowers102": "A photo of a {}, a type of flower.",
+    "food101": "A photo of {}, a type of food.",
+    "imagenet": "This is a photo of a {}.",
+    "pets": "A photo of a {}, a type of pet.",
+    "pcam": "This is a photo of {}.",
+    "cars": "A photo of a {}.",
+    "stl10": "This is a photo of a {}.",
+    "sun397": "This is a photo of a {}.",
+}
 
 
 def test_the_paper_config_evaluates_its_15_datasets_with_the_official_prompts():

@@ -1,4 +1,5 @@
 """The deploy/ manifests parse, carry what a GPU cluster needs, and name real agft commands."""
+
 import copy
 import json
 import re
@@ -28,8 +29,11 @@ def _strict(schema):
     """kubectl's strict field validation: an object schema with listed properties takes no others
     (a misspelt field is an error, not silently pruned), unless it preserves unknown fields."""
     if isinstance(schema, dict):
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema = {**schema, "additionalProperties": False}
         return {k: _strict(v) for k, v in schema.items()}
     if isinstance(schema, list):
@@ -77,8 +81,13 @@ def test_core_manifests_validate_against_the_kubernetes_api():
     import kubernetes_validate
 
     docs = _docs(DEPLOY / "mlflow" / "mlflow-server.yaml") + _docs(DEPLOY / "kuberay" / "storage.yaml")
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "PersistentVolumeClaim", "PersistentVolumeClaim",
-                                               "PersistentVolumeClaim", "Service"]
+    assert sorted(d["kind"] for d in docs) == [
+        "Deployment",
+        "PersistentVolumeClaim",
+        "PersistentVolumeClaim",
+        "PersistentVolumeClaim",
+        "Service",
+    ]
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -92,8 +101,11 @@ def _check_cluster_spec(spec: dict) -> None:
     storage = {d["metadata"]["name"] for d in _docs(DEPLOY / "kuberay" / "storage.yaml")}
     assert set(claims.values()) == storage == {"agft-cache", "agft-datasets", "agft-weights"}
     config = load_config("vitb32_imagenet")
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+    ]
     assert gpu_groups, "no GPU worker group"
     for pod in [head_pod] + [g["template"]["spec"] for g in gpu_groups]:
         container = pod["containers"][0]
@@ -166,7 +178,9 @@ def test_cluster_launcher_is_valid_for_ray_and_gives_gpus_to_gpu_nodes_only():
     jsonschema.validate(doc, schema)  # the schema `ray up` itself validates against
     assert doc["head_node_type"] in doc["available_node_types"]
     assert any("RAY_AUTH_MODE=token" in c for c in doc["head_start_ray_commands"])
-    assert not any("--gpus" in o for o in doc["docker"].get("run_options", []) + doc["docker"].get("head_run_options", []))
+    assert not any(
+        "--gpus" in o for o in doc["docker"].get("run_options", []) + doc["docker"].get("head_run_options", [])
+    )
     for name, node in doc["available_node_types"].items():
         gpu_options = any("--gpus" in o for o in node.get("docker", {}).get("worker_run_options", []))
         assert gpu_options == node["node_config"]["InstanceType"].startswith(("g", "p")), name
@@ -189,8 +203,22 @@ def test_the_shipped_configs_are_package_data(tmp_path, monkeypatch):
     import sys
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
-                    "-w", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(REPO),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("agft-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"pipeline/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")} <= names

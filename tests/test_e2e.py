@@ -1,4 +1,5 @@
 """A tiny but complete `agft run`: real local Ray, real Ray Train (2 gloo workers), real MLflow store."""
+
 import base64
 import io
 import json
@@ -27,17 +28,23 @@ from torchvision import transforms as T
 
 from agft_core import world
 from agft_core.model import register_embedded_architectures
-
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.dag import Pipeline
 
 TINY = [
-    "pretrain.corpus_size=512", "pretrain.epochs=1", "pretrain.batch_size=128",
+    "pretrain.corpus_size=512",
+    "pretrain.epochs=1",
+    "pretrain.batch_size=128",
     "data.train.limit=256",
     "data.zero_shot=[{name: colours, limit: 64}, {name: shapes, limit: 64}]",
-    "train.epochs=2", "train.batch_size=32", "train.num_workers=2", "train.validation.dataset.limit=64",
-    "eval.attack.steps=2", "eval.quick.steps=2", "eval.batch_size=64",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "train.num_workers=2",
+    "train.validation.dataset.limit=64",
+    "eval.attack.steps=2",
+    "eval.quick.steps=2",
+    "eval.batch_size=64",
 ]
 
 
@@ -74,8 +81,7 @@ def first(ray_local, store):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        code = main(["run", "--set", f"cache_dir={root / 'cache'}", "--summary", str(summary)]
-                    + _sets(TINY))
+        code = main(["run", "--set", f"cache_dir={root / 'cache'}", "--summary", str(summary)] + _sets(TINY))
     finally:
         os.chdir(cwd)
     assert code == 0 and (root / "mlflow.db").is_file()
@@ -96,8 +102,14 @@ def test_run_logs_metrics_artifacts_and_epochs(first, store, tmp_path):
     # 2 workers x 32 images, at the demo's lr (lr_scaling: none)
     assert (run.data.params["train.global_batch"], run.data.params["train.effective_lr"]) == ("64", "0.0005")
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert artifacts == {"config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png",
-                         "image_encoder.safetensors", "timeline.json", "timeline.png"}
+    assert artifacts == {
+        "config.yaml",
+        "zero_shot_accuracy.csv",
+        "zero_shot_accuracy.png",
+        "image_encoder.safetensors",
+        "timeline.json",
+        "timeline.png",
+    }
     timeline = json.loads(Path(client.download_artifacts(result.run_id, "timeline.json", str(tmp_path))).read_text())
     steps = [bar["step"] for bar in timeline if bar["node"] == "driver"]
     assert steps == ["pretrain", "teacher", "text", "train", "eval"]  # in order; eval tasks carry their node
@@ -130,8 +142,11 @@ def test_second_run_skips_cached_steps(first, second, store):
 
 def _versions(store, **tags) -> list:
     """The registered versions of the model "agft" whose tags include `tags`."""
-    return [v for v in MlflowClient(store[1]).search_model_versions("name = 'agft'")
-            if all(v.tags.get(k) == value for k, value in tags.items())]
+    return [
+        v
+        for v in MlflowClient(store[1]).search_model_versions("name = 'agft'")
+        if all(v.tags.get(k) == value for k, value in tags.items())
+    ]
 
 
 def test_each_model_is_registered_once_and_a_warm_rerun_reuses_the_versions(first, second, store):
@@ -144,15 +159,18 @@ def test_each_model_is_registered_once_and_a_warm_rerun_reuses_the_versions(firs
     (finetuned,) = [v for v in _versions(store, role="fine-tuned") if v.run_id == first[0].run_id]
     rerun, lines = second
     assert not [v for v in _versions(store) if v.run_id == rerun.run_id]
-    assert (f"[registry] agft: version {finetuned.version} (fine-tuned, unchanged: registered by run "
-            f"{first[0].run_id}), version {original.version} (original, unchanged: registered by run "
-            f"{first[0].run_id})") in lines
+    assert (
+        f"[registry] agft: version {finetuned.version} (fine-tuned, unchanged: registered by run "
+        f"{first[0].run_id}), version {original.version} (original, unchanged: registered by run "
+        f"{first[0].run_id})"
+    ) in lines
     for version, model in ((finetuned, "finetuned"), (original, "original")):
         assert version.tags["weights_digest"] == client.get_run(first[0].run_id).data.tags["weights_digest"]
         for dataset in ("colours", "shapes", "mean"):
             for column in ("clean", "robust"):
-                assert float(version.tags[f"{column}/{dataset}"]) == \
-                    pytest.approx(metrics[f"{model}_{column}/{dataset}"], abs=5e-5)
+                assert float(version.tags[f"{column}/{dataset}"]) == pytest.approx(
+                    metrics[f"{model}_{column}/{dataset}"], abs=5e-5
+                )
 
 
 def _png(image) -> bytes:
@@ -172,8 +190,14 @@ def _expected_probabilities(teacher: str, encoder: str | None, images: list[byte
     clip.eval()
     size = clip.visual.preprocess_cfg["size"]
     size = size if isinstance(size, int) else size[0]
-    prepare = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                         T.Normalize(clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"])])
+    prepare = T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"]),
+        ]
+    )
     pixels = torch.stack([prepare(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
     template = world.TASKS["shapes"].template  # the training set's: what the model answers with
     tokens = open_clip.get_tokenizer("agft-tiny-vit")([template.format(c) for c in classnames])
@@ -204,8 +228,12 @@ def test_registered_models_predict_what_their_weights_compute(first, store, tmp_
         np.testing.assert_allclose(answer.to_numpy(), expected, rtol=1e-4, atol=0)
         by_default = model.predict(request)  # no class names: the training set's
         assert list(by_default.columns) == list(world.TASKS["shapes"].classnames)
-        served[version.tags["role"]] = load_file(mlflow.artifacts.download_artifacts(
-            f"models:/agft/{version.version}/artifacts/clip.safetensors", dst_path=str(tmp_path / str(version.version))))
+        served[version.tags["role"]] = load_file(
+            mlflow.artifacts.download_artifacts(
+                f"models:/agft/{version.version}/artifacts/clip.safetensors",
+                dst_path=str(tmp_path / str(version.version)),
+            )
+        )
     # A tiny fine-tune moves these probabilities by little, so the weights say which tower each version serves.
     tuned, teacher_state = load_file(encoder), load_file(str(teacher))
     assert all(torch.equal(served["fine-tuned"][k], v) for k, v in tuned.items())
@@ -228,9 +256,25 @@ def test_mlflow_models_serve_answers_a_request(first, store, monkeypatch):
     env = os.environ | {"MLFLOW_TRACKING_URI": store[1], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     log = store[0] / "serve.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/agft/{version.version}",
-                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                str(bin_dir / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                f"models:/agft/{version.version}",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.time() + 180
         while True:
@@ -242,9 +286,14 @@ def test_mlflow_models_serve_answers_a_request(first, store, monkeypatch):
             assert server.poll() is None and time.time() < deadline, log.read_text()[-2000:]
             time.sleep(1)
         classnames = ["red", "green", "blue"]
-        response = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={
-            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]},
-            "params": {"classnames": classnames}})
+        response = requests.post(
+            f"http://127.0.0.1:{port}/invocations",
+            timeout=60,
+            json={
+                "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]},
+                "params": {"classnames": classnames},
+            },
+        )
         assert response.status_code == 200, response.text
         (served,) = response.json()["predictions"]
     finally:
@@ -252,7 +301,8 @@ def test_mlflow_models_serve_answers_a_request(first, store, monkeypatch):
         server.wait(timeout=30)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store[1])
     local = mlflow.pyfunc.load_model(f"models:/agft/{version.version}").predict(
-        pd.DataFrame({"image": [image]}), params={"classnames": classnames})
+        pd.DataFrame({"image": [image]}), params={"classnames": classnames}
+    )
     assert list(served) == classnames
     np.testing.assert_allclose([served[c] for c in classnames], local.iloc[0].to_numpy(), atol=1e-6)
 
@@ -261,12 +311,18 @@ def test_run_logs_the_datasets_it_read_as_inputs(first, second, store):
     client = MlflowClient(store[1])
 
     def inputs(run_id: str) -> dict:
-        return {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
-                for d in client.get_run(run_id).inputs.dataset_inputs}
+        return {
+            (d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
+            for d in client.get_run(run_id).inputs.dataset_inputs
+        }
 
     first_inputs = inputs(first[0].run_id)
-    assert set(first_inputs) == {("shapes", "training"), ("colours", "validation"), ("colours", "evaluation"),
-                                 ("shapes", "evaluation")}
+    assert set(first_inputs) == {
+        ("shapes", "training"),
+        ("colours", "validation"),
+        ("colours", "evaluation"),
+        ("shapes", "evaluation"),
+    }
     assert first_inputs[("shapes", "training")].source_type == "code"
     assert json.loads(first_inputs[("shapes", "training")].source)["tags"]["split"] == "train"
     # a digest names the content: the training and test splits of shapes differ, and a later run on the same
@@ -283,11 +339,20 @@ def test_rerun_eval_computes_the_same_numbers_again(first, store):
 
 
 def test_changed_prompt_rebuilds_only_its_text_cache(first, store):
-    result, _ = _run(store, "data.zero_shot=[{name: colours, limit: 64, templates: ['a picture of a {} shape.']},"
-                            " {name: shapes, limit: 64}]")
+    result, _ = _run(
+        store,
+        "data.zero_shot=[{name: colours, limit: 64, templates: ['a picture of a {} shape.']},"
+        " {name: shapes, limit: 64}]",
+    )
     hits = result.cache_hits
     assert hits["text colours"] is False
-    assert hits["text shapes (train)"] and hits["text colours (val)"] and hits["teacher shapes"] and hits["pretrain"] and hits["train"]
+    assert (
+        hits["text shapes (train)"]
+        and hits["text colours (val)"]
+        and hits["teacher shapes"]
+        and hits["pretrain"]
+        and hits["train"]
+    )
 
 
 def test_truncated_teacher_shard_is_rebuilt(first, store):
@@ -304,8 +369,12 @@ def test_truncated_teacher_shard_is_rebuilt(first, store):
 def test_cache_checkpoints_and_artifacts_on_file_uris(first, store, tmp_path):
     """Shared storage is named by URI: here a second local path, through pyarrow's file:// filesystem."""
     shared = tmp_path / "shared"
-    uris = [f"cache_dir={(shared / 'cache').as_uri()}", f"storage_path={(shared / 'checkpoints').as_uri()}",
-            f"artifact_location={(shared / 'artifacts').as_uri()}", "experiment=shared-storage"]
+    uris = [
+        f"cache_dir={(shared / 'cache').as_uri()}",
+        f"storage_path={(shared / 'checkpoints').as_uri()}",
+        f"artifact_location={(shared / 'artifacts').as_uri()}",
+        "experiment=shared-storage",
+    ]
     result, _ = _run(store, *uris)
     assert not any(result.cache_hits.values()), result.cache_hits
     assert result.rows == first[0].rows  # same seeds, same numbers, wherever the caches live
@@ -321,8 +390,9 @@ def test_cache_checkpoints_and_artifacts_on_file_uris(first, store, tmp_path):
 
 def test_batch_larger_than_a_workers_share_is_one_clear_error(first, store, capsys):
     root, uri = store
-    code = main(["run", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"]
-                + _sets(TINY + ["train.batch_size=200"]))
+    code = main(
+        ["run", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"] + _sets(TINY + ["train.batch_size=200"])
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("agft: error: train.batch_size: 200 is more than the 128 images")
@@ -357,12 +427,24 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
     root, uri = store
     client = MlflowClient(uri)
     checkpoint = client.download_artifacts(first[0].run_id, "image_encoder.safetensors", str(tmp_path))
-    shutil.rmtree(root / "cache" / "eval")  # computed again, per cell: the comparison with the run below means something
+    shutil.rmtree(
+        root / "cache" / "eval"
+    )  # computed again, per cell: the comparison with the run below means something
 
     def matrix(*overrides: str) -> int:
         matrix_overrides = ["eval.matrix.eps=[2/255, 8/255]", "eval.matrix.alpha=0.5/255", "eval.matrix.steps=2"]
-        return main(["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}", "--checkpoint",
-                     f"agft={checkpoint}"] + _sets(TINY + matrix_overrides + list(overrides)))
+        return main(
+            [
+                "eval",
+                "--tracking-uri",
+                uri,
+                "--set",
+                f"cache_dir={root / 'cache'}",
+                "--checkpoint",
+                f"agft={checkpoint}",
+            ]
+            + _sets(TINY + matrix_overrides + list(overrides))
+        )
 
     assert matrix("eval.matrix.attacks=[pgd, cw, apgd-ce]") == 0
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id], "tags.kind = 'eval'")
@@ -370,7 +452,11 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
     robust = {k: v for k, v in metrics.items() if k.startswith("robust/")}
     assert len(robust) == 2 * 2 * 3 * 2 and len([k for k in metrics if k.startswith("clean/")]) == 2 * 2
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
-        "config.yaml", "eval_matrix.csv", "eval_matrix.md", "eval_matrix.png"}
+        "config.yaml",
+        "eval_matrix.csv",
+        "eval_matrix.md",
+        "eval_matrix.png",
+    }
     for model in ("original", "agft"):
         for dataset in ("colours", "shapes"):
             clean = metrics[f"clean/{model}/{dataset}"]
@@ -378,10 +464,17 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
                 weak, strong = (metrics[f"robust/{model}/{dataset}/{attack}/eps_{e}"] for e in (2, 8))
                 assert clean >= weak >= strong, (model, dataset, attack)
     # Standard AutoAttack (APGD-T included: colours has 8 classes) on fewer images: it is most of the cost
-    assert matrix("experiment=eval-autoattack", "data.zero_shot=[{name: colours, limit: 16}]",
-                  "eval.matrix.attacks=[pgd, autoattack]") == 0
-    (strongest,) = client.search_runs([client.get_experiment_by_name("eval-autoattack").experiment_id],
-                                      "tags.kind = 'eval'")
+    assert (
+        matrix(
+            "experiment=eval-autoattack",
+            "data.zero_shot=[{name: colours, limit: 16}]",
+            "eval.matrix.attacks=[pgd, autoattack]",
+        )
+        == 0
+    )
+    (strongest,) = client.search_runs(
+        [client.get_experiment_by_name("eval-autoattack").experiment_id], "tags.kind = 'eval'"
+    )
     for model in ("original", "agft"):
         aa = {e: strongest.data.metrics[f"robust/{model}/colours/autoattack/eps_{e}"] for e in (2, 8)}
         assert strongest.data.metrics[f"clean/{model}/colours"] >= aa[2] >= aa[8], model
@@ -399,15 +492,23 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
 def test_autoattack_on_a_two_class_dataset_runs_without_apgd_t_and_says_so(first, store, capsys, tmp_path):
     root, uri = store
     client = MlflowClient(uri)
-    eval_runs = lambda: client.search_runs([client.get_experiment_by_name("agft").experiment_id],  # noqa: E731
-                                           "tags.kind = 'eval'", order_by=["attributes.start_time DESC"])
+
+    def eval_runs():
+        return client.search_runs(
+            [client.get_experiment_by_name("agft").experiment_id],  # noqa: E731
+            "tags.kind = 'eval'",
+            order_by=["attributes.start_time DESC"],
+        )
+
     before = len(eval_runs())
     argv = ["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"] + _sets(
-        TINY + ["data.zero_shot=[{name: sizes, limit: 16}]", "eval.matrix.steps=2"])
+        TINY + ["data.zero_shot=[{name: sizes, limit: 16}]", "eval.matrix.steps=2"]
+    )
     assert main(argv + ["--set", "eval.matrix.attacks=[autoattack-rand]"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "agft: error: eval.matrix.attacks: autoattack-rand needs the DLR loss, hence at least 4 classes; sizes have "
-        "fewer (use autoattack, apgd-ce, pgd or cw)")
+        "fewer (use autoattack, apgd-ce, pgd or cw)"
+    )
     assert len(eval_runs()) == before  # refused before the MLflow run starts
     assert main(argv + ["--set", "eval.matrix.attacks=[apgd-ce, autoattack]"]) == 0
     run = eval_runs()[0]

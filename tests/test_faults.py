@@ -1,5 +1,6 @@
 """Faults injected for real: a SIGKILLed Ray Train worker or driver, a tracking server that dies, two runs
 building one cache at once. Real processes, signals and servers; nothing is mocked."""
+
 import json
 import os
 import re
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow_server import status_without_credentials
 from ray.util.state import list_actors
+from ray_cluster import agft_command, free_port, ray_cluster
 from safetensors.torch import load_file
 
 from agft_core.cache import CacheEntry
@@ -22,14 +25,20 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.dag import Pipeline
 from pipeline.train import ENCODER_FILE, HISTORY_FILE, fit, read_history
-from mlflow_server import status_without_credentials
-from ray_cluster import agft_command, free_port, ray_cluster
 
 TINY = [
-    "pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64",
-    "data.train.limit=256", "data.zero_shot=[{name: colours, limit: 32}]",
-    "train.epochs=3", "train.batch_size=32", "train.num_workers=2", "train.validation=null",
-    "eval.attack.steps=2", "eval.quick=null", "eval.batch_size=64",
+    "pretrain.corpus_size=256",
+    "pretrain.epochs=1",
+    "pretrain.batch_size=64",
+    "data.train.limit=256",
+    "data.zero_shot=[{name: colours, limit: 32}]",
+    "train.epochs=3",
+    "train.batch_size=32",
+    "train.num_workers=2",
+    "train.validation=null",
+    "eval.attack.steps=2",
+    "eval.quick=null",
+    "eval.batch_size=64",
 ]
 
 
@@ -95,8 +104,11 @@ def test_a_sigkilled_train_worker_is_replaced_and_the_run_equals_an_uninterrupte
     time.sleep(1)  # Ray's driver forwards the workers' lines in batches
     console = "".join(capfd.readouterr())
     failures = [line for line in console.splitlines() if "worker failure" in line]
-    assert len(failures) == 1 and re.search(r"\[train\] worker failure \(rank \d's process died\): (resuming from "
-                                            r"the epoch-1 checkpoint|restarting from epoch 1)", failures[0]), console
+    assert len(failures) == 1 and re.search(
+        r"\[train\] worker failure \(rank \d's process died\): (resuming from "
+        r"the epoch-1 checkpoint|restarting from epoch 1)",
+        failures[0],
+    ), console
     assert "Traceback" not in console and "A worker died" not in console and "gloo" not in console, console
     assert killed["pid"] not in _train_worker_pids()
     assert [m["epoch"] for m in history] == [1, 2, 3]
@@ -117,8 +129,9 @@ def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every
     cmd, uri = agft_command("run", tmp_path, TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=driver-kill"])
     with ray_cluster(head_cpus=2) as cluster:
         env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
-        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             _wait_for(lambda: _logged_epochs(uri), 400, "epoch 1 in MLflow (after its checkpoint)")
         finally:
@@ -126,8 +139,9 @@ def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every
             proc.wait()
         log = tmp_path / "resumed.log"
         with log.open("w") as out:
-            code = subprocess.run(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=600).returncode
+            code = subprocess.run(
+                cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, timeout=600
+            ).returncode
     assert code == 0, log.read_text()[-4000:]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("driver-kill").experiment_id
@@ -148,10 +162,25 @@ def _logged_epochs(uri: str) -> list[int]:
 
 def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on a SQLite store; restarting it on the same port and store is the same server."""
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1", "--backend-store-uri",
-                             f"sqlite:///{root / 'server.db'}", "--artifacts-destination", (root / "art").as_uri()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            (root / "art").as_uri(),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     _wait_for(lambda: status_without_credentials(f"http://127.0.0.1:{port}") == 200, 180, "the mlflow server")
     return proc
 
@@ -182,8 +211,11 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
             try:
                 _wait_for(lambda: MlflowClient(uri).get_metric_history(run_id, "loss"), 300, "epoch 1 on the server")
                 _kill(server)
-                storage = _wait_for(lambda: next((Path(cfg.cache_dir) / "ray_train").glob("finetune-*"), None), 60,
-                                    "the fine-tune's storage")
+                storage = _wait_for(
+                    lambda: next((Path(cfg.cache_dir) / "ray_train").glob("finetune-*"), None),
+                    60,
+                    "the fine-tune's storage",
+                )
                 _wait_for(lambda: len(_checkpoints(storage)) >= 2, 300, "the epoch-2 checkpoint")
                 outage["epochs_trained_while_down"] = len(_checkpoints(storage))
                 server = _start_mlflow(tmp_path, port)
@@ -206,7 +238,8 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
 
 
 def test_a_tracking_server_that_never_comes_back_is_one_line_and_a_rerun_completes_the_record(
-        prepared, tmp_path, monkeypatch, capfd):
+    prepared, tmp_path, monkeypatch, capfd
+):
     """The server dies during the run for good: after MLflow's retries (cut to one here, to keep the
     test short) `agft run` ends with one line and exit 1, the trained fine-tune is kept, and the same
     command against a server that answers again trains nothing and logs every epoch."""
@@ -214,16 +247,35 @@ def test_a_tracking_server_that_never_comes_back_is_one_line_and_a_rerun_complet
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    argv = ["run", "--tracking-uri", uri, "--set", f"cache_dir={cfg.cache_dir}", "--set", "experiment=gone",
-            "--set", "train.epochs=2"] + [a for o in TINY if not o.startswith("train.epochs")
-                                          for a in ("--set", o)]
+    argv = [
+        "run",
+        "--tracking-uri",
+        uri,
+        "--set",
+        f"cache_dir={cfg.cache_dir}",
+        "--set",
+        "experiment=gone",
+        "--set",
+        "train.epochs=2",
+    ] + [a for o in TINY if not o.startswith("train.epochs") for a in ("--set", o)]
     server = _start_mlflow(tmp_path, port)
     # killed once training has checkpointed an epoch: the run's record and the fine-tune are under way (killed
     # as the run appears, the driver's next call may fail before training starts, and nothing is kept to check)
-    killer = threading.Thread(target=lambda: (
-        _wait_for(lambda: _experiment_runs(uri, "gone"), 300, "the run on the server"),
-        _wait_for(lambda: [c for c in (Path(cfg.cache_dir) / "ray_train").glob("finetune-*/checkpoint_*")
-                           if c.stat().st_mtime > started], 300, "the first checkpoint"), _kill(server)))
+    killer = threading.Thread(
+        target=lambda: (
+            _wait_for(lambda: _experiment_runs(uri, "gone"), 300, "the run on the server"),
+            _wait_for(
+                lambda: [
+                    c
+                    for c in (Path(cfg.cache_dir) / "ray_train").glob("finetune-*/checkpoint_*")
+                    if c.stat().st_mtime > started
+                ],
+                300,
+                "the first checkpoint",
+            ),
+            _kill(server),
+        )
+    )
     started = time.time()
     killer.start()
     capfd.readouterr()
@@ -255,8 +307,18 @@ def test_two_runs_on_one_cache_dir_at_once_both_finish_with_one_whole_cache_each
     """Two `agft run` of one config, started together on one cluster: they build the same teacher, text
     and fine-tune caches at the same time. Both finish with the same numbers; every cache ends with one
     manifest that passes its checks, and at most the two builds' attempts."""
-    cmd, uri = agft_command("run", tmp_path, TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=together",
-                                                      "model.weights=random", "train.num_workers=1", "train.epochs=1"])
+    cmd, uri = agft_command(
+        "run",
+        tmp_path,
+        TINY
+        + [
+            f"cache_dir={tmp_path / 'cache'}",
+            "experiment=together",
+            "model.weights=random",
+            "train.num_workers=1",
+            "train.epochs=1",
+        ],
+    )
     with ray_cluster(head_cpus=2) as cluster:
         env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
         logs = [(tmp_path / f"run{i}.log").open("w") for i in range(2)]

@@ -1,5 +1,6 @@
 """`ray job submit` against real Ray clusters started here (token auth on): a single head, and a
 multi-node cluster with declared GPUs logging to a real MLflow server."""
+
 import json
 import os
 import re
@@ -11,17 +12,25 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-from PIL import Image
-
 from file_audit import opened_under, traced
+from mlflow.tracking import MlflowClient
 from mlflow_server import mlflow_server, status_without_credentials
+from PIL import Image
 from ray_cluster import ray_cli, ray_cluster
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64", "data.train.limit=128",
-        "data.zero_shot=[{name: colours, limit: 32}]", "train.epochs=1", "train.batch_size=32",
-        "train.validation=null", "eval.attack.steps=1", "eval.quick=null"]
+TINY = [
+    "pretrain.corpus_size=256",
+    "pretrain.epochs=1",
+    "pretrain.batch_size=64",
+    "data.train.limit=128",
+    "data.zero_shot=[{name: colours, limit: 32}]",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.validation=null",
+    "eval.attack.steps=1",
+    "eval.quick=null",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +60,23 @@ def _submit(address, env, tmp_path, *overrides, runtime_env: Path = REPO / "depl
     args = ["run", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", f"cache_dir={tmp_path / 'c'}"]
     for o in TINY + list(overrides):
         args += ["--set", o]
-    result = ray_cli("job", "submit", "--address", address, "--submission-id", submission, "--working-dir", str(REPO),
-                     "--runtime-env", str(runtime_env), "--no-wait", "--", "agft", *args, env=env)
+    result = ray_cli(
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        submission,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env",
+        str(runtime_env),
+        "--no-wait",
+        "--",
+        "agft",
+        *args,
+        env=env,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return submission
 
@@ -99,8 +123,9 @@ def test_job_submission_runs_agft_and_writes_mlflow(head, tmp_path):
     assert teacher["start"] < text["end"] and text["start"] < teacher["end"], timeline
     assert len([bar for bar in timeline if bar["step"].startswith("teacher shard")]) == 2
     packages = list(Path(temp).glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*[0-9a-f]"))
-    files = {f: f.stat().st_size for p in packages for f in p.rglob("*")
-             if f.is_file() and "__pycache__" not in f.parts}
+    files = {
+        f: f.stat().st_size for p in packages for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts
+    }
     size = sum(files.values())
     print(f"uploaded working_dir package {[p.name for p in packages]}: {len(files)} files, {size / 1024:.0f} KiB")
     # sources only: no venv, caches, checkpoints or MLflow stores
@@ -126,9 +151,20 @@ def test_submission_without_the_token_is_refused(head):
 
 # -- the real path on a multi-node "GPU" cluster, logging to a real tracking server --------------
 
+
 def _state(cluster, kind: str) -> list[dict]:
-    listed = ray_cli("list", kind, "--address", cluster.dashboard, "--detail", "--format", "json", "--limit", "10000",
-                     env=cluster.env)
+    listed = ray_cli(
+        "list",
+        kind,
+        "--address",
+        cluster.dashboard,
+        "--detail",
+        "--format",
+        "json",
+        "--limit",
+        "10000",
+        env=cluster.env,
+    )
     assert listed.returncode == 0, listed.stderr[-2000:]
     return json.loads(listed.stdout)
 
@@ -158,13 +194,18 @@ def test_the_driver_audit_sees_what_native_code_opens(tmp_path):
     for root in (data, tmp_path / "data-other"):
         root.mkdir()
         (root / "labels.bin").write_bytes(b"x")
-    script = (f"from agft_core.model import create_clip; from agft_core.cache import file_sha256; "
-              f"create_clip('agft-tiny-vit', {str(weights)!r}); file_sha256({str(data / 'labels.bin')!r})")
+    script = (
+        f"from agft_core.model import create_clip; from agft_core.cache import file_sha256; "
+        f"create_clip('agft-tiny-vit', {str(weights)!r}); file_sha256({str(data / 'labels.bin')!r})"
+    )
     subprocess.run(traced([sys.executable, "-c", script], log), check=True, cwd=REPO, timeout=300)
     assert opened_under(log, [weights]) and opened_under(log, [data])
     # a root is a directory, not a prefix: data-other was not read
-    subprocess.run(traced([sys.executable, "-c", f"open({str(tmp_path / 'data-other' / 'labels.bin')!r}).read()"],
-                          log), check=True, timeout=60)
+    subprocess.run(
+        traced([sys.executable, "-c", f"open({str(tmp_path / 'data-other' / 'labels.bin')!r}).read()"], log),
+        check=True,
+        timeout=60,
+    )
     assert opened_under(log, [tmp_path / "data-other"]) and not opened_under(log, [data])
 
 
@@ -185,19 +226,43 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
         assert status_without_credentials(server.uri) == 401
         runtime_env = _runtime_env(tmp_path, server.client_env | EVERY_LINE)  # driver and workers log to the server
         overrides = [
-            f"model.weights={weights}", f"cache_dir={tmp_path / 'cache'}",
+            f"model.weights={weights}",
+            f"cache_dir={tmp_path / 'cache'}",
             f"data.train={{kind: imagefolder, name: toys, split: train, root: {data}}}",
             f"data.zero_shot=[{{kind: imagefolder, name: toys, split: test, root: {data}}}]",
-            "train.use_gpu=true", "train.num_workers=2", "train.epochs=1", "train.batch_size=8",
-            "train.warmup_epochs=0", "train.validation=null", "resources.task_gpus=0.5", "resources.loader_workers=1",
+            "train.use_gpu=true",
+            "train.num_workers=2",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.warmup_epochs=0",
+            "train.validation=null",
+            "resources.task_gpus=0.5",
+            "resources.loader_workers=1",
             "resources.cpu_fallback=true",
-            "eval.attack.steps=1", "eval.quick=null"]
-        args = traced(["agft", "run", "--tracking-uri", server.uri, "--verbose"] +
-                      [a for o in overrides for a in ("--set", o)], audit)
+            "eval.attack.steps=1",
+            "eval.quick=null",
+        ]
+        args = traced(
+            ["agft", "run", "--tracking-uri", server.uri, "--verbose"] + [a for o in overrides for a in ("--set", o)],
+            audit,
+        )
         submission = f"agft-gpu-{secrets.token_hex(4)}"
-        submitted = ray_cli("job", "submit", "--address", gpu_cluster.dashboard, "--submission-id", submission,
-                            "--working-dir", str(REPO), "--runtime-env", str(runtime_env),
-                            "--no-wait", "--", *args, env=gpu_cluster.env)
+        submitted = ray_cli(
+            "job",
+            "submit",
+            "--address",
+            gpu_cluster.dashboard,
+            "--submission-id",
+            submission,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env",
+            str(runtime_env),
+            "--no-wait",
+            "--",
+            *args,
+            env=gpu_cluster.env,
+        )
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
         status = _wait(gpu_cluster.dashboard, gpu_cluster.env, submission, timeout=600)
         logs = ray_cli("job", "logs", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env).stdout
@@ -231,7 +296,9 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
     nodes = {n["node_id"]: n for n in _state(gpu_cluster, "nodes") if n["state"] == "ALIVE"}
     workers = {node_id for node_id, n in nodes.items() if not n["is_head_node"]}
     assert len(workers) == 2
-    tasks = [t for t in _state(gpu_cluster, "tasks") if t["func_or_class_name"] in ("teacher_shard", "evaluate_zero_shot")]
+    tasks = [
+        t for t in _state(gpu_cluster, "tasks") if t["func_or_class_name"] in ("teacher_shard", "evaluate_zero_shot")
+    ]
     assert {t["func_or_class_name"] for t in tasks} == {"teacher_shard", "evaluate_zero_shot"}
     for task in tasks:
         assert task["required_resources"].get("GPU") == 0.5 and task["node_id"] in workers
@@ -244,9 +311,14 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
 
 
 def _assert_every_gpu_step_fell_back(logs: str) -> None:
-    for step in ("[text cache] WARNING: Ray granted GPU", "[teacher cache] WARNING: Ray granted GPU",
-                 "[eval] WARNING: Ray granted GPU", "[train rank 0] WARNING: Ray granted GPU",
-                 "[train rank 1] WARNING: Ray granted GPU", "[train] WARNING: train.use_gpu, but CUDA is not available"):
+    for step in (
+        "[text cache] WARNING: Ray granted GPU",
+        "[teacher cache] WARNING: Ray granted GPU",
+        "[eval] WARNING: Ray granted GPU",
+        "[train rank 0] WARNING: Ray granted GPU",
+        "[train rank 1] WARNING: Ray granted GPU",
+        "[train] WARNING: train.use_gpu, but CUDA is not available",
+    ):
         assert step in logs, step
 
 
@@ -272,8 +344,19 @@ def test_each_node_unpacks_a_job_package_in_its_own_directory(gpu_cluster, tmp_p
     seen (a new file in it) makes every agent unpack it: the driver's directory must survive that."""
     (tmp_path / "probe.py").write_text(WHERE_EACH_NODE_RUNS)
     (tmp_path / "nonce").write_text(secrets.token_hex(8))
-    done = ray_cli("job", "submit", "--address", gpu_cluster.dashboard, "--working-dir", str(tmp_path), "--",
-                   "python", "probe.py", env=gpu_cluster.env, timeout=300)
+    done = ray_cli(
+        "job",
+        "submit",
+        "--address",
+        gpu_cluster.dashboard,
+        "--working-dir",
+        str(tmp_path),
+        "--",
+        "python",
+        "probe.py",
+        env=gpu_cluster.env,
+        timeout=300,
+    )
     assert done.returncode == 0 and "distinct: True driver cwd:" in done.stdout, (done.stdout + done.stderr)[-3000:]
     assert len(set(gpu_cluster.node_temps)) == 3
 
@@ -281,14 +364,16 @@ def test_each_node_unpacks_a_job_package_in_its_own_directory(gpu_cluster, tmp_p
 def test_gpus_asked_for_on_nodes_without_cuda_are_refused_before_any_work(gpu_cluster, tmp_path):
     """`train.use_gpu` and GPU tasks on nodes whose GPUs have no CUDA, without resources.cpu_fallback: one
     line naming the setting, exit 2, and no cache or tracking store written (not hours on the CPUs)."""
-    submission = _submit(gpu_cluster.dashboard, gpu_cluster.env, tmp_path, "train.use_gpu=true",
-                         "resources.task_gpus=0.5")
+    submission = _submit(
+        gpu_cluster.dashboard, gpu_cluster.env, tmp_path, "train.use_gpu=true", "resources.task_gpus=0.5"
+    )
     assert _wait(gpu_cluster.dashboard, gpu_cluster.env, submission) == "FAILED"
     status = ray_cli("job", "status", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env)
     logs = ray_cli("job", "logs", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env).stdout
     errors = [line for line in logs.splitlines() if line.startswith("agft: error")]
     assert len(errors) == 1 and errors[0].startswith(
-        "agft: error: resources.cpu_fallback: train.use_gpu and resources.task_gpus=0.5 ask for GPUs, and node "), logs
+        "agft: error: resources.cpu_fallback: train.use_gpu and resources.task_gpus=0.5 ask for GPUs, and node "
+    ), logs
     assert "Traceback" not in logs and "exit code 2" in status.stdout + status.stderr
     assert not (tmp_path / "c").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -297,9 +382,16 @@ def test_embedded_default_with_gpus_declared_falls_back_to_the_cpu_in_every_step
     """The demo as a user with a GPU cluster would first try it: `train.use_gpu` and GPU tasks, on nodes
     whose GPUs have no CUDA, with resources.cpu_fallback. The job finishes, every GPU step saying that it
     computed on the CPU."""
-    submission = _submit(gpu_cluster.dashboard, gpu_cluster.env, tmp_path, "train.use_gpu=true", "train.num_workers=2",
-                         "resources.task_gpus=0.5", "resources.cpu_fallback=true",
-                         runtime_env=_runtime_env(tmp_path, EVERY_LINE))
+    submission = _submit(
+        gpu_cluster.dashboard,
+        gpu_cluster.env,
+        tmp_path,
+        "train.use_gpu=true",
+        "train.num_workers=2",
+        "resources.task_gpus=0.5",
+        "resources.cpu_fallback=true",
+        runtime_env=_runtime_env(tmp_path, EVERY_LINE),
+    )
     status = _wait(gpu_cluster.dashboard, gpu_cluster.env, submission)
     logs = ray_cli("job", "logs", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env).stdout
     assert status == "SUCCEEDED", logs[-4000:]
@@ -307,4 +399,3 @@ def test_embedded_default_with_gpus_declared_falls_back_to_the_cpu_in_every_step
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id])
     assert run.info.status == "FINISHED" and "finetuned_robust/colours" in run.data.metrics
-

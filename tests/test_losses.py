@@ -57,7 +57,10 @@ def test_gamma_one_inv_tau_100_is_plain_self_distillation(emb):
 def test_gamma_below_one_softens_the_teacher(emb):
     _, teacher, text = emb
     sharp, soft = calibrated_targets(teacher, text, 1.0, 180.0), calibrated_targets(teacher, text, 0.4, 180.0)
-    entropy = lambda p: -(p * p.log()).sum(-1)
+
+    def entropy(p):
+        return -(p * p.log()).sum(-1)
+
     assert torch.all(entropy(soft) > entropy(sharp))
     assert torch.equal(soft.argmax(-1), sharp.argmax(-1))
 
@@ -74,7 +77,8 @@ def test_soft_cross_entropy_with_one_hot_targets_is_cross_entropy():
     logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([0, 1, 2, 2, 1, 0])
     assert soft_cross_entropy(logits, F.one_hot(labels, 3).float()).item() == pytest.approx(
-        F.cross_entropy(logits, labels).item(), rel=1e-6)
+        F.cross_entropy(logits, labels).item(), rel=1e-6
+    )
 
 
 def test_zero_shot_heads_stay_fp32_under_autocast():

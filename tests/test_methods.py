@@ -1,4 +1,5 @@
 """The baselines' losses against values computed by hand, and every method's training step."""
+
 import math
 
 import pytest
@@ -39,9 +40,15 @@ def test_kl_divergence_by_hand():
 def test_pmg_aft_loss_by_hand():
     alpha, beta = 0.7, 1.3
     ce = -sum(_log_softmax(ADV[i])[LABELS[i]] for i in range(2)) / 2
-    expected = ce + alpha * sum(_kl(ORIG[i], ADV[i]) for i in range(2)) / 2 \
+    expected = (
+        ce
+        + alpha * sum(_kl(ORIG[i], ADV[i]) for i in range(2)) / 2
         + beta * sum(_kl(CLEAN[i], ADV[i]) for i in range(2)) / 2
-    t = lambda v: torch.tensor(v, dtype=torch.float64)
+    )
+
+    def t(v):
+        return torch.tensor(v, dtype=torch.float64)
+
     got = pmg_aft_loss(t(ADV), t(ORIG), t(CLEAN), torch.tensor(LABELS), alpha, beta)
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
@@ -84,7 +91,9 @@ def tiny():
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_attacks_inside_the_ball_and_its_step_lowers_its_loss(tiny, name):
     clip, text, scale = tiny
-    student = ImageEncoder.from_clip(create_clip("agft-tiny-vit", None, init_seed=1))  # another init: FARE's loss is not 0
+    student = ImageEncoder.from_clip(
+        create_clip("agft-tiny-vit", None, init_seed=1)
+    )  # another init: FARE's loss is not 0
     frozen = ImageEncoder.from_clip(clip).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(8, 3, 32, 32, generator=g), torch.arange(8) % 4
@@ -96,8 +105,10 @@ def test_every_method_attacks_inside_the_ball_and_its_step_lowers_its_loss(tiny,
     no_attack = AttackConfig(eps=0.0, alpha=0.0, steps=0)
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = [adversarial_step(student, student, method, x, y, cached, no_attack, "off", optimizer,
-                               scaler)[0].item() for _ in range(3)]
+    losses = [
+        adversarial_step(student, student, method, x, y, cached, no_attack, "off", optimizer, scaler)[0].item()
+        for _ in range(3)
+    ]
     assert all(math.isfinite(v) for v in losses)
     assert losses[2] < losses[1] < losses[0], losses
     state = method.prepare(x, y, cached)

@@ -1,5 +1,6 @@
 """The fine-tune's learning-rate schedule against its formula, computed by hand: (s + 1) / w over the
 warm-up, then 0.5 (1 + cos(π (s − w) / (T − w)))."""
+
 import math
 
 import pytest

@@ -10,8 +10,19 @@ from agft_core.pretrain import cpu_autocast, pretrain_clip
 def test_pretraining_is_reproducible_from_its_seed_and_learns():
     corpus = world.generate("corpus", "pretrain", 96, seed=0)
     losses = {0: [], 1: []}
-    run = lambda seed: pretrain_clip(EMBEDDED_ARCH, corpus.images, corpus.captions, epochs=3, batch_size=32,
-                                     lr=2e-3, seed=seed, on_epoch=lambda e, loss: losses[seed].append(loss))
+
+    def run(seed):
+        return pretrain_clip(
+            EMBEDDED_ARCH,
+            corpus.images,
+            corpus.captions,
+            epochs=3,
+            batch_size=32,
+            lr=2e-3,
+            seed=seed,
+            on_epoch=lambda e, loss: losses[seed].append(loss),
+        )
+
     a, b = run(0), run(0)
     assert state_digest(a) == state_digest(b)
     assert state_digest(run(1)) != state_digest(a)
@@ -31,8 +42,12 @@ def test_bf16_autocast_multiplies_in_bf16_and_keeps_attention_off_the_flash_kern
 
 def test_pretraining_precision_changes_the_teacher_and_emulated_bf16_is_a_warning(monkeypatch, recwarn):
     corpus = world.generate("corpus", "pretrain", 64, seed=0)
-    run = lambda amp: pretrain_clip(EMBEDDED_ARCH, corpus.images, corpus.captions, epochs=1, batch_size=32, lr=2e-3,
-                                    seed=0, amp=amp)
+
+    def run(amp):
+        return pretrain_clip(
+            EMBEDDED_ARCH, corpus.images, corpus.captions, epochs=1, batch_size=32, lr=2e-3, seed=0, amp=amp
+        )
+
     fp32 = state_digest(run("off"))
     monkeypatch.setattr(pretrain, "native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="pretrain.amp=off is faster here"):

@@ -1,5 +1,6 @@
 """The real model path: open_clip architectures at 224 px, random init, a local weights file and
 a pretrained tag resolved from a (generated) local Hugging Face cache, through train and eval."""
+
 import io
 
 import mlflow
@@ -12,8 +13,16 @@ from agft_core.datasets import pixel_transform
 from agft_core.errors import InputError
 from agft_core.evaluate import zero_shot_accuracy
 from agft_core.methods import adversarial_step, build_method
-from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, load_weights, logit_scale, \
-    preprocess_cfg, save_weights, state_digest
+from agft_core.model import (
+    ImageEncoder,
+    class_text_embeddings,
+    create_clip,
+    load_weights,
+    logit_scale,
+    preprocess_cfg,
+    save_weights,
+    state_digest,
+)
 from pipeline.config import AttackConfig, ConfigError, load_config, preflight
 
 
@@ -33,16 +42,27 @@ def test_random_init_model_from_a_weights_file_trains_and_evaluates(tmp_path, ar
     x, y = torch.rand(2, 3, size, size), torch.tensor([0, 2])
     with torch.no_grad():
         cached = frozen(x)
-    chosen = build_method(method, text, logit_scale(clip), gamma=0.4, inv_tau=180.0, teacher=frozen,
-                          alpha=0.08, beta=0.05)
+    chosen = build_method(
+        method, text, logit_scale(clip), gamma=0.4, inv_tau=180.0, teacher=frozen, alpha=0.08, beta=0.05
+    )
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    loss, _ = adversarial_step(student, student, chosen, x, y, cached, AttackConfig(eps=1 / 255, alpha=1 / 255, steps=1),
-                               "bf16", torch.optim.SGD(student.parameters(), lr=1e-4),
-                               torch.amp.GradScaler("cpu", enabled=False))
+    loss, _ = adversarial_step(
+        student,
+        student,
+        chosen,
+        x,
+        y,
+        cached,
+        AttackConfig(eps=1 / 255, alpha=1 / 255, steps=1),
+        "bf16",
+        torch.optim.SGD(student.parameters(), lr=1e-4),
+        torch.amp.GradScaler("cpu", enabled=False),
+    )
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
-    scores = zero_shot_accuracy(student, text, logit_scale(clip), TensorDataset(x, y), eps=1 / 255, alpha=1 / 255,
-                                steps=1, batch_size=2)
+    scores = zero_shot_accuracy(
+        student, text, logit_scale(clip), TensorDataset(x, y), eps=1 / 255, alpha=1 / 255, steps=1, batch_size=2
+    )
     assert scores["n"] == 2 and set(scores) == {"clean", "attacked", "clean_and_attacked", "n"}
 
 
@@ -52,7 +72,9 @@ def _fake_hf_cache(root, repo: str, state: dict) -> None:
     revision = "0" * 40
     (folder / "refs" / "main").write_text(revision)
     (folder / "snapshots" / revision).mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, folder / "snapshots" / revision / "open_clip_model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, folder / "snapshots" / revision / "open_clip_model.safetensors"
+    )
 
 
 def test_pretrained_tag_resolves_from_the_local_cache_and_a_missing_one_is_a_clear_error(tmp_path, monkeypatch):
@@ -61,8 +83,11 @@ def test_pretrained_tag_resolves_from_the_local_cache_and_a_missing_one_is_a_cle
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HOME", str(tmp_path))  # and no ~/.cache/clip
     cfg = load_config(None, ["model.arch=RN50", "model.weights=openai"])
-    with pytest.raises(ConfigError, match=r"model.weights: pretrained weights 'openai' for RN50 are not in the "
-                                          r"local Hugging Face cache"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.weights: pretrained weights 'openai' for RN50 are not in the "
+        r"local Hugging Face cache",
+    ):
         preflight(cfg)
     torch.manual_seed(1)
     reference = create_clip("RN50", None)
@@ -111,7 +136,9 @@ def test_an_openai_model_saved_to_a_file_is_rebuilt_quickgelu_by_every_path_that
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     torch.manual_seed(2)
-    _fake_hf_cache(tmp_path / "hub", "timm/vit_base_patch32_clip_224.openai", create_clip("ViT-B-32", None).state_dict())
+    _fake_hf_cache(
+        tmp_path / "hub", "timm/vit_base_patch32_clip_224.openai", create_clip("ViT-B-32", None).state_dict()
+    )
     openai = create_clip("ViT-B-32", "openai")
     image = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
     png = io.BytesIO()
@@ -139,13 +166,19 @@ def test_an_openai_model_saved_to_a_file_is_rebuilt_quickgelu_by_every_path_that
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("agft", (tmp_path / "mlruns").as_uri())).info.run_id
-    version = registry.register(uri, run_id, "agft", registry.ServableClip(
-        str(path), "ViT-B-32", classnames, templates, png.getvalue()), {"role": registry.ORIGINAL})
+    version = registry.register(
+        uri,
+        run_id,
+        "agft",
+        registry.ServableClip(str(path), "ViT-B-32", classnames, templates, png.getvalue()),
+        {"role": registry.ORIGINAL},
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     served = mlflow.pyfunc.load_model(f"models:/agft/{version.version}")
     probabilities = served.predict(pd.DataFrame({"image": [png.getvalue()]}), params={"classnames": classnames})
-    torch.testing.assert_close(torch.tensor(probabilities.to_numpy(), dtype=torch.float32),
-                               expected.softmax(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(probabilities.to_numpy(), dtype=torch.float32), expected.softmax(-1), rtol=1e-5, atol=1e-5
+    )
 
     # 3. a fine-tuned image encoder, evaluated later on the teacher it was trained from
     tuned = ImageEncoder.from_clip(create_clip("ViT-B-32", "openai"))
@@ -163,7 +196,8 @@ def test_an_openai_model_saved_to_a_file_is_rebuilt_quickgelu_by_every_path_that
 def _same_weights(a, b) -> bool:
     """Equal tensors, whatever the activation (state_digest tells QuickGELU networks apart)."""
     return a.state_dict().keys() == b.state_dict().keys() and all(
-        torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
+        torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items()
+    )
 
 
 def _gelu_twin(clip):

@@ -1,4 +1,5 @@
 """The original teacher is registered once per weights digest, also when two runs register it at once."""
+
 import io
 
 from mlflow.tracking import MlflowClient
@@ -31,5 +32,7 @@ def test_two_runs_that_registered_the_original_at_once_leave_one_version(tmp_pat
     assert sorted(int(v.version) for v in remaining) == sorted(int(v.version) for v in (other_teacher, first))
     assert registry.registered_version(uri, "agft", "a" * 16).version == first.version
     # the deleted version's logged model went with it
-    assert {m.artifact_location for m in client.search_logged_models([experiment_id])} == {other_teacher.source,
-                                                                                             first.source}
+    assert {m.artifact_location for m in client.search_logged_models([experiment_id])} == {
+        other_teacher.source,
+        first.source,
+    }

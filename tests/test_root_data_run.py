@@ -1,5 +1,6 @@
 """One `agft run` on datasets read from roots (generated ImageFolders), as a user's first real-data run:
 how often their files are stat'ed, and which images a `limit` takes."""
+
 import json
 import os
 import subprocess
@@ -7,10 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from file_audit import STAT_CALLS, stats_under, traced
 from mlflow.tracking import MlflowClient
 from PIL import Image
-
-from file_audit import STAT_CALLS, stats_under, traced
 
 CLASSES = 10
 
@@ -31,14 +31,29 @@ def test_one_run_stats_each_image_once_and_records_the_subset_its_limit_took(tmp
     _imagefolder(data)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [
-        "model.weights=random", f"cache_dir={tmp_path / 'cache'}", "pretrain.epochs=1",
+        "model.weights=random",
+        f"cache_dir={tmp_path / 'cache'}",
+        "pretrain.epochs=1",
         f"data.train={{kind: imagefolder, name: toys, split: train, root: {data}}}",
         f"data.zero_shot=[{{kind: imagefolder, name: toys-test, split: test, root: {data}, limit: 20}}]",
         f"train.validation={{dataset: {{kind: imagefolder, name: toys-val, split: val, root: {data}}}}}",
-        "train.epochs=1", "train.batch_size=8", "train.num_workers=2", "train.warmup_epochs=0",
-        "eval.attack.steps=1", "eval.quick=null", "eval.batch_size=16", "register_models=false"]
-    command = [str(Path(sys.executable).parent / "agft"), "run", "--tracking-uri", uri, "--summary",
-               str(tmp_path / "summary.json")] + [a for o in overrides for a in ("--set", o)]
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.num_workers=2",
+        "train.warmup_epochs=0",
+        "eval.attack.steps=1",
+        "eval.quick=null",
+        "eval.batch_size=16",
+        "register_models=false",
+    ]
+    command = [
+        str(Path(sys.executable).parent / "agft"),
+        "run",
+        "--tracking-uri",
+        uri,
+        "--summary",
+        str(tmp_path / "summary.json"),
+    ] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     done = subprocess.run(traced(command, log, STAT_CALLS), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -54,4 +69,9 @@ def test_one_run_stats_each_image_once_and_records_the_subset_its_limit_took(tmp
     run = client.get_run(json.loads((tmp_path / "summary.json").read_text())["run_id"])
     (test_input,) = [d for d in run.inputs.dataset_inputs if d.dataset.name == "toys-test"]
     assert json.loads(test_input.dataset.source) | {"uri": None} == {
-        "uri": None, "split": "test", "limit": 20, "subset_seed": 0, "stratified": True}
+        "uri": None,
+        "split": "test",
+        "limit": 20,
+        "subset_seed": 0,
+        "stratified": True,
+    }

@@ -1,4 +1,5 @@
 """`agft sweep` on tiny sizes: real local Ray Tune over Ray Train, real MLflow store."""
+
 import os
 import signal
 import subprocess
@@ -11,21 +12,26 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 from ray.util.state import list_tasks
+from ray_cluster import agft_command, ray_cluster
+from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, check_sweep, load_config
 from pipeline.sweep import sweep
 from pipeline.train import newest_checkpoint
-from ray_cluster import agft_command, ray_cluster
 
 # The search as shipped (random search, ASHA, one trial at a time), on tiny sizes: three trials
 # one after another.
 TINY = [
-    "pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64",
-    "data.train.limit=128", "data.zero_shot=[{name: colours, limit: 32}]",
-    "train.epochs=2", "train.batch_size=32", "train.validation.dataset.limit=32",
+    "pretrain.corpus_size=256",
+    "pretrain.epochs=1",
+    "pretrain.batch_size=64",
+    "data.train.limit=128",
+    "data.zero_shot=[{name: colours, limit: 32}]",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "train.validation.dataset.limit=32",
     "sweep.space={calibration.gamma: {choice: [0.3, 0.6, 0.9]}, calibration.inv_tau: {loguniform: [15, 40]}}",
     "sweep.num_samples=1",
     "calibration.gamma=auto",  # fitted once for the sweep; the γ axis overrides it in every trial
@@ -48,8 +54,7 @@ def deadline(seconds: int):
 
 
 def _task_count(name: str) -> int:
-    return sum(1 for t in list_tasks(filters=[("func_or_class_name", "=", name)], limit=10000)
-               if t.state == "FINISHED")
+    return sum(1 for t in list_tasks(filters=[("func_or_class_name", "=", name)], limit=10000) if t.state == "FINISHED")
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +93,17 @@ def test_sweep_logs_nested_runs_and_summary(swept):
     assert any(c.info.status == "FINISHED" for c in children)
     assert sorted(float(c.data.params["calibration.gamma"]) for c in children) == [0.3, 0.6, 0.9]
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
-    assert {"trials.csv", "trials.md", "best_params.json", "best.yaml", "frontier.png",
-            "robust_vs_calibration.gamma.png", "robust_vs_calibration.inv_tau.png",
-            "calibration.json", "calibration.png"} <= artifacts
+    assert {
+        "trials.csv",
+        "trials.md",
+        "best_params.json",
+        "best.yaml",
+        "frontier.png",
+        "robust_vs_calibration.gamma.png",
+        "robust_vs_calibration.inv_tau.png",
+        "calibration.json",
+        "calibration.png",
+    } <= artifacts
     assert 0 < client.get_run(result.parent_run_id).data.metrics["calibration_gamma"] <= 1
 
 
@@ -118,18 +131,24 @@ def test_best_trials_model_is_registered_from_the_parent_run(swept, tmp_path):
     checkpoint = newest_checkpoint(str(Path(cfg.cache_dir) / "ray_tune" / f"trial-{best_row['trial_id']}"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        served = load_file(mlflow.artifacts.download_artifacts(
-            f"models:/sweep-test/{version.version}/artifacts/clip.safetensors", dst_path=str(tmp_path)))
+        served = load_file(
+            mlflow.artifacts.download_artifacts(
+                f"models:/sweep-test/{version.version}/artifacts/clip.safetensors", dst_path=str(tmp_path)
+            )
+        )
     tuned = load_file(f"{checkpoint}/image_encoder.safetensors")
     assert all(torch.equal(served[name], tensor) for name, tensor in tuned.items())
 
 
-@pytest.mark.parametrize("space, needle", [
-    ("{calibration.gamm: {choice: [0.3]}}", "sweep.space.calibration.gamm"),
-    ("{calibration.gamma: {choice: []}}", "choice"),
-    ("{train.lr: {uniform: [0.1, 0.01]}}", "low > high"),
-    ("{calibration.gamma: {uniform: [0.5, 1.5]}}", "calibration.gamma"),
-])
+@pytest.mark.parametrize(
+    "space, needle",
+    [
+        ("{calibration.gamm: {choice: [0.3]}}", "sweep.space.calibration.gamm"),
+        ("{calibration.gamma: {choice: []}}", "choice"),
+        ("{train.lr: {uniform: [0.1, 0.01]}}", "low > high"),
+        ("{calibration.gamma: {uniform: [0.5, 1.5]}}", "calibration.gamma"),
+    ],
+)
 def test_bad_search_space_is_one_clear_error_before_any_trial(tmp_path, monkeypatch, capsys, space, needle):
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", "--set", f"sweep.space={space}", "--set", f"cache_dir={tmp_path / 'c'}"]) == 2
@@ -148,13 +167,23 @@ def test_sweep_needs_a_space_and_a_validation_set():
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     """The driver is SIGKILLed on a cluster of its own once a trial has finished; a new driver on the same
     cluster resumes the sweep (a killed local Ray would outlive its driver and confuse the next one)."""
-    cmd, uri = agft_command("sweep", tmp_path, TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=resume-test",
-                                                        "sweep.space={calibration.gamma: {grid: [0.3, 0.6]}}"],
-                            "--best-out", str(tmp_path / "best.yaml"))
+    cmd, uri = agft_command(
+        "sweep",
+        tmp_path,
+        TINY
+        + [
+            f"cache_dir={tmp_path / 'cache'}",
+            "experiment=resume-test",
+            "sweep.space={calibration.gamma: {grid: [0.3, 0.6]}}",
+        ],
+        "--best-out",
+        str(tmp_path / "best.yaml"),
+    )
     with ray_cluster(head_cpus=2) as cluster:
         env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
-        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 240
         finished = []
         try:
@@ -169,8 +198,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         log = tmp_path / "resumed.log"
         with log.open("w") as out:
             try:
-                code = subprocess.run(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                      timeout=400).returncode
+                code = subprocess.run(
+                    cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, timeout=400
+                ).returncode
             except subprocess.TimeoutExpired:
                 code = "timeout"
         assert code == 0, log.read_text()[-4000:]
@@ -200,13 +230,19 @@ def test_search_space_maps_every_domain_and_optuna_is_available():
 
     from pipeline.sweep import _search_algorithm, search_space
 
-    cfg = load_config(None, ["sweep.space={calibration.gamma: {choice: [0.2, 0.4]}, train.lr: {grid: [0.1, 0.2]},"
-                             " calibration.inv_tau: {loguniform: [10, 100]}, train.momentum: {uniform: [0.5, 0.9]}}"])
+    cfg = load_config(
+        None,
+        [
+            "sweep.space={calibration.gamma: {choice: [0.2, 0.4]}, train.lr: {grid: [0.1, 0.2]},"
+            " calibration.inv_tau: {loguniform: [10, 100]}, train.momentum: {uniform: [0.5, 0.9]}}"
+        ],
+    )
     space = search_space(cfg.sweep)
     assert space["train.lr"] == tune.grid_search([0.1, 0.2])
     assert space["calibration.gamma"] == tune.grid_search([0.2, 0.4])  # each value once, not drawn with repeats
-    optuna_space = search_space(load_config(None, ["sweep.search=optuna", "sweep.space={calibration.gamma: "
-                                                                          "{choice: [0.2, 0.4]}}"]).sweep)
+    optuna_space = search_space(
+        load_config(None, ["sweep.search=optuna", "sweep.space={calibration.gamma: {choice: [0.2, 0.4]}}"]).sweep
+    )
     assert isinstance(optuna_space["calibration.gamma"], tune.search.sample.Categorical)
     assert (space["calibration.inv_tau"].lower, space["calibration.inv_tau"].upper) == (10, 100)
     assert isinstance(space["calibration.inv_tau"].get_sampler(), tune.search.sample.LogUniform)
@@ -223,8 +259,15 @@ def test_a_trial_that_cannot_be_placed_fails_and_the_sweep_goes_on(swept, tmp_pa
     FAILED at once with the reason, and the next trial still runs (caches warm from the fixture)."""
     cfg, uri, _, _ = swept
     lines = []
-    cfg = load_config(None, TINY + [f"cache_dir={cfg.cache_dir}", "experiment=sweep-placement",
-                                    "sweep.space={train.num_workers: {grid: [3, 1]}}"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            f"cache_dir={cfg.cache_dir}",
+            "experiment=sweep-placement",
+            "sweep.space={train.num_workers: {grid: [3, 1]}}",
+        ],
+    )
     with deadline(SWEEP_DEADLINE_S):
         result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
     assert [(t["train.num_workers"], t["error"]) for t in result.trials] == [(3, True), (1, False)]
@@ -239,8 +282,11 @@ def test_a_trial_that_cannot_be_placed_fails_and_the_sweep_goes_on(swept, tmp_pa
 def test_a_sweep_whose_trials_all_fail_ends_with_one_line_and_closed_runs(swept, tmp_path, capsys):
     cfg, uri, _, _ = swept
     args = ["sweep", "--tracking-uri", uri, "--best-out", str(tmp_path / "best.yaml")]
-    for o in TINY + [f"cache_dir={cfg.cache_dir}", "experiment=sweep-all-fail",
-                     "sweep.space={train.num_workers: {grid: [3]}}"]:
+    for o in TINY + [
+        f"cache_dir={cfg.cache_dir}",
+        "experiment=sweep-all-fail",
+        "sweep.space={train.num_workers: {grid: [3]}}",
+    ]:
         args += ["--set", o]
     capsys.readouterr()
     with deadline(SWEEP_DEADLINE_S):
@@ -259,9 +305,18 @@ def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path)
     there, though the sweep as configured (train.epochs swept up to 3) would train it for 3 epochs."""
     cfg, uri, _, _ = swept
     lines = []
-    cfg = load_config(None, TINY + [f"cache_dir={cfg.cache_dir}", "experiment=sweep-asha", "train.warmup_epochs=0",
-                                    "sweep.space={train.lr: {grid: [0.01, 1.0e-9]}, train.epochs: {choice: [3]}}",
-                                    "sweep.metric=loss", "sweep.mode=min"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            f"cache_dir={cfg.cache_dir}",
+            "experiment=sweep-asha",
+            "train.warmup_epochs=0",
+            "sweep.space={train.lr: {grid: [0.01, 1.0e-9]}, train.epochs: {choice: [3]}}",
+            "sweep.metric=loss",
+            "sweep.mode=min",
+        ],
+    )
     assert cfg.max_epochs() == 3 and cfg.train.epochs == 2
     with deadline(SWEEP_DEADLINE_S):
         result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
@@ -273,5 +328,6 @@ def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path)
     # what the stopped trial reported is in its run: logged before Tune could see it and stop the trial
     (stopped,) = [c for c in children if c.info.status == "KILLED"]
     (reported,) = [t for t in result.trials if t["train.lr"] == 1.0e-9]
-    assert [(m.step, m.value) for m in client.get_metric_history(stopped.info.run_id, "loss")] == \
-        [(1, pytest.approx(reported["loss"]))]
+    assert [(m.step, m.value) for m in client.get_metric_history(stopped.info.run_id, "loss")] == [
+        (1, pytest.approx(reported["loss"]))
+    ]

@@ -25,7 +25,8 @@ def test_same_seed_gives_byte_identical_images_and_other_seed_does_not(name):
 
 def test_zero_shot_images_never_appear_in_pretraining_or_fine_tuning():
     seen = digest(world.generate("corpus", "pretrain", 6000, 0).images) | digest(
-        world.generate(world.FINE_TUNING_TASK, "train", 2000, 0).images)
+        world.generate(world.FINE_TUNING_TASK, "train", 2000, 0).images
+    )
     for name in world.ZERO_SHOT_SUITE:
         test = digest(world.generate(name, "test", 300, 0).images)
         assert len(test) > 250 and not test & seen, name
@@ -42,6 +43,7 @@ def test_handwritten_pools_partition_the_scans_and_the_corpus_draws_only_its_own
     test = world.generate("handwritten", "test", 10_000, 0)  # asks for more than the pool holds
     assert len(test.images) == len(pools["test"]) == len(digest(test.images))  # each scan once
     from sklearn.datasets import load_digits
+
     assert test.labels.tolist() == load_digits().target[pools["test"]].tolist()
 
 
