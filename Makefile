@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench
+.PHONY: setup demo lint test bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/agft run
 
-test: $(STAMP)
+# `make test` lints first: CI (.ci/run) fails on a lint or format error like on a failed test.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)
