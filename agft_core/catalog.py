@@ -12,7 +12,72 @@ from pathlib import Path
 
 from agft_core import world
 
-METHODS = ("agft", "tecoa", "pmg_aft", "fare", "tga_zsr")
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the pipeline knows of a fine-tuning method. Its loss is a Method subclass in agft_core.methods;
+    every other place (config, training loop, caches, logging) reads this row."""
+
+    loss: str  # the name of its Method subclass in agft_core.methods
+    frozen_encoder: bool  # a forward of the frozen teacher encoder per step
+    teacher_cache: bool  # reads the frozen teacher's cached embeddings of the training set
+    calibrated: bool  # γ and 1/τ shape its targets: its runs log the fitted calibration
+    published: dict  # its authors' optimizer, lr, momentum, weight decay and training attack (train.recipe)
+    loss_weights: tuple[float, float] | None = None  # its (α, β) defaults, as train.<name>.alpha / .beta
+    weights_meaning: str = ""  # what α and β weigh, for the config reference
+    needs_vit: bool = False  # reads the ViT's tokens (attention maps)
+
+
+def _sgd(lr: float, eps: float = 1 / 255, steps: int = 2) -> dict:
+    return {
+        "optimizer": "sgd",
+        "lr": lr,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "attack": {"eps": eps, "alpha": 1 / 255, "steps": steps},
+    }
+
+
+# Each method's published recipe: docs/methods.md gives the source of every value. The budget (epochs, batch
+# size, warm-up) stays the config's, so that every method gets the same one.
+METHOD_SPECS = {
+    "agft": MethodSpec("AGFT", frozen_encoder=False, teacher_cache=True, calibrated=True, published=_sgd(4e-4)),
+    "tecoa": MethodSpec("TeCoA", frozen_encoder=False, teacher_cache=False, calibrated=False, published=_sgd(1e-5)),
+    "pmg_aft": MethodSpec(
+        "PMGAFT",
+        frozen_encoder=True,
+        teacher_cache=False,
+        calibrated=False,
+        published=_sgd(5e-5),
+        loss_weights=(1.0, 1.0),
+        weights_meaning="α: KL to the frozen model on x_adv; β: KL to the student on x",
+    ),
+    "fare": MethodSpec(
+        "FARE",
+        frozen_encoder=True,
+        teacher_cache=False,
+        calibrated=False,
+        published={
+            "optimizer": "adamw",
+            "lr": 1e-5,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "attack": {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10},
+        },
+    ),
+    "tga_zsr": MethodSpec(
+        "TGAZSR",
+        frozen_encoder=True,
+        teacher_cache=False,
+        calibrated=False,
+        published=_sgd(1e-4),
+        loss_weights=(0.08, 0.05),
+        weights_meaning="α: adversarial attention term; β: clean attention term",
+        needs_vit=True,
+    ),
+}
+METHODS = tuple(METHOD_SPECS)
+RECIPE_FIELDS = tuple(METHOD_SPECS["agft"].published)  # the fields train.recipe: published sets
 ATTACKS = ("pgd", "cw", "apgd-ce", "autoattack", "autoattack-rand")
 FIXED_STEP_ATTACKS = ("pgd", "cw")  # the attacks that take a step size α; APGD and AutoAttack adapt theirs
 COUNTED_STEP_ATTACKS = ("pgd", "cw", "apgd-ce")  # the attacks that take a number of steps

@@ -3,8 +3,11 @@
 Every method trains with one step, adversarial_step() at the end of this file (the Ray Train
 loop in pipeline/train.py calls it per batch): prepare() once without gradients, fp32 PGD that
 maximises attack_loss() through the bare student, then loss() on the clean and adversarial
-images, minimised. `model` in loss() may be the student
-wrapped in DDP, so each method makes exactly one forward call through it per step.
+images, minimised. `model` in loss() may be the student wrapped in DDP, so each method makes exactly
+one forward call through it per step.
+
+A method is its Method subclass here plus its row of agft_core.catalog.METHOD_SPECS (which caches it
+reads, its defaults, its published recipe, what its runs log): a sixth method is one class and one row.
 
     method    attacks                          minimises
     agft      soft-target CE at 1/τ            soft-target CE to the calibrated teacher p_cal (cached)
@@ -16,12 +19,14 @@ wrapped in DDP, so each method makes exactly one forward call through it per ste
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from agft_core.attacks import pgd
-from agft_core.catalog import METHODS
+from agft_core.catalog import METHOD_SPECS
 from agft_core.losses import (
     agft_loss,
     attention_map,
@@ -32,8 +37,6 @@ from agft_core.losses import (
     tga_zsr_loss,
     zero_shot_logits,
 )
-
-NEEDS_TEACHER = ("pmg_aft", "fare", "tga_zsr")  # a frozen encoder forward per step; AGFT reads the cache
 
 
 class Method:
@@ -136,20 +139,17 @@ def build_method(
     alpha: float = 1.0,
     beta: float = 1.0,
 ) -> Method:
-    """text: the training classes' prompt embeddings; scale: the model's own logit scale."""
-    if name in NEEDS_TEACHER and teacher is None:
+    """The loss of METHOD_SPECS[name], given the settings its class takes. text: the training classes' prompt
+    embeddings; scale: the model's own logit scale; teacher: the frozen encoder (spec.frozen_encoder)."""
+    if name not in METHOD_SPECS:
+        raise ValueError(f"unknown method {name!r}; one of {', '.join(METHOD_SPECS)}")
+    spec = METHOD_SPECS[name]
+    if spec.frozen_encoder and teacher is None:
         raise ValueError(f"{name} needs the frozen teacher encoder")
-    if name == "agft":
-        return AGFT(text, scale, gamma, inv_tau)
-    if name == "tecoa":
-        return TeCoA(text, scale)
-    if name == "pmg_aft":
-        return PMGAFT(text, scale, teacher, alpha, beta)
-    if name == "fare":
-        return FARE(text, scale, teacher)
-    if name == "tga_zsr":
-        return TGAZSR(text, scale, teacher, alpha, beta)
-    raise ValueError(f"unknown method {name!r}; one of {', '.join(METHODS)}")
+    loss = globals()[spec.loss]
+    settings = {"gamma": gamma, "inv_tau": inv_tau, "teacher": teacher, "alpha": alpha, "beta": beta}
+    taken = inspect.signature(loss).parameters
+    return loss(text, scale, **{key: value for key, value in settings.items() if key in taken})
 
 
 def autocast(amp: str, device: torch.device):
@@ -158,7 +158,7 @@ def autocast(amp: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
 
 
-def adversarial_step(model, raw, method: Method, x, labels, cached_teacher, attack, amp: str, optimizer, scaler):
+def adversarial_step(model, raw, method: Method, x, labels, *, cached_teacher, attack, amp: str, optimizer, scaler):
     """One update: fp32 PGD on the method's attack loss through the bare encoder `raw`, then its
     loss on x and x_adv. model is raw, or raw wrapped in DDP (the attack bypasses DDP's hooks).
     Returns the loss and the student's embeddings of x_adv, detached.

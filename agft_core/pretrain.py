@@ -18,7 +18,7 @@ from agft_core.data import to_pixels
 from agft_core.model import ImageEncoder, create_clip
 from agft_core.optim import warmup_cosine
 
-RECIPE = "clip-pretrain-v3"  # bump when pretrain_clip changes what it produces: invalidates cached teachers
+VERSION = "clip-pretrain-v3"  # bump when pretrain_clip changes what it produces: invalidates cached teachers
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import torch
 from agft_core.datasets import load_dataset
 from agft_core.evaluate import zero_shot_accuracy
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, load_weights, logit_scale
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 
 ATTACKS = {  # name -> (attack, α in /255, steps, restarts)
     "pgd-10 (quick)": ("pgd", 0.5, 10, 1),

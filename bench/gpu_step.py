@@ -31,7 +31,7 @@ from torch.utils.flop_counter import flop_registry
 
 from agft_core.methods import adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, preprocess_cfg
-from pipeline.config import AttackConfig
+from pipeline.config.sections import AttackConfig
 
 
 class FlopCount(TorchDispatchMode):
@@ -101,10 +101,32 @@ def main() -> None:
     def reference() -> None:
         with torch.no_grad():
             target = teacher(x)
-        adversarial_step(student, student, method, x, y, target, attack, "off", optimizer, scaler)
+        adversarial_step(
+            student,
+            student,
+            method,
+            x,
+            y,
+            cached_teacher=target,
+            attack=attack,
+            amp="off",
+            optimizer=optimizer,
+            scaler=scaler,
+        )
 
     def ours(model) -> Callable[[], None]:
-        return lambda: adversarial_step(model, model, method, x, y, cache[index], attack, args.amp, optimizer, scaler)
+        return lambda: adversarial_step(
+            model,
+            model,
+            method,
+            x,
+            y,
+            cached_teacher=cache[index],
+            attack=attack,
+            amp=args.amp,
+            optimizer=optimizer,
+            scaler=scaler,
+        )
 
     steps = {"reference": reference, "ours": ours(student)}
     if args.compile:

@@ -23,7 +23,7 @@ from agft_core.datasets import load_dataset
 from agft_core.evaluate import embed_images
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, preprocess_cfg
 from agft_core.pretrain import pretrain_clip
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 
 # name: the pretrain arguments it changes from configs/demo.yaml's
 VARIANTS = {

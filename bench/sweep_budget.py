@@ -25,10 +25,13 @@ from pathlib import Path
 import ray
 
 from pipeline import tracking
-from pipeline.config import load_config
-from pipeline.dag import Pipeline
+from pipeline.config.loading import load_config
+from pipeline.context import RunContext
+from pipeline.run import prepare
+from pipeline.stages import finetune
+from pipeline.stages.pretrain import teacher_weights
 from pipeline.sweep import sweep
-from pipeline.train import fit
+from pipeline.trainer import fit
 
 
 def main() -> None:
@@ -55,11 +58,12 @@ def main() -> None:
         )
 
         start = time.perf_counter()
-        teacher = Pipeline(cfg, uri, log=print)
-        teacher.teacher_weights()  # the embedded teacher: pretrained on a cold start, outside the ratio
+        teacher = RunContext(cfg, uri)
+        teacher_weights(teacher)  # the embedded teacher: pretrained on a cold start, outside the ratio
         pretrain = time.perf_counter() - start
         start = time.perf_counter()
-        inputs = Pipeline(cfg, uri, rerun={"text", "teacher"}, log=print).prepare_training(run_id="")
+        ctx = RunContext(cfg, uri, rerun=frozenset({"text", "teacher"}))
+        inputs = finetune.inputs(ctx, prepare(ctx, training=True), run_id="")
         cache_build = time.perf_counter() - start
 
         def train_only(name: str) -> float:

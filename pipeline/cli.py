@@ -11,16 +11,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 from agft_core.errors import InputError, first_line
-from pipeline.config import (
-    ConfigError,
-    check_ray_address,
-    check_sweep,
-    check_tracking,
-    dump_yaml,
-    load_config,
-    on_cluster,
-    tracking_uri,
-)
+from pipeline.config.checks import check_ray_address, check_sweep, check_tracking, on_cluster, tracking_uri
+from pipeline.config.loading import dump_yaml, load_config
+from pipeline.config.sections import ConfigError
 
 STEPS = ("pretrain", "text", "teacher", "train", "eval")
 
@@ -93,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Ray Train's own PreemptionWatcher actor logs the first at ERROR level in every run (ray-project/ray#53727): it
 # concerns an actor restart that Ray Train manages, nothing a user can act on. The raylet prints the second when
-# a train worker dies, which Ray Train recovers from and pipeline.train._FailureLine reports in one line.
+# a train worker dies, which Ray Train recovers from and pipeline.trainer._FailureLine reports in one line.
 RAY_NOISE = (
     r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
     r"|A worker died or was killed while executing a task by an unexpected system error"
@@ -159,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     # directory as it loads, which under `ray job submit` is a package directory that Ray manages.
     from ray.exceptions import RayTaskError
 
-    from pipeline.dag import Pipeline, check_inputs
+    from pipeline.context import RunContext
     from pipeline.report import table
+    from pipeline.run import check_inputs, run, run_eval
     from pipeline.tracking import TRACKING_ERRORS
 
     _start_ray(args.address, cfg.verbose)
 
     try:
-        from pipeline.train import check_cuda, check_resources
+        from pipeline.cluster import check_cuda, check_resources
 
         # first: the input check is itself a task
         trains = args.command in ("run", "sweep", "compare")
@@ -178,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _compare(cfg, uri, Path(args.out))
         if args.command == "eval":
-            return _eval(Pipeline(cfg, uri), uri)
-        result = Pipeline(cfg, uri, set(args.rerun)).run()
+            return _eval(run_eval(RunContext(cfg, uri)), cfg, uri)
+        result = run(RunContext(cfg, uri, frozenset(args.rerun)))
     except InputError as exc:  # bad data or weights, found by the tasks that read them, before training
         print(f"agft: error: {exc}", file=sys.stderr)
         return 2
@@ -230,14 +224,13 @@ def _compare(cfg, uri: str, out: Path) -> int:
     return _browse("parent run", result.parent_run_id, uri)
 
 
-def _eval(pipeline, uri: str) -> int:
-    from pipeline.config import ROBUST_MEANING
+def _eval(result, cfg, uri: str) -> int:
+    from pipeline.config.sections import ROBUST_MEANING
     from pipeline.report import table
 
-    result = pipeline.run_eval()
     print()
     print("Zero-shot top-1 accuracy (%): clean, and robust under each attack and eps")
-    print(ROBUST_MEANING[pipeline.cfg.eval.robust])
+    print(ROBUST_MEANING[cfg.eval.robust])
     print(table(result.rows, percent=True), end="")
     print(f"step seconds: {result.seconds}")
     return _browse("run", result.run_id, uri)

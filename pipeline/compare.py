@@ -1,8 +1,8 @@
 """`agft compare`: the original teacher against each method fine-tuned from it, over several seeds.
 
 Every run shares the teacher (pretrained once, from pretrain.seed), the data, the budget and ε;
-only the method and the fine-tune's seed change. The teacher, text and teacher caches are built
-by the first run and read by all others. Results: one MLflow parent run with a nested run per
+only the method and the fine-tune's seed change. The teacher and the text caches are built by the
+first run and read by all others; the teacher cache by the first run of a method that reads it. Results: one MLflow parent run with a nested run per
 (method, seed), and a table of mean ± sample std over seeds, per dataset and over datasets.
 """
 
@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import report, tracking
-from pipeline.config import Config, dump_yaml, with_overrides
-from pipeline.dag import Pipeline
+from pipeline.config.loading import dump_yaml
+from pipeline.config.schema import Config, with_overrides
+from pipeline.context import RunContext
+from pipeline.run import run
 
 ORIGINAL = "original"
 
@@ -48,7 +50,7 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
                 # No seed changes the teacher's weights, only its attack's random start: it is evaluated
                 # once, in the first run, instead of spending a run's eval on it per seed
                 first = i == 0 and j == 0
-                result = Pipeline(run_cfg, uri, log=log).run(parent_run_id=parent, original=first)
+                result = run(RunContext(run_cfg, uri, log=log), parent_run_id=parent, original=first)
                 if first:  # every run reads the same data
                     tracking.log_datasets(uri, parent, result.datasets)
                 for row in result.rows:

@@ -20,9 +20,16 @@ from agft_core.cache import exists, filesystem, fingerprint, join, read_bytes, w
 from agft_core.calibration import Calibration
 from agft_core.catalog import is_uri
 from pipeline import report, tracking
-from pipeline.config import Config, SweepConfig, dump_yaml, with_overrides
-from pipeline.dag import Pipeline, Prepared, dataset_inputs
-from pipeline.train import ENCODER_FILE, EPOCH_METRICS, TrainInputs, check_resources, fit, resolved, trainer_room
+from pipeline.checkpoints import ENCODER_FILE
+from pipeline.cluster import check_resources, trainer_room
+from pipeline.config.loading import dump_yaml
+from pipeline.config.schema import Config, SweepConfig, with_overrides
+from pipeline.context import Prepared, RunContext
+from pipeline.run import prepare
+from pipeline.stages import calibrate, describe, finetune, publish
+from pipeline.stages.calibrate import resolved
+from pipeline.train import EPOCH_METRICS, TrainInputs
+from pipeline.trainer import fit
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
@@ -92,9 +99,13 @@ class _Progress(tune.Callback):
     """One line per trial event and the best trial so far; closes each trial's MLflow run as Tune ends
     the trial: ASHA stops a trial (also at max_t) by killing its actor, which cannot close its own."""
 
-    def __init__(self, metric: str, mode: str, max_epochs: int, uri: str, experiment: str, parent_run_id: str):
-        self.metric, self.sign, self.max_epochs = metric, 1 if mode == "max" else -1, max_epochs
-        self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
+    def __init__(self, cfg: Config, uri: str, parent_run_id: str):
+        self.metric, self.sign, self.max_epochs = (
+            cfg.sweep.metric,
+            1 if cfg.sweep.mode == "max" else -1,
+            cfg.max_epochs(),
+        )
+        self.uri, self.experiment, self.parent_run_id = uri, cfg.experiment, parent_run_id
         self.best = None
 
     @staticmethod
@@ -151,31 +162,29 @@ class SweepResult:
 
 def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepResult:
     spec = cfg.sweep
+    ctx = RunContext(cfg, tracking_uri, log=log)
+    # -- the caches, built once for every trial
     clock = time.perf_counter()
-    pipeline = Pipeline(cfg, tracking_uri, log=log)
-    prepared = pipeline.prepare(training=True)
-    inputs = pipeline.train_inputs(prepared, run_id="")
+    prepared = prepare(ctx, training=True)
+    inputs = finetune.inputs(ctx, prepared, run_id="")
     seconds = {"caches": time.perf_counter() - clock}
-    storage = pipeline.storage("ray_tune")
+    # -- the parent run: new, or the one a resumed sweep started
+    storage = ctx.storage("ray_tune")
     name = f"sweep-{fingerprint(cfg.model_dump(mode='json', exclude={'verbose'}))}"  # console verbosity: same sweep
     sweep_dir = join(storage, name)
     parent_file = join(sweep_dir, PARENT_RUN_FILE)
     resumed = tune.Tuner.can_restore(sweep_dir) and exists(parent_file)
     # A sweep reads the training and validation sets; it evaluates no zero-shot set
-    datasets = [d for d in dataset_inputs(prepared) if d["context"] != "evaluation"]
+    datasets = [d for d in describe.dataset_inputs(prepared) if d["context"] != "evaluation"]
     if resumed:
         parent_run_id = read_bytes(parent_file).decode().strip()
         log(f"[sweep] resuming {sweep_dir} (finished trials are kept)")
     else:
-        parent_run_id = tracking.start_run(
-            tracking_uri,
-            cfg.experiment,
-            cfg.run_params(),
-            {"mlflow.runName": name, "sweep": "parent"},
-            cfg.artifact_location,
-        )
-        pipeline.log_calibration(parent_run_id, prepared.calibration)
+        tags = {"mlflow.runName": name, "sweep": "parent"}
+        parent_run_id = tracking.start_run(tracking_uri, cfg.experiment, cfg.run_params(), tags, cfg.artifact_location)
+        calibrate.log(ctx, parent_run_id, prepared.calibration)
         tracking.log_datasets(tracking_uri, parent_run_id, datasets)
+    # -- the trials
     trainable = tune.with_parameters(
         run_trial, inputs=inputs, parent_run_id=parent_run_id, storage=storage, datasets=datasets
     )
@@ -185,45 +194,14 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     if resumed:
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
     else:
-        concurrent = spec.max_concurrent_trials
-        if concurrent == "auto":
-            concurrent = trainer_room(cfg)
-            log(
-                f"[sweep] up to {concurrent} trial{'s' * (concurrent > 1)} at once: the cluster's room for trainers "
-                f"of {cfg.train.num_workers} workers"
-            )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(spec),
-            tune_config=tune.TuneConfig(
-                metric=spec.metric,
-                mode=spec.mode,
-                num_samples=spec.num_samples,
-                max_concurrent_trials=concurrent,
-                # Never reuse a trial's actor. The trial's Train run ends after
-                # Tune has marked the trial done (ASHA stops it at max_t, or early),
-                # so reuse fails and stalls Tune (issue 16), and a reused actor
-                # keeps an early-stopped trainer alive. A killed actor takes its
-                # Train controller and workers with it.
-                reuse_actors=False,
-                search_alg=_search_algorithm(spec),
-                scheduler=_scheduler(spec, cfg.max_epochs()),
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                verbose=1 if cfg.verbose else 0,
-                callbacks=[
-                    _Progress(spec.metric, spec.mode, cfg.max_epochs(), tracking_uri, cfg.experiment, parent_run_id)
-                ],
-            ),
-        )
+        tuner = _tuner(ctx, trainable, name, storage, parent_run_id)
     fs, path = filesystem(sweep_dir)
     fs.create_dir(path, recursive=True)
     write_bytes(parent_file, parent_run_id.encode())
     clock = time.perf_counter()
     grid = tuner.fit()
     seconds["trials"] = time.perf_counter() - clock
+    # -- the best trial: its config, its model, the report
     clock = time.perf_counter()
     trials = [_trial_row(r, cfg, prepared.calibration, spec.metric) for r in grid]
     if not any(not r.error and (r.metrics or {}).get(spec.metric) is not None for r in grid):
@@ -234,15 +212,48 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
             f"{_last_line(first_error)}"
         )
     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True)
-    best_params = dict(best.config)
-    best_out.write_text(dump_yaml(with_overrides(cfg, best_params)))
-    best_trial = best.metrics["trial_id"]
+    best_out.write_text(dump_yaml(with_overrides(cfg, best.config)))
     if cfg.register_models:
-        _register_best(pipeline, prepared, parent_run_id, storage, best_trial, best_params, best.metrics)
-    _report(tracking_uri, parent_run_id, cfg, trials, best_params, best_out, best_trial)
+        _register_best(ctx, prepared, parent_run_id, storage, best)
+    _report(ctx, parent_run_id, trials, best, best_out)
     seconds["report"] = time.perf_counter() - clock
     return SweepResult(
-        parent_run_id, trials, best_params, best_out, pipeline.hits, {k: round(v, 2) for k, v in seconds.items()}
+        parent_run_id, trials, dict(best.config), best_out, ctx.hits, {k: round(v, 2) for k, v in seconds.items()}
+    )
+
+
+def _tuner(ctx: RunContext, trainable, name: str, storage: str, parent_run_id: str) -> tune.Tuner:
+    cfg, spec = ctx.cfg, ctx.cfg.sweep
+    concurrent = spec.max_concurrent_trials
+    if concurrent == "auto":
+        concurrent = trainer_room(cfg)
+        ctx.log(
+            f"[sweep] up to {concurrent} trial{'s' * (concurrent > 1)} at once: the cluster's room for trainers "
+            f"of {cfg.train.num_workers} workers"
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.num_samples,
+            max_concurrent_trials=concurrent,
+            # Never reuse a trial's actor. The trial's Train run ends after
+            # Tune has marked the trial done (ASHA stops it at max_t, or early),
+            # so reuse fails and stalls Tune (issue 16), and a reused actor
+            # keeps an early-stopped trainer alive. A killed actor takes its
+            # Train controller and workers with it.
+            reuse_actors=False,
+            search_alg=_search_algorithm(spec),
+            scheduler=_scheduler(spec, cfg.max_epochs()),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            verbose=1 if cfg.verbose else 0,
+            callbacks=[_Progress(cfg, ctx.tracking_uri, parent_run_id)],
+        ),
     )
 
 
@@ -262,13 +273,12 @@ def _trial_row(result, cfg: Config, calibration: Calibration | None, metric: str
     }
 
 
-def _register_best(
-    pipeline: Pipeline, prepared: Prepared, parent_run_id: str, storage: str, trial_id: str, params: dict, metrics: dict
-) -> None:
+def _register_best(ctx: RunContext, prepared: Prepared, parent_run_id: str, storage: str, best) -> None:
     """The best trial's fine-tuned CLIP (the checkpoint of the epoch its metrics are from), logged to the sweep's
     parent run and registered, tagged with its trial, its values and its validation accuracy; the parent run is
     tagged with the version. A resumed sweep whose parent has its model already registers nothing."""
-    if "best_model" in tracking.run_tags(pipeline.uri, parent_run_id):
+    uri, metrics, trial_id = ctx.tracking_uri, best.metrics, best.metrics["trial_id"]
+    if "best_model" in tracking.run_tags(uri, parent_run_id):
         return
     if not metrics.get(CHECKPOINT_PATH_KEY):
         raise SweepFailed(f"sweep: the best trial {trial_id} reported no checkpoint to register")
@@ -280,26 +290,24 @@ def _register_best(
     )
     tags = {
         "sweep_trial": trial_id,
-        **{f"sweep.{k}": str(v) for k, v in params.items()},
+        **{f"sweep.{k}": str(v) for k, v in best.config.items()},
         **{k: f"{metrics[k]:.4f}" for k in ("val_clean_acc", "val_robust_acc") if metrics.get(k) is not None},
     }
-    version = pipeline.register_model(prepared, parent_run_id, join(checkpoint, ENCODER_FILE), tags)
-    name = pipeline.cfg.experiment
-    tracking.tag_run(pipeline.uri, parent_run_id, {"best_model": f"models:/{name}/{version.version}"})
-    pipeline.log(f"[registry] {name}: version {version.version} (the best trial, {trial_id})")
+    version = publish.register_model(ctx, prepared, parent_run_id, join(checkpoint, ENCODER_FILE), tags)
+    name = ctx.cfg.experiment
+    tracking.tag_run(uri, parent_run_id, {"best_model": f"models:/{name}/{version.version}"})
+    ctx.log(f"[registry] {name}: version {version.version} (the best trial, {trial_id})")
 
 
-def _report(
-    uri: str, parent_run_id: str, cfg: Config, trials: list[dict], best: dict, best_out: Path, best_trial: str
-) -> None:
+def _report(ctx: RunContext, parent_run_id: str, trials: list[dict], best, best_out: Path) -> None:
+    """The trials' table and plots and the best trial's values, to the parent run, which ends here."""
+    uri, axes = ctx.tracking_uri, sorted({"calibration.gamma", "calibration.inv_tau", *ctx.cfg.sweep.space})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         report.write_csv(trials, out / "trials.csv")
         (out / "trials.md").write_text(report.table(trials))
-        report.plot_sweep(
-            trials, sorted({"calibration.gamma", "calibration.inv_tau", *cfg.sweep.space}), out, best_trial
-        )
-        (out / "best_params.json").write_text(json.dumps(best, indent=2))
+        report.plot_sweep(trials, axes, out, best.metrics["trial_id"])
+        (out / "best_params.json").write_text(json.dumps(dict(best.config), indent=2))
         files = [out / "trials.csv", out / "trials.md", out / "best_params.json", best_out, *sorted(out.glob("*.png"))]
         tracking.log_results(uri, parent_run_id, {}, files)
     tracking.finish_run(uri, parent_run_id)

@@ -1,61 +1,61 @@
-"""The Ray Train step: distributed adversarial fine-tuning of the image encoder (AGFT or TeCoA)."""
+"""The fine-tune on Ray Train: what each worker runs. fit() (pipeline/trainer.py) starts it; the finetune stage
+caches what it trains.
+
+Each of train.num_workers workers loads the teacher's image tower (the student), the class-prompt cache and,
+for a method that reads it, the teacher cache, then trains on its DistributedSampler shard of data.train:
+
+    for each epoch (reseeded from seed, epoch and rank, so a resumed run replays an uninterrupted one):
+        train_step per batch    PGD on the method's attack loss, then one optimizer step on its loss
+        validate                clean and robust accuracy on the worker's share of train.validation
+        all_reduce the totals   one collective per epoch
+        rank 0                  logs the epoch to MLflow and reports a checkpoint (encoder, optimizer, history)
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import pickle
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.exceptions import ActorDiedError
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
-from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+from ray.train import Checkpoint
+from ray.train.torch import get_device, prepare_model
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from agft_core.cache import basename, embeddings_of, exists, filesystem, join, read_bytes, read_parquet
+from agft_core.cache import embeddings_of, read_parquet
 from agft_core.calibration import Calibration
+from agft_core.catalog import METHOD_SPECS
 from agft_core.datasets import load_dataset
 from agft_core.errors import first_line
 from agft_core.evaluate import zero_shot_accuracy
-from agft_core.methods import NEEDS_TEACHER, adversarial_step, build_method
+from agft_core.methods import Method, adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from agft_core.optim import warmup_cosine
-from pipeline.config import Config, ConfigError, TrainConfig, with_overrides
+from pipeline.checkpoints import ENCODER_FILE, HISTORY_FILE, STATE_FILE, resume_point
+from pipeline.config.schema import Config, TrainConfig
 from pipeline.tracking import EPOCH_END, log_history
-from tasks import steps
-from tasks.common import cpu_fallback, say
+from tasks.common import ModelSource, cpu_fallback, say
 
-ENCODER_FILE = "image_encoder.safetensors"
-STATE_FILE = "train_state.pt"
-HISTORY_FILE = "history.json"
 EPOCH_METRICS = ("loss", "train_robust_acc", "lr", "val_clean_acc", "val_robust_acc")  # what each epoch reports
-# Part of the fine-tune cache's fingerprint: changes when the same config would train differently.
-FINETUNE_RECIPE = "epoch-seeded-1"
 
 
 @dataclass(frozen=True)
 class TrainInputs:
-    """Everything a worker needs besides the config: where the caches and the teacher are."""
+    """Everything a worker needs besides the config: the teacher and where the caches are."""
 
     cfg: Config
-    teacher_weights: str | None
-    image_size: int
+    teacher: ModelSource
     text_files: list[str]
-    teacher_files: list[str]
+    teacher_files: list[str]  # empty for a method that does not read the teacher cache
     tracking_uri: str
     run_id: str
     val_text_files: list[str] = ()
@@ -66,6 +66,43 @@ class TrainInputs:
     # Rank 0 logs each epoch to run_id; a sweep's trial does not: its driver logs what Tune received (sweep._Progress),
     # so that the run holds exactly the epochs Tune saw, also of a trial ASHA stops.
     log_epochs: bool = True
+
+
+@dataclass
+class Trainee:
+    """What a train step reads and updates: the student (as DDP wraps it, and bare for the attack, which bypasses
+    DDP's gradient hooks), its method, optimizer, schedule and grad scaler, the training classes' prompt
+    embeddings and the teacher's cached embeddings by image index (None: the method reads none)."""
+
+    model: torch.nn.Module
+    raw: torch.nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    text_emb: torch.Tensor
+    teacher_emb: torch.Tensor | None
+
+
+class Totals:
+    """An epoch's sums by name, kept on the training device (no host sync per step, and nccl reduces only CUDA
+    tensors) and summed over the workers in one all_reduce."""
+
+    NAMES = ("loss", "robust_correct", "images", "val_clean_correct", "val_robust_correct", "val_images")
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
+
+    def add(self, **values) -> None:
+        for name, value in values.items():
+            self.sums[self.NAMES.index(name)] += value
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+
+    def __getitem__(self, name: str) -> float:
+        return self.sums[self.NAMES.index(name)].item()
 
 
 class _Indexed(Dataset):
@@ -88,20 +125,53 @@ def make_optimizer(train: TrainConfig, parameters) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=train.effective_lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
-def resolved(cfg: Config, calibration: Calibration | None) -> Config:
-    """cfg with calibration.gamma: auto replaced by the γ the teacher's fitted logit scale gives at cfg's own
-    1/τ (which a sweep's trial may have changed)."""
-    if cfg.calibration.gamma != "auto":
-        return cfg
-    if calibration is None:
-        raise ConfigError("calibration.gamma: auto needs the fit on the teacher cache; this run has none")
-    return with_overrides(cfg, {"calibration.gamma": calibration.gamma_for(cfg.calibration.inv_tau)})
+def train_step(trainee: Trainee, train: TrainConfig, batch: tuple, totals: Totals) -> None:
+    """One adversarial update on a batch (x, labels, image indices), added to the epoch's totals."""
+    x, y, idx = batch
+    cached = trainee.teacher_emb[idx.to(x.device)] if trainee.teacher_emb is not None else None
+    loss, student_emb = adversarial_step(
+        trainee.model,
+        trainee.raw,
+        trainee.method,
+        x,
+        y,
+        cached_teacher=cached,
+        attack=train.attack,
+        amp=train.amp,
+        optimizer=trainee.optimizer,
+        scaler=trainee.scaler,
+    )
+    trainee.schedule.step()
+    correct = ((student_emb @ trainee.text_emb.T).argmax(-1) == y).sum()
+    totals.add(loss=loss.double() * len(y), robust_correct=correct.double(), images=len(y))
+
+
+def validate(trainee: Trainee, cfg: Config, shard: Dataset, text: torch.Tensor, rank: int, totals: Totals) -> None:
+    """Clean and robust (train.validation.attack) accuracy on this worker's share of the validation set, added to
+    the epoch's totals."""
+    attack, device = cfg.train.validation.attack, text.device
+    scores = zero_shot_accuracy(
+        trainee.raw,
+        text,
+        trainee.method.scale,
+        shard,
+        eps=attack.eps,
+        alpha=attack.alpha,
+        steps=attack.steps,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        generator=torch.Generator(device).manual_seed(cfg.seed + rank),
+        loader_workers=cfg.resources.loader_workers,
+    )
+    n = scores["n"]
+    totals.add(val_clean_correct=scores["clean"] * n, val_robust_correct=scores[cfg.eval.robust] * n, val_images=n)
 
 
 def train_loop(inputs: TrainInputs) -> None:
     cfg = inputs.cfg
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    # -- this worker
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
     _quiet_train_reports(cfg.verbose)
     # A missed epoch is logged with the next one, so the rank-0 worker retries the tracking server
     # briefly instead of MLflow's default backoff (minutes), which would stall training.
@@ -110,15 +180,19 @@ def train_loop(inputs: TrainInputs) -> None:
     torch.manual_seed(cfg.seed + rank)  # initial weights and heads; each epoch reseeds (_seed_epoch)
     device = cpu_fallback(f"train rank {rank}", get_device())
 
-    clip = create_clip(cfg.model.arch, inputs.teacher_weights)
+    # -- the student and the caches
+    teacher = inputs.teacher
+    clip = create_clip(teacher.arch, teacher.weights)
     scale = logit_scale(clip)
     encoder = ImageEncoder.from_clip(clip).to(device)
     del clip  # the text tower is frozen and its embeddings come from the cache
     text_emb = torch.from_numpy(embeddings_of(read_parquet(inputs.text_files))).to(device)
-    teacher = read_parquet(inputs.teacher_files).sort_by("index")
-    teacher_emb = torch.from_numpy(embeddings_of(teacher)).to(device)
+    teacher_emb = None
+    if inputs.teacher_files:
+        teacher_emb = torch.from_numpy(embeddings_of(read_parquet(inputs.teacher_files).sort_by("index"))).to(device)
 
-    data = load_dataset(cfg.data.train.spec(cfg.data.world_seed), inputs.image_size)
+    # -- data, optimizer, schedule
+    data = load_dataset(cfg.data.train.spec(cfg.data.world_seed), teacher.image_size)
     sampler = DistributedSampler(
         _Indexed(data.images), num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
@@ -135,21 +209,23 @@ def train_loop(inputs: TrainInputs) -> None:
     schedule = warmup_cosine(optimizer, cfg.train.warmup_steps(steps_per_epoch), steps_per_epoch * cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
 
+    # -- resume
     start_epoch, history = 0, []
-    checkpoint, state = _resume_point(ray.train.get_checkpoint(), inputs.newest_on_disk, device)
+    checkpoint, state = resume_point(ray.train.get_checkpoint(), inputs.newest_on_disk, device)
     if checkpoint:
         encoder.load_state_dict(state["encoder"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
 
+    # -- the method
     model = prepare_model(encoder, move_to_device=device)
-    raw = model.module if hasattr(model, "module") else model  # attacks bypass DDP's gradient hooks
-    frozen = None
-    if cfg.train.method in NEEDS_TEACHER:
-        frozen = ImageEncoder.from_clip(create_clip(cfg.model.arch, inputs.teacher_weights)).to(device)
+    raw = model.module if hasattr(model, "module") else model
+    spec, frozen = METHOD_SPECS[cfg.train.method], None
+    if spec.frozen_encoder:
+        frozen = ImageEncoder.from_clip(create_clip(teacher.arch, teacher.weights)).to(device)
         frozen.eval().requires_grad_(False)
-    weights = {"pmg_aft": cfg.train.pmg_aft, "tga_zsr": cfg.train.tga_zsr}.get(cfg.train.method)
+    weights = getattr(cfg.train, cfg.train.method).model_dump() if spec.loss_weights else {}
     method = build_method(
         cfg.train.method,
         text_emb,
@@ -157,12 +233,13 @@ def train_loop(inputs: TrainInputs) -> None:
         gamma=cfg.calibration.gamma,
         inv_tau=cfg.calibration.inv_tau,
         teacher=frozen,
-        **(weights.model_dump() if weights else {}),
+        **weights,
     )
+    trainee = Trainee(model, raw, method, optimizer, schedule, scaler, text_emb, teacher_emb)
 
-    validation = cfg.train.validation
-    if validation:
-        val_data = load_dataset(validation.dataset.spec(cfg.data.world_seed), inputs.image_size)
+    # -- the validation share
+    if cfg.train.validation:
+        val_data = load_dataset(cfg.train.validation.dataset.spec(cfg.data.world_seed), teacher.image_size)
         val_shard = Subset(val_data.images, range(rank, len(val_data.images), world_size))
         val_text = torch.from_numpy(embeddings_of(read_parquet(inputs.val_text_files))).to(device)
 
@@ -173,63 +250,29 @@ def train_loop(inputs: TrainInputs) -> None:
         return
 
     for epoch in range(start_epoch, cfg.train.epochs):
+        # -- train
         _seed_epoch(cfg.seed, epoch, rank)
         sampler.set_epoch(epoch)
         model.train()
-        # Sums stay on the training device: no host sync per step, and nccl reduces only CUDA tensors.
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, robust correct, images
+        totals = Totals(device)
         for x, y, idx in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, student_emb = adversarial_step(
-                model,
-                raw,
-                method,
-                x,
-                y,
-                teacher_emb[idx.to(device)],
-                cfg.train.attack,
-                cfg.train.amp,
-                optimizer,
-                scaler,
-            )
-            schedule.step()
-            correct = ((student_emb @ text_emb.T).argmax(-1) == y).sum()
-            totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
-        if validation:
-            v = validation.attack
-            scores = zero_shot_accuracy(
-                raw,
-                val_text,
-                scale,
-                val_shard,
-                eps=v.eps,
-                alpha=v.alpha,
-                steps=v.steps,
-                batch_size=cfg.eval.batch_size,
-                device=device,
-                generator=torch.Generator(device).manual_seed(cfg.seed + rank),
-                loader_workers=cfg.resources.loader_workers,
-            )
-            totals = torch.cat(
-                [
-                    totals,
-                    totals.new_tensor(
-                        [scores["clean"] * scores["n"], scores[cfg.eval.robust] * scores["n"], scores["n"]]
-                    ),
-                ]
-            )
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
+            batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx)
+            train_step(trainee, cfg.train, batch, totals)
+        # -- validate
+        if cfg.train.validation:
+            validate(trainee, cfg, val_shard, val_text, rank, totals)
+        # -- report
+        totals.all_reduce()
         metrics = {
             "epoch": epoch + 1,
-            "loss": totals[0].item() / totals[2].item(),
-            "train_robust_acc": totals[1].item() / totals[2].item(),
+            "loss": totals["loss"] / totals["images"],
+            "train_robust_acc": totals["robust_correct"] / totals["images"],
             "lr": schedule.get_last_lr()[0],
         }
-        if validation:
+        if cfg.train.validation:
             metrics |= {
-                "val_clean_acc": totals[3].item() / totals[5].item(),
-                "val_robust_acc": totals[4].item() / totals[5].item(),
+                "val_clean_acc": totals["val_clean_correct"] / totals["val_images"],
+                "val_robust_acc": totals["val_robust_correct"] / totals["val_images"],
             }
         history.append(metrics | {EPOCH_END: time.time()})
         if rank == 0:
@@ -239,68 +282,27 @@ def train_loop(inputs: TrainInputs) -> None:
                 f"[train] epoch {epoch + 1}/{cfg.train.epochs}: "
                 + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
             )
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(
-                    {
-                        "encoder": encoder.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "epoch": epoch,
-                        "history": json.dumps(history),
-                    },
-                    Path(d) / STATE_FILE,
-                )
-                save_weights(encoder, Path(d) / ENCODER_FILE, cfg.model.arch)
-                (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            _report_with_checkpoint(trainee, teacher.arch, epoch, history, metrics)
         else:
             ray.train.report(metrics)
 
 
-def _resume_point(
-    recorded: Checkpoint | None, newest_on_disk: str | None, device: torch.device
-) -> tuple[Checkpoint | None, dict | None]:
-    """The checkpoint to resume from and its state: Ray Train's, or a newer complete one on disk."""
-    candidates = [recorded] if recorded else []
-    if newest_on_disk and (not recorded or basename(newest_on_disk) > basename(recorded.path)):
-        fs, path = filesystem(newest_on_disk)
-        candidates.insert(0, Checkpoint(path, filesystem=fs))
-    for checkpoint in candidates:
-        try:
-            with checkpoint.as_directory() as d:
-                return checkpoint, torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-            if checkpoint is recorded:
-                raise  # Ray Train's own checkpoint must load
-            say(f"[train] WARNING: {newest_on_disk} is incomplete; resuming from Ray Train's checkpoint", sys.stderr)
-    return None, None
-
-
-def _checkpoint_dirs(run_dir: str) -> list[str]:
-    """The checkpoint directories of a Ray Train run, oldest first: Ray names them checkpoint_<time>."""
-    fs, path = filesystem(run_dir)
-    found = [
-        info.base_name
-        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
-    ]
-    return [join(run_dir, name) for name in sorted(found)]
-
-
-def newest_checkpoint(run_dir: str) -> str | None:
-    """The newest checkpoint directory of a Ray Train run that holds all our files."""
-    for directory in reversed(_checkpoint_dirs(run_dir)):
-        if all(exists(join(directory, f)) for f in (STATE_FILE, ENCODER_FILE, HISTORY_FILE)):
-            return directory
-    return None
-
-
-def _prune_checkpoints(run_dir: str, keep: int) -> None:
-    """Ray Train keeps its newest `keep` checkpoints, but not those uploaded by an attempt that failed
-    before Ray recorded them (a worker killed during a report): after the run, only the newest stay."""
-    for directory in _checkpoint_dirs(run_dir)[:-keep]:
-        fs, path = filesystem(directory)
-        fs.delete_dir(path)
+def _report_with_checkpoint(trainee: Trainee, arch: str, epoch: int, history: list[dict], metrics: dict) -> None:
+    """Rank 0's report: the epoch's metrics with a checkpoint of the student, the optimizer, the schedule and the
+    history, from which a restarted run resumes."""
+    encoder = trainee.raw
+    state = {
+        "encoder": encoder.state_dict(),
+        "optimizer": trainee.optimizer.state_dict(),
+        "schedule": trainee.schedule.state_dict(),
+        "epoch": epoch,
+        "history": json.dumps(history),
+    }
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / STATE_FILE)
+        save_weights(encoder, Path(d) / ENCODER_FILE, arch)
+        (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
 def _quiet_train_reports(verbose: bool) -> None:
@@ -325,279 +327,3 @@ def _log_quietly(inputs: TrainInputs, history: list[dict]) -> None:
         log_history(inputs.tracking_uri, inputs.run_id, history)
     except Exception as exc:  # noqa: BLE001 - any tracking failure: MlflowException, requests, OSError
         say(f"[train] WARNING: epoch {len(history)} not logged yet ({first_line(exc)}); training goes on", sys.stderr)
-
-
-def worker_resources(cfg: TrainConfig) -> dict[str, float]:
-    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-
-
-def _fits(shape: dict[str, float], node: dict[str, float]) -> int:
-    """How many requests of this shape one node's total resources hold (Ray counts in steps of 1e-4)."""
-    return int(min(node.get(key, 0) / amount for key, amount in shape.items() if amount) + 1e-6)
-
-
-def trainers_fitting(cfg: TrainConfig, nodes: list[dict[str, float]]) -> int:
-    """How many trainers (train.num_workers workers each) the nodes' total resources hold at once; at least 1."""
-    return max(1, sum(_fits(worker_resources(cfg), node) for node in nodes) // cfg.num_workers)
-
-
-def room_beside_training(cfg: Config, nodes: list[dict[str, float]]) -> bool:
-    """Whether a DAG task still fits on some node once the trainer's workers are placed, each request on one
-    node as Ray places them: the workers first, each on the node with the least room that holds it."""
-    free = [dict(node) for node in nodes]
-    worker, task = worker_resources(cfg.train), {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}
-    for _ in range(cfg.train.num_workers):
-        fitting = [node for node in free if _fits(worker, node)]
-        if not fitting:
-            return False
-        node = min(fitting, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
-        for key, amount in worker.items():
-            node[key] -= amount
-    return any(_fits(task, node) for node in free)
-
-
-def _cluster_shape() -> tuple[list[dict[str, float]], list[tuple[dict[str, float], int]] | None]:
-    """Each alive node's total resources, and the autoscaler's (resources, max nodes; -1 unbounded) per node
-    type, or None without an autoscaler."""
-    # The autoscaler publishes its node types in the GCS; ray.autoscaler has no public reader yet.
-    from ray._private.state import state
-
-    config = state.get_cluster_config()
-    groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs] if config else None
-    return [node["Resources"] for node in ray.nodes() if node["Alive"]], groups
-
-
-def trainer_room(cfg: Config) -> int:
-    """trainers_fitting on the cluster's alive nodes, or on its worker groups at their autoscaler's maximum
-    (bounded ones) if that holds more."""
-    alive, groups = _cluster_shape()
-    scaled = [resources for resources, max_count in groups or [] for _ in range(max(0, max_count))]
-    return max(trainers_fitting(cfg.train, alive), trainers_fitting(cfg.train, scaled))
-
-
-class Demand(NamedTuple):
-    """`count` requests of `shape` that must be placed together, and the settings that size them."""
-
-    label: str
-    shape: dict[str, float]
-    count: int
-    to_lower: str
-    gpu_setting: str
-
-
-def demands(cfg: Config, trainer: bool, tasks: bool) -> list[Demand]:
-    """The trainer's workers, placed at once, and the largest single DAG task (the input check, caches, eval)."""
-    workers = Demand(
-        f"train.num_workers={cfg.train.num_workers} workers",
-        worker_resources(cfg.train),
-        cfg.train.num_workers,
-        "train.num_workers or train.cpus_per_worker",
-        "train.use_gpu=false",
-    )
-    task = Demand(
-        "a DAG task (input check, caches, eval)",
-        {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus},
-        1,
-        "resources.task_cpus or resources.task_gpus",
-        "resources.task_gpus=0",
-    )
-    return [workers] * trainer + [task] * tasks
-
-
-def placement_problem(
-    cfg: Config,
-    nodes: list[dict[str, float]],
-    node_groups: list[tuple[dict[str, float], int]] | None,
-    *,
-    trainer: bool = True,
-    tasks: bool = True,
-) -> tuple[str | None, bool]:
-    """(message, fatal) when the cluster cannot hold the trainer's workers (`trainer`) or a DAG task (`tasks`)
-    now, else (None, False).
-
-    nodes: each alive node's total resources. node_groups: the autoscaler's (resources, max nodes; -1
-    unbounded) per node type, or None without an autoscaler. Fatal: no autoscaler could ever add room.
-    """
-    waiting = []
-    for demand in demands(cfg, trainer, tasks):
-        now = sum(_fits(demand.shape, node) for node in nodes)
-        if now >= demand.count:
-            continue
-        shape = " + ".join(f"{amount:g} {key}" for key, amount in demand.shape.items() if amount)
-        need = f"{demand.label} of {shape} each; the cluster's nodes hold {now}"
-        anywhere = nodes + [resources for resources, _ in node_groups or []]
-        no_gpus = demand.shape.get("GPU") and not any(node.get("GPU") for node in anywhere)
-        fix = (
-            f"this cluster has no GPU: set {demand.gpu_setting} or add GPU nodes"
-            if no_gpus
-            else f"lower {demand.to_lower}, or add nodes"
-        )
-        if node_groups is not None:
-            room = [
-                max_count if max_count < 0 else max_count * _fits(demand.shape, resources)
-                for resources, max_count in node_groups
-                if _fits(demand.shape, resources) > 0
-            ]
-            if any(r < 0 for r in room) or now + sum(room) >= demand.count:
-                waiting.append(need)
-                continue
-            return f"{need}, and the autoscaler's node types add at most {sum(room)}: {fix}", True
-        return f"{need}: {fix}", True
-    return ("waiting for the autoscaler to add nodes: " + "; ".join(waiting) if waiting else None), False
-
-
-def check_resources(cfg: Config, *, trainer: bool, tasks: bool) -> None:
-    """Before any work: a trainer or a task that could never be placed would wait forever."""
-    problem, fatal = placement_problem(cfg, *_cluster_shape(), trainer=trainer, tasks=tasks)
-    if fatal:
-        raise ConfigError(problem)
-    if problem:
-        print(f"[cluster] {problem}", flush=True)
-
-
-# nccl for CUDA tensors and gloo for any CPU tensor: a collective on a CPU tensor under plain nccl crashes the run
-GPU_BACKEND = "cpu:gloo,cuda:nccl"
-
-
-def process_group_backend(use_gpu: bool, cpu_fallback: bool) -> str:
-    """gloo on CPUs; GPU_BACKEND with GPUs, if the GPU nodes have CUDA: GPUs declared to Ray on nodes without it
-    get gloo and the workers compute on their CPUs where resources.cpu_fallback allows it. check_cuda asked the
-    nodes alive before any work; this asks again where the trainer's GPUs are (a node the autoscaler added)."""
-    if not use_gpu:
-        return "gloo"
-    if ray.get(steps.cuda_available.options(num_cpus=0, num_gpus=1).remote()):
-        return GPU_BACKEND
-    if not cpu_fallback:
-        raise ConfigError(
-            "resources.cpu_fallback: train.use_gpu asks for GPUs, and the GPU node the trainer got has "
-            "no CUDA; fix its CUDA, set train.use_gpu=false, or set resources.cpu_fallback=true to "
-            "train on its CPUs anyway"
-        )
-    print(
-        "[train] WARNING: train.use_gpu, but CUDA is not available on the GPU nodes: training on their CPUs "
-        "with gloo (resources.cpu_fallback)",
-        flush=True,
-    )
-    return "gloo"
-
-
-CUDA_PROBE_TIMEOUT_S = 120
-PROBE_GPUS = 1e-4  # Ray's smallest unit: the probe fits beside whatever already holds the node's GPUs
-
-
-def check_cuda(cfg: Config, *, trainer: bool) -> None:
-    """Before any work: GPUs asked for (train.use_gpu by a command that trains, resources.task_gpus) on a node
-    that declares GPUs to Ray but has no CUDA would compute for hours on its CPUs. Refused, unless
-    resources.cpu_fallback allows it. Each GPU node alive now is asked, where its GPUs are."""
-    if cfg.resources.cpu_fallback or not ((trainer and cfg.train.use_gpu) or cfg.resources.task_gpus):
-        return
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
-    probes = {
-        steps.cuda_available.options(
-            num_cpus=0,
-            num_gpus=PROBE_GPUS,
-            scheduling_strategy=(NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)),
-        ).remote(): n
-        for n in nodes
-    }
-    ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=CUDA_PROBE_TIMEOUT_S)
-    without = [probes[ref] for ref in ready if not ray.get(ref)]
-    if without:
-        node = without[0]
-        asked = [
-            field
-            for field, on in (
-                ("train.use_gpu", trainer and cfg.train.use_gpu),
-                (f"resources.task_gpus={cfg.resources.task_gpus:g}", cfg.resources.task_gpus),
-            )
-            if on
-        ]
-        raise ConfigError(
-            f"resources.cpu_fallback: {' and '.join(asked)} ask{'s' * (len(asked) == 1)} for GPUs, and node "
-            f"{node['NodeManagerAddress']} declares {node['Resources']['GPU']:g} to Ray but has no CUDA"
-            f"{f' (and {len(without) - 1} more nodes)' if len(without) > 1 else ''}: its GPU work would "
-            f"run on its CPUs; fix its CUDA, set train.use_gpu=false and resources.task_gpus=0, or "
-            f"set resources.cpu_fallback=true to compute on the CPUs anyway"
-        )
-
-
-def _start_failure_limit(start_timeout_s: float) -> int:
-    """Ray Train retries a worker group that did not get its resources within one start timeout;
-    this many retries bound the whole wait by start_timeout_s."""
-    attempt = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
-    return max(0, math.ceil(start_timeout_s / attempt) - 1)
-
-
-class _FailureLine(ray.train.UserCallback):
-    """One console line per failure of the worker group, from Ray Train's controller: what failed and where
-    training goes on from. The tracebacks (the surviving ranks' gloo errors, the controller's) stay in Ray's
-    log files, and on the console with --verbose."""
-
-    def __init__(self, max_failures: int, epoch: int | None):
-        self.max_failures, self.failures, self.epoch = max_failures, 0, epoch
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
-        if checkpoint is not None:  # what a restarted worker group gets from ray.train.get_checkpoint()
-            self.epoch = metrics[0]["epoch"]
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        self.failures += 1
-        # a rank whose process died surfaces as a failed health check wrapping ActorDiedError
-        errors = {rank: getattr(e, "health_check_failure", e) for rank, e in sorted(worker_exceptions.items())}
-        died = [rank for rank, e in errors.items() if isinstance(e, ActorDiedError)]
-        what = "; ".join(
-            [f"rank {rank}'s process died" for rank in died]
-            if died
-            else [f"rank {rank}: {type(e).__name__}: {first_line(e)[:120]}" for rank, e in errors.items()]
-        )
-        outcome = (
-            f"no retries left (train.max_failures={self.max_failures})"
-            if self.failures > self.max_failures
-            else f"resuming from the epoch-{self.epoch} checkpoint"
-            if self.epoch
-            else "restarting from epoch 1"
-        )
-        say(f"[train] worker failure ({what}): {outcome}")
-
-
-def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | None = None) -> Checkpoint:
-    """Runs (or resumes, when `name` already has checkpoints under `storage_path`) the fine-tune.
-
-    callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback when this runs inside a trial.
-    """
-    cfg = inputs.cfg.train
-    newest = newest_checkpoint(join(storage_path, name))
-    failure_line = _FailureLine(cfg.max_failures, len(read_history(join(newest, HISTORY_FILE))) if newest else None)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration), newest_on_disk=newest),
-        torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu, inputs.cfg.resources.cpu_fallback)),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
-        ),
-        run_config=RunConfig(
-            storage_path=storage_path,
-            name=name,
-            callbacks=[*(callbacks or []), failure_line],
-            # Ray Train's console logs (every rank's report, worker-group listings, a failed
-            # rank's traceback: _FailureLine says it in one line) only on request; its log
-            # files keep every level
-            logging_config=LoggingConfig(log_level="INFO" if inputs.cfg.verbose else "CRITICAL"),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(
-                max_failures=cfg.max_failures, controller_failure_limit=_start_failure_limit(cfg.start_timeout_s)
-            ),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {name} produced no checkpoint")
-    _prune_checkpoints(join(storage_path, name), cfg.keep_checkpoints)
-    return result.checkpoint
-
-
-def read_history(location: str) -> list[dict]:
-    """The per-epoch metrics of a HISTORY_FILE."""
-    return json.loads(read_bytes(location))

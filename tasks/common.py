@@ -1,10 +1,22 @@
+"""What every Ray task shares: the model it loads, the CPUs and device it computes on, and its timeline record."""
+
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 import ray
 import torch
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The CLIP a task loads: its open_clip architecture, its weights (None: a random init) and its input size."""
+
+    arch: str
+    weights: str | None
+    image_size: int
 
 
 def use_assigned_cpus() -> None:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from agft_core.calibration import fit_gamma
-from pipeline.config import ConfigError, load_config
-from pipeline.train import resolved
+from pipeline.config.loading import load_config
+from pipeline.config.sections import ConfigError
+from pipeline.stages.calibrate import resolved
 
 INV_TAU = 30.0
 

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
-from pipeline.dag import pretrain_key
+from pipeline.config.loading import load_config
+from pipeline.config.sections import ConfigError
+from pipeline.stages.pretrain import cache_key as pretrain_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,7 @@ def test_the_lr_and_the_warm_up_follow_the_global_batch_by_the_stated_rule():
 
 
 def test_the_shipped_sweeps_try_each_value_once_and_select_on_a_split_no_reported_number_uses():
-    from pipeline.config import check_sweep
+    from pipeline.config.checks import check_sweep
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(path)
@@ -78,7 +79,7 @@ def test_paper_config_evaluates_with_the_papers_protocol():
     ],
 )
 def test_published_recipe_replaces_the_shared_one_per_method(method, optimizer, lr, weight_decay, eps255, steps):
-    from pipeline.config import with_overrides
+    from pipeline.config.schema import with_overrides
 
     shared = load_config(None, [f"train.method={method}"])  # demo.yaml: lr 5e-4 and ε = 2/255 for every method
     assert (shared.train.optimizer, shared.train.lr, round(255 * shared.train.attack.eps)) == ("sgd", 5e-4, 2)
@@ -93,7 +94,7 @@ def test_published_recipe_replaces_the_shared_one_per_method(method, optimizer, 
 def test_the_recipes_optimizer_is_the_one_that_trains():
     import torch
 
-    from pipeline.config import with_overrides
+    from pipeline.config.schema import with_overrides
     from pipeline.train import make_optimizer
 
     fare = with_overrides(load_config(None, ["train.recipe=published"]), {"train.method": "fare"}).train
@@ -159,7 +160,7 @@ def test_a_relative_sqlite_store_is_refused_on_a_cluster(tmp_path, monkeypatch, 
     """Under `ray job submit` (RAY_ADDRESS set by Ray) or with --address, sqlite:///mlflow.db would be a
     file in the job's package directory on the head, deleted with it; refused before Ray starts."""
     from pipeline.cli import main
-    from pipeline.config import tracking_uri
+    from pipeline.config.checks import tracking_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

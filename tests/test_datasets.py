@@ -379,7 +379,7 @@ PAPER_PROMPTS = {
 
 
 def test_the_paper_config_evaluates_its_15_datasets_with_the_official_prompts():
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
 
     cfg = load_config("vitb32_imagenet")
     assert sorted(d.kind for d in cfg.data.zero_shot) == sorted(PAPER_PROMPTS)

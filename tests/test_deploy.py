@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from pipeline.cli import _parser
-from pipeline.config import load_config
-from pipeline.train import placement_problem, room_beside_training
+from pipeline.cluster import placement_problem, room_beside_training
+from pipeline.config.loading import load_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 REPO = DEPLOY.parent

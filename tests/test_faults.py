@@ -21,10 +21,13 @@ from safetensors.torch import load_file
 
 from agft_core.cache import CacheEntry
 from pipeline import tracking
+from pipeline.checkpoints import ENCODER_FILE, HISTORY_FILE
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.dag import Pipeline
-from pipeline.train import ENCODER_FILE, HISTORY_FILE, fit, read_history
+from pipeline.config.loading import load_config
+from pipeline.context import RunContext
+from pipeline.run import prepare
+from pipeline.stages import finetune
+from pipeline.trainer import fit, read_history
 
 TINY = [
     "pretrain.corpus_size=256",
@@ -70,7 +73,8 @@ def prepared(ray_local, tmp_path_factory):
 def _train(prepared, name: str, while_training=None):
     root, uri, cfg = prepared
     run_id = tracking.start_run(uri, "faults", {}, {})
-    inputs = Pipeline(cfg, uri, log=lambda line: None).prepare_training(run_id)
+    ctx = RunContext(cfg, uri, log=lambda line: None)
+    inputs = finetune.inputs(ctx, prepare(ctx, training=True), run_id)
     result = {}
     trainer = threading.Thread(target=lambda: result.update(checkpoint=fit(inputs, str(root / "train"), name)))
     trainer.start()
@@ -201,9 +205,8 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
     server = _start_mlflow(tmp_path, port)
     try:
         run_id = tracking.start_run(uri, "server-fault", {}, {})
-        pipeline = Pipeline(cfg, uri, log=lambda line: None)
-        prepared = pipeline.prepare(training=True)
-        inputs = pipeline.train_inputs(prepared, run_id)
+        ctx = RunContext(cfg, uri, log=lambda line: None)
+        prepared = prepare(ctx, training=True)
         outage = {}
 
         def outage_during_epoch_2():
@@ -224,7 +227,7 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
 
         watcher = threading.Thread(target=outage_during_epoch_2)
         watcher.start()
-        entry = pipeline.finetune(prepared, inputs)
+        entry = finetune.finetune(ctx, prepared, run_id)
         watcher.join()
         assert "error" not in outage, outage
         history = read_history(entry.file_named(HISTORY_FILE))

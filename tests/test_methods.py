@@ -11,7 +11,7 @@ from agft_core.catalog import METHODS
 from agft_core.losses import attention_map, fare_loss, kl_divergence, pmg_aft_loss, tga_zsr_loss
 from agft_core.methods import adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale
-from pipeline.config import AttackConfig
+from pipeline.config.sections import AttackConfig
 
 
 def _log_softmax(row):
@@ -106,7 +106,18 @@ def test_every_method_attacks_inside_the_ball_and_its_step_lowers_its_loss(tiny,
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = [
-        adversarial_step(student, student, method, x, y, cached, no_attack, "off", optimizer, scaler)[0].item()
+        adversarial_step(
+            student,
+            student,
+            method,
+            x,
+            y,
+            cached_teacher=cached,
+            attack=no_attack,
+            amp="off",
+            optimizer=optimizer,
+            scaler=scaler,
+        )[0].item()
         for _ in range(3)
     ]
     assert all(math.isfinite(v) for v in losses)

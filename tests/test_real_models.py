@@ -23,7 +23,9 @@ from agft_core.model import (
     save_weights,
     state_digest,
 )
-from pipeline.config import AttackConfig, ConfigError, load_config, preflight
+from pipeline.config.checks import preflight
+from pipeline.config.loading import load_config
+from pipeline.config.sections import AttackConfig, ConfigError
 
 
 @pytest.mark.parametrize("arch,method", [("ViT-B-32", "tga_zsr"), ("RN50", "agft")])
@@ -52,11 +54,11 @@ def test_random_init_model_from_a_weights_file_trains_and_evaluates(tmp_path, ar
         chosen,
         x,
         y,
-        cached,
-        AttackConfig(eps=1 / 255, alpha=1 / 255, steps=1),
-        "bf16",
-        torch.optim.SGD(student.parameters(), lr=1e-4),
-        torch.amp.GradScaler("cpu", enabled=False),
+        cached_teacher=cached,
+        attack=AttackConfig(eps=1 / 255, alpha=1 / 255, steps=1),
+        amp="bf16",
+        optimizer=torch.optim.SGD(student.parameters(), lr=1e-4),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
     )
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())

@@ -103,15 +103,15 @@ def test_an_empty_table_is_an_empty_string():
 
 
 def test_a_log_file_gets_plain_progress_lines_for_long_work_and_none_for_short(monkeypatch, capsys):
-    from pipeline import dag
+    from pipeline import remote
 
     clock = [100.0]
-    monkeypatch.setattr(dag.time, "monotonic", lambda: clock[0])
-    quick = dag._LineProgress(4, "text caches")
+    monkeypatch.setattr(remote.time, "monotonic", lambda: clock[0])
+    quick = remote.LineProgress(4, "text caches")
     for _ in range(4):
         quick.update(1)
     assert capsys.readouterr().err == ""  # done within QUIET_S: nothing to report
-    slow = dag._LineProgress(4, "teacher cache")
+    slow = remote.LineProgress(4, "teacher cache")
     for _ in range(4):
         clock[0] += 6
         slow.update(1)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.train import placement_problem, room_beside_training
+from pipeline.cluster import placement_problem, room_beside_training
+from pipeline.config.loading import load_config
 
 CPU2 = {"CPU": 2.0, "memory": 1e9}
 
@@ -122,7 +122,7 @@ def test_a_gpu_run_reduces_cpu_tensors_with_gloo_and_cuda_tensors_with_nccl():
     # under plain "nccl" the epoch's CPU float64 sums crashed every GPU run at the end of epoch 1
     from torch.distributed.distributed_c10d import Backend, BackendConfig
 
-    from pipeline.train import GPU_BACKEND
+    from pipeline.trainer import GPU_BACKEND
 
     assert BackendConfig(Backend(GPU_BACKEND)).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
 
@@ -138,7 +138,7 @@ def test_the_originals_eval_runs_beside_training_only_where_a_node_has_room_left
 
 
 def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds_trainers():
-    from pipeline.train import trainers_fitting
+    from pipeline.cluster import trainers_fitting
 
     train = cfg_of("train.use_gpu=true", "train.num_workers=2", "train.cpus_per_worker=8").train
     assert trainers_fitting(train, [{"CPU": 8.0, "GPU": 1.0}] * 5) == 2

@@ -16,10 +16,12 @@ from ray.util.state import list_tasks
 from ray_cluster import agft_command, ray_cluster
 from safetensors.torch import load_file
 
+from pipeline.checkpoints import newest_checkpoint
 from pipeline.cli import main
-from pipeline.config import ConfigError, check_sweep, load_config
+from pipeline.config.checks import check_sweep
+from pipeline.config.loading import load_config
+from pipeline.config.sections import ConfigError
 from pipeline.sweep import sweep
-from pipeline.train import newest_checkpoint
 
 # The search as shipped (random search, ASHA, one trial at a time), on tiny sizes: three trials
 # one after another.

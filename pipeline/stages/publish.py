@@ -1,0 +1,129 @@
+"""Stage publish: what a run leaves in MLflow. Its table, plots, timeline and fine-tuned encoder as artifacts
+(report), the eval matrix's (report_matrix), and its models registered under the experiment's name
+(register_models): a servable CLIP made by a Ray task, or the version already registered with the same weights."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from agft_core.cache import CacheEntry, fingerprint, local_path, read_bytes
+from pipeline import registry, report, tracking
+from pipeline.checkpoints import ENCODER_FILE
+from pipeline.config.loading import dump_yaml
+from pipeline.config.sections import ROBUST_MEANING
+from pipeline.context import Prepared, RunContext
+from pipeline.remote import get
+from tasks.describe import file_digest
+from tasks.publish import SERVED_CLIP, SERVED_EXAMPLE, servable_clip
+
+
+def report_run(ctx: RunContext, run_id: str, rows: list[dict], tuned: CacheEntry) -> None:
+    """The run's table, plots, timeline and fine-tuned encoder, to MLflow."""
+    cfg = ctx.cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+        report.write_csv(rows, out / "zero_shot_accuracy.csv")
+        title = f"{cfg.train.method.upper()}: zero-shot clean vs robust accuracy\n{cfg.eval.caption()}"
+        report.plot_accuracy(rows, out / "zero_shot_accuracy.png", title)
+        (out / "timeline.json").write_text(json.dumps(ctx.timeline, indent=1))
+        report.plot_timeline(ctx.timeline, out / "timeline.png")
+        names = ("config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png", "timeline.json", "timeline.png")
+        encoder = Path(local_path(tuned.file_named(ENCODER_FILE)))
+        tracking.log_results(
+            ctx.tracking_uri, run_id, report.dataset_metrics(rows), [out / n for n in names] + [encoder]
+        )
+
+
+def report_matrix(ctx: RunContext, run_id: str, results: list[dict], rows: list[dict], note: str) -> None:
+    """`agft eval`'s table (markdown and CSV) and plot, to MLflow."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "config.yaml").write_text(dump_yaml(ctx.cfg))
+        report.write_csv(rows, out / "eval_matrix.csv")
+        caption = f"Zero-shot top-1 accuracy (%); {ROBUST_MEANING[ctx.cfg.eval.robust]}{note}\n\n"
+        (out / "eval_matrix.md").write_text(caption + report.table(rows, percent=True))
+        report.plot_matrix(rows, out / "eval_matrix.png")
+        names = ("config.yaml", "eval_matrix.csv", "eval_matrix.md", "eval_matrix.png")
+        tracking.log_results(ctx.tracking_uri, run_id, report.matrix_metrics(results), [out / n for n in names])
+
+
+def _accuracy_tags(rows: list[dict], model: str) -> dict[str, str]:
+    """{"clean/<dataset>": "0.8123", "robust/<dataset>": ...} of one model ("original" or "finetuned") in
+    accuracy_rows' rows."""
+    return {
+        f"{column.removeprefix(model + '_')}/{row['dataset']}": f"{value:.4f}"
+        for row in rows
+        for column, value in row.items()
+        if column.startswith(model + "_")
+    }
+
+
+def register_models(ctx: RunContext, prepared: Prepared, run_id: str, rows: list[dict], encoder: str) -> None:
+    """The fine-tuned CLIP, and the original teacher when this run evaluated it, each tagged with its zero-shot
+    accuracy in the run that registered it; weights registered before keep their version."""
+    robust = {"robust": ctx.cfg.eval.caption()}
+    tags = robust | _accuracy_tags(rows, "finetuned")
+    versions = {registry.FINETUNED: register_model(ctx, prepared, run_id, encoder, tags)}
+    if "original_clean" in rows[0]:
+        tags = robust | _accuracy_tags(rows, "original")
+        versions[registry.ORIGINAL] = register_model(ctx, prepared, run_id, None, tags)
+    ctx.log(
+        f"[registry] {ctx.cfg.experiment}: "
+        + ", ".join(
+            f"version {v.version} ({role}{'' if v.run_id == run_id else ', unchanged: registered by run ' + v.run_id})"
+            for role, v in versions.items()
+        )
+    )
+
+
+def register_model(
+    ctx: RunContext, prepared: Prepared, run_id: str, encoder: str | None, tags: dict[str, str]
+) -> registry.ModelVersion:
+    """The teacher, fine-tuned by the image tower in the weights file `encoder` if given, logged to the run
+    as an MLflow model and registered as a version of the model named after the experiment; or the version
+    already registered with the same weights (a rerun from warm caches registers nothing new)."""
+    cfg, teacher = ctx.cfg, prepared.teacher
+    encoder_digest = encoder and get(file_digest.options(**ctx.light_options()).remote(encoder))
+    digest = fingerprint({"teacher": teacher.digest, "encoder": encoder_digest}) if encoder else teacher.digest
+    found = registry.registered_version(ctx.tracking_uri, cfg.experiment, digest)
+    if found:
+        return found
+    role = {"role": registry.FINETUNED, "method": cfg.train.method} if encoder else {"role": registry.ORIGINAL}
+    clip = _servable(ctx, prepared, encoder, encoder_digest)
+    mine = registry.register(
+        ctx.tracking_uri,
+        run_id,
+        cfg.experiment,
+        clip,
+        role | {"weights_digest": teacher.digest, "model_digest": digest} | tags,
+    )
+    return registry.keep_first(ctx.tracking_uri, mine, digest)
+
+
+def _servable(
+    ctx: RunContext, prepared: Prepared, encoder: str | None, encoder_digest: str | None
+) -> registry.ServableClip:
+    """The teacher, with the fine-tuned image tower in the weights file `encoder` (of SHA-256 encoder_digest)
+    if given, as a servable CLIP answering with the training set's classes: from the cache, or made by a Ray
+    task."""
+    teacher, train = prepared.teacher, prepared.infos["train"]
+    entry = CacheEntry(
+        ctx.cache_root,
+        "servable",
+        {"weights": teacher.digest, "arch": teacher.arch, "example": train.identity, "encoder": encoder_digest},
+    )
+    if not ctx.cached("model", entry, registry.FINETUNED if encoder else registry.ORIGINAL):
+        with entry.attempt() as attempt:
+            task = servable_clip.options(num_cpus=ctx.cfg.resources.task_cpus)
+            ref = task.remote(teacher.source, prepared.specs["train"], encoder_weights=encoder, out_dir=attempt)
+            entry.commit(attempt, get(ref, "data.train"))
+    return registry.ServableClip(
+        entry.file_named(SERVED_CLIP),
+        teacher.arch,
+        train.classnames,
+        train.templates,
+        read_bytes(entry.file_named(SERVED_EXAMPLE)),
+    )
