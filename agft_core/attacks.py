@@ -17,6 +17,7 @@ def pgd(
     eps: float,
     alpha: float,
     steps: int,
+    *,
     random_start: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -52,6 +53,7 @@ def apgd_ce(
     y: torch.Tensor,
     eps: float,
     steps: int,
+    *,
     restarts: int = 1,
     seed: int = 0,
 ) -> torch.Tensor:
@@ -74,6 +76,7 @@ def autoattack(
     x: torch.Tensor,
     y: torch.Tensor,
     eps: float,
+    *,
     version: str = "standard",
     seed: int = 0,
     batch_size: int = 256,

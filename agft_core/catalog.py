@@ -28,54 +28,34 @@ class MethodSpec:
     needs_vit: bool = False  # reads the ViT's tokens (attention maps)
 
 
-def _sgd(lr: float, eps: float = 1 / 255, steps: int = 2) -> dict:
+def _recipe(optimizer: str, lr: float, weight_decay: float = 0.0, eps: float = 1 / 255, steps: int = 2) -> dict:
     return {
-        "optimizer": "sgd",
+        "optimizer": optimizer,
         "lr": lr,
         "momentum": 0.9,
-        "weight_decay": 0.0,
+        "weight_decay": weight_decay,
         "attack": {"eps": eps, "alpha": 1 / 255, "steps": steps},
     }
 
 
-# Each method's published recipe: docs/methods.md gives the source of every value. The budget (epochs, batch
-# size, warm-up) stays the config's, so that every method gets the same one.
+# One row per method. Each published recipe's source is in docs/methods.md. The budget (epochs, batch size,
+# warm-up) stays the config's, so that every method gets the same one.
+# fmt: off
 METHOD_SPECS = {
-    "agft": MethodSpec("AGFT", frozen_encoder=False, teacher_cache=True, calibrated=True, published=_sgd(4e-4)),
-    "tecoa": MethodSpec("TeCoA", frozen_encoder=False, teacher_cache=False, calibrated=False, published=_sgd(1e-5)),
-    "pmg_aft": MethodSpec(
-        "PMGAFT",
-        frozen_encoder=True,
-        teacher_cache=False,
-        calibrated=False,
-        published=_sgd(5e-5),
-        loss_weights=(1.0, 1.0),
-        weights_meaning="α: KL to the frozen model on x_adv; β: KL to the student on x",
-    ),
-    "fare": MethodSpec(
-        "FARE",
-        frozen_encoder=True,
-        teacher_cache=False,
-        calibrated=False,
-        published={
-            "optimizer": "adamw",
-            "lr": 1e-5,
-            "momentum": 0.9,
-            "weight_decay": 1e-4,
-            "attack": {"eps": 4 / 255, "alpha": 1 / 255, "steps": 10},
-        },
-    ),
-    "tga_zsr": MethodSpec(
-        "TGAZSR",
-        frozen_encoder=True,
-        teacher_cache=False,
-        calibrated=False,
-        published=_sgd(1e-4),
-        loss_weights=(0.08, 0.05),
-        weights_meaning="α: adversarial attention term; β: clean attention term",
-        needs_vit=True,
-    ),
+    "agft": MethodSpec("AGFT", frozen_encoder=False, teacher_cache=True, calibrated=True,
+                       published=_recipe("sgd", 4e-4)),
+    "tecoa": MethodSpec("TeCoA", frozen_encoder=False, teacher_cache=False, calibrated=False,
+                        published=_recipe("sgd", 1e-5)),
+    "pmg_aft": MethodSpec("PMGAFT", frozen_encoder=True, teacher_cache=False, calibrated=False,
+                          published=_recipe("sgd", 5e-5), loss_weights=(1.0, 1.0),
+                          weights_meaning="α: KL to the frozen model on x_adv; β: KL to the student on x"),
+    "fare": MethodSpec("FARE", frozen_encoder=True, teacher_cache=False, calibrated=False,
+                       published=_recipe("adamw", 1e-5, weight_decay=1e-4, eps=4 / 255, steps=10)),
+    "tga_zsr": MethodSpec("TGAZSR", frozen_encoder=True, teacher_cache=False, calibrated=False,
+                          published=_recipe("sgd", 1e-4), loss_weights=(0.08, 0.05), needs_vit=True,
+                          weights_meaning="α: adversarial attention term; β: clean attention term"),
 }
+# fmt: on
 METHODS = tuple(METHOD_SPECS)
 RECIPE_FIELDS = tuple(METHOD_SPECS["agft"].published)  # the fields train.recipe: published sets
 ATTACKS = ("pgd", "cw", "apgd-ce", "autoattack", "autoattack-rand")

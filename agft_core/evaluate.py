@@ -98,7 +98,7 @@ def zero_shot_accuracy(
                 )
             )
             x_adv = (
-                apgd_ce(classifier, x, y, eps, steps, restarts, seed)
+                apgd_ce(classifier, x, y, eps, steps, restarts=restarts, seed=seed)
                 if attack == "apgd-ce"
                 else autoattack(
                     classifier,

@@ -82,6 +82,7 @@ def tga_zsr_loss(
     adv_map: torch.Tensor,
     clean_map: torch.Tensor,
     orig_map: torch.Tensor,
+    *,
     alpha: float,
     beta: float,
 ) -> torch.Tensor:

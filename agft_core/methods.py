@@ -125,7 +125,9 @@ class TGAZSR(Method):
         emb, tokens = model(torch.cat([x_adv, x]), output="tokens")
         adv, _ = emb.float().chunk(2)
         adv_map, clean_map = self._maps(tokens, torch.cat([labels, labels]), x.shape[-1]).chunk(2)
-        return tga_zsr_loss(self.logits(adv), labels, adv_map, clean_map, orig_map, self.alpha, self.beta), adv
+        return tga_zsr_loss(
+            self.logits(adv), labels, adv_map, clean_map, orig_map, alpha=self.alpha, beta=self.beta
+        ), adv
 
 
 def build_method(

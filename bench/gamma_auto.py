@@ -10,7 +10,6 @@ Reports both tables' zero-shot means, the gap, γ auto's value and the seconds o
 Usage: .venv/bin/python bench/gamma_auto.py [--out bench/results/gamma_auto.json] [--cache-dir DIR]
 """
 
-import argparse
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from agft_cli import agft
+from agft_cli import agft, cli_parser, output, sets, store_args
 from mlflow.tracking import MlflowClient
 
 GAMMAS = [0.2, 0.4, 0.7, 1.0]
@@ -48,29 +47,16 @@ def calibration_seconds(uri: str, parent: str, tmp: str) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="bench/results/gamma_auto.json")
-    parser.add_argument("--cache-dir", help="reuse a cache (the teacher, earlier fine-tunes); default: a fresh one")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    cache_help = "reuse a cache (the teacher, earlier fine-tunes); default: a fresh one"
+    args = cli_parser("bench/results/gamma_auto.json", cache_help).parse_args()
+    out = output(args.out)
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        common = ["--set", f"cache_dir={args.cache_dir or tmp + '/cache'}", "--tracking-uri", uri]
+        common = store_args(tmp, args.cache_dir)
         best = Path(tmp) / "best.yaml"
         space = json.dumps({"calibration.gamma": {"grid": GAMMAS}})
-        sweep_seconds = agft(
-            "sweep",
-            *common,
-            "--set",
-            f"sweep.space={space}",
-            "--set",
-            "sweep.num_samples=1",
-            "--set",
-            "sweep.scheduler=fifo",
-            "--best-out",
-            str(best),
-        )
+        one_pass = sets(f"sweep.space={space}", "sweep.num_samples=1", "sweep.scheduler=fifo")
+        sweep_seconds = agft("sweep", *common, *one_pass, "--best-out", str(best))
         chosen = yaml.safe_load(best.read_text())["calibration"]["gamma"]
         report = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

@@ -23,6 +23,7 @@ from agft_core.datasets import load_dataset
 from agft_core.evaluate import embed_images
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, preprocess_cfg
 from agft_core.pretrain import pretrain_clip
+from pipeline.cli import with_config
 from pipeline.config.loading import load_config
 
 # name: the pretrain arguments it changes from configs/demo.yaml's
@@ -55,16 +56,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--today", help="a teacher's weights file, pretrained by the commit before the change")
     parser.add_argument("--out", default="bench/results/pretrain_recipe.json")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        help="config overrides, e.g. a smaller pretrain.corpus_size to check the script",
-    )
-    args = parser.parse_args()
+    args = with_config(parser).parse_args()  # e.g. --set pretrain.corpus_size=512 to check the script
     torch.set_num_threads(os.cpu_count())
-    cfg = load_config(None, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     base = {
         "epochs": cfg.pretrain.epochs,
         "batch_size": cfg.pretrain.batch_size,

@@ -8,7 +8,6 @@ Writes the JSON (the search spaces, each sweep's trials and choice, wall times) 
 --reuse takes the choices of the methods an earlier run of this script swept, and sweeps only the others.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -16,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from agft_cli import agft
+from agft_cli import agft, cli_parser, output, sets, store_args
 
 # Four trials per method: what each method's authors or the paper name as its knobs.
 SPACES = {
@@ -31,16 +30,12 @@ SEEDS = [0, 1, 2]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="bench/results/tuned_compare.json")
-    parser.add_argument("--cache-dir", help="reuse a cache (the teacher); default: a fresh one")
+    parser = cli_parser("bench/results/tuned_compare.json", "reuse a cache (the teacher); default: a fresh one")
     parser.add_argument("--reuse", help="an earlier result of this script: its sweeps' choices are kept")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output(args.out)
     with tempfile.TemporaryDirectory() as tmp:
-        cache = args.cache_dir or f"{tmp}/cache"
-        common = ["--set", f"cache_dir={cache}", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
+        common = store_args(tmp, args.cache_dir)
         report = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "spaces": SPACES,
@@ -52,20 +47,8 @@ def main() -> None:
             if method in tuned:
                 continue
             best = Path(tmp) / f"best-{method}.yaml"
-            seconds = agft(
-                "sweep",
-                *common,
-                "--set",
-                f"train.method={method}",
-                "--set",
-                f"sweep.space={json.dumps(space)}",
-                "--set",
-                "sweep.num_samples=1",
-                "--set",
-                "sweep.scheduler=fifo",
-                "--best-out",
-                str(best),
-            )
+            one_pass = sets(f"sweep.space={json.dumps(space)}", "sweep.num_samples=1", "sweep.scheduler=fifo")
+            seconds = agft("sweep", *common, *sets(f"train.method={method}"), *one_pass, "--best-out", str(best))
             chosen = yaml.safe_load(best.read_text())
             tuned[method] = {key: _get(chosen, key) for key in space}
             report["sweeps"][method] = {"seconds": seconds, "chosen": tuned[method]}

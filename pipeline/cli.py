@@ -18,22 +18,24 @@ from pipeline.config.sections import ConfigError
 STEPS = ("pretrain", "text", "teacher", "train", "eval")
 
 
+def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--config and --set, as load_config(args.config, args.overrides) takes them (also the benchmarks')."""
+    p.add_argument("--config", help="YAML config (default: configs/demo.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one config field, e.g. --set train.epochs=2 (repeatable)",
+    )
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agft", description="Alignment-Guided Fine-Tuning on Ray.")
     parser.add_argument("--version", action="version", version=f"agft {version('agft')}")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    def with_config(p):
-        p.add_argument("--config", help="YAML config (default: configs/demo.yaml)")
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="FIELD=VALUE",
-            help="override one config field, e.g. --set train.epochs=2 (repeatable)",
-        )
-        return p
 
     def with_cluster(p):
         with_config(p)

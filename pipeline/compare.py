@@ -2,8 +2,9 @@
 
 Every run shares the teacher (pretrained once, from pretrain.seed), the data, the budget and ε;
 only the method and the fine-tune's seed change. The teacher and the text caches are built by the
-first run and read by all others; the teacher cache by the first run of a method that reads it. Results: one MLflow parent run with a nested run per
-(method, seed), and a table of mean ± sample std over seeds, per dataset and over datasets.
+first run and read by all others; the teacher cache by the first run of a method that reads it.
+Results: one MLflow parent run with a nested run per (method, seed), and a table of mean ± sample std
+over seeds, per dataset and over datasets.
 """
 
 from __future__ import annotations

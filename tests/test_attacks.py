@@ -124,7 +124,7 @@ def test_accuracy_never_rises_as_the_attack_gets_stronger(trained_mlp):
         "cw20": _accuracy(model, pgd(lambda z: cw_margin_loss(model(z), y), x, eps, eps / 8, 20, generator=g()), y),
         "apgd_ce5": _accuracy(model, apgd_ce(model, x, y, eps, 5), y),
         "apgd_ce50": _accuracy(model, apgd_ce(model, x, y, eps, 50, restarts=2), y),
-        "autoattack": _accuracy(model, autoattack(model, x, y, eps, "standard", batch_size=100), y),
+        "autoattack": _accuracy(model, autoattack(model, x, y, eps, version="standard", batch_size=100), y),
     }
     assert results["clean"] >= 0.9, results
     assert results["clean"] >= results["pgd2"] >= results["pgd20"] >= results["autoattack"], results
@@ -137,7 +137,7 @@ def test_accuracy_never_rises_as_the_attack_gets_stronger(trained_mlp):
 def test_autoattack_stays_inside_the_eps_ball_and_the_box(trained_mlp, version):
     model, x, y = trained_mlp
     eps = 4 / 255
-    x_adv = autoattack(model, x[:20], y[:20], eps, version, batch_size=20)
+    x_adv = autoattack(model, x[:20], y[:20], eps, version=version, batch_size=20)
     assert (x_adv - x[:20]).abs().max().item() <= eps + 1e-6
     assert 0 <= x_adv.min().item() and x_adv.max().item() <= 1
 

@@ -118,6 +118,11 @@ def _config_file(files: Path, name: str, text: str) -> Path:
     return path
 
 
+def _random_with(*overrides: str) -> list[str]:
+    """RANDOM and --set FIELD=VALUE for each override."""
+    return RANDOM + [arg for override in overrides for arg in ("--set", override)]
+
+
 # (id, argv after the command, text the error line must contain). {files} and {port} are filled in.
 CASES = [
     ("yaml-syntax", ["--config", "{files}/syntax.yaml"], "invalid YAML"),
@@ -148,50 +153,45 @@ CASES = [
     # found by the Ray tasks that read the data and the weights, before anything is written
     (
         "missing-train-root",
-        RANDOM + ["--set", "data.train={kind: imagefolder, name: f, split: train, root: {files}/nowhere}"],
+        _random_with("data.train={kind: imagefolder, name: f, split: train, root: {files}/nowhere}"),
         "data.train",
     ),
     (
         "missing-zero-shot-root",
-        RANDOM + ["--set", "data.zero_shot=[{kind: cifar10, name: c, split: test, root: {files}/nowhere}]"],
+        _random_with("data.zero_shot=[{kind: cifar10, name: c, split: test, root: {files}/nowhere}]"),
         "data.zero_shot.0",
     ),
     (
         "missing-validation-root",
-        RANDOM + ["--set", "train.validation={dataset: {kind: imagefolder, name: v, split: val, root: {files}/good}}"],
+        _random_with("train.validation={dataset: {kind: imagefolder, name: v, split: val, root: {files}/good}}"),
         "train.validation",
     ),
     (
         "empty-image-folder",
-        RANDOM + ["--set", "data.train={kind: imagefolder, name: e, split: train, root: {files}/empty}"],
+        _random_with("data.train={kind: imagefolder, name: e, split: train, root: {files}/empty}"),
         "data.train: e: cannot read imagefolder train under {files}/empty",
     ),
     (
         "corrupt-image",
-        RANDOM
-        + [
-            "--set",
-            "data.train={kind: imagefolder, name: k, split: train, root: {files}/corrupt}",
-            "--set",
-            "train.batch_size=2",
-        ],
+        _random_with(
+            "data.train={kind: imagefolder, name: k, split: train, root: {files}/corrupt}", "train.batch_size=2"
+        ),
         "data.train: k: corrupt image {files}/corrupt/train/dog/2.png",
     ),
     # a zero-shot or validation set is decoded only after training: checked before anything is written
     (
         "corrupt-zero-shot-image",
-        RANDOM + ["--set", "data.zero_shot=[{kind: imagefolder, name: k, split: train, root: {files}/corrupt}]"],
+        _random_with("data.zero_shot=[{kind: imagefolder, name: k, split: train, root: {files}/corrupt}]"),
         "data.zero_shot.0: k: corrupt image {files}/corrupt/train/dog/2.png",
     ),
     (
         "corrupt-validation-image",
-        RANDOM
-        + ["--set", "train.validation={dataset: {kind: imagefolder, name: k, split: train, root: {files}/corrupt}}"],
+        _random_with("train.validation={dataset: {kind: imagefolder, name: k, split: train, root: {files}/corrupt}}"),
         "train.validation.dataset: k: corrupt image {files}/corrupt/train/dog/2.png",
     ),
     (
         "truncated-parquet-dataset",
-        RANDOM + ["--set", "data.train={kind: parquet, name: p, split: train, root: {files}/parquet}"],
+        _random_with("data.train={kind: parquet, name: p, split: train, root: {files}/parquet}"),
         "data.train: p: cannot read parquet train under {files}/parquet",
     ),
     (

@@ -4,13 +4,12 @@ import re
 import statistics
 
 from mlflow.tracking import MlflowClient
+from tiny import TEACHER
 
 from pipeline.cli import main
 
 TINY = [
-    "pretrain.corpus_size=256",
-    "pretrain.epochs=1",
-    "pretrain.batch_size=64",
+    *TEACHER,
     "data.train.limit=128",
     "data.zero_shot=[{name: shapes, limit: 48}, {name: colours, limit: 48}, {name: sizes, limit: 48}]",
     "train.epochs=1",

@@ -18,6 +18,7 @@ from mlflow_server import status_without_credentials
 from ray.util.state import list_actors
 from ray_cluster import agft_command, free_port, ray_cluster
 from safetensors.torch import load_file
+from tiny import ONE_ZERO_SHOT, TEACHER
 
 from agft_core.cache import CacheEntry
 from pipeline import tracking
@@ -30,11 +31,9 @@ from pipeline.stages import finetune
 from pipeline.trainer import fit, read_history
 
 TINY = [
-    "pretrain.corpus_size=256",
-    "pretrain.epochs=1",
-    "pretrain.batch_size=64",
+    *TEACHER,
     "data.train.limit=256",
-    "data.zero_shot=[{name: colours, limit: 32}]",
+    ONE_ZERO_SHOT,
     "train.epochs=3",
     "train.batch_size=32",
     "train.num_workers=2",
@@ -166,25 +165,10 @@ def _logged_epochs(uri: str) -> list[int]:
 
 def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on a SQLite store; restarting it on the same port and store is the same server."""
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            (root / "art").as_uri(),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+               "--artifacts-destination", (root / "art").as_uri()]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for(lambda: status_without_credentials(f"http://127.0.0.1:{port}") == 200, 180, "the mlflow server")
     return proc
 

@@ -17,14 +17,13 @@ from mlflow.tracking import MlflowClient
 from mlflow_server import mlflow_server, status_without_credentials
 from PIL import Image
 from ray_cluster import ray_cli, ray_cluster
+from tiny import ONE_ZERO_SHOT, TEACHER
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
-    "pretrain.corpus_size=256",
-    "pretrain.epochs=1",
-    "pretrain.batch_size=64",
+    *TEACHER,
     "data.train.limit=128",
-    "data.zero_shot=[{name: colours, limit: 32}]",
+    ONE_ZERO_SHOT,
     "train.epochs=1",
     "train.batch_size=32",
     "train.validation=null",
@@ -55,28 +54,18 @@ def _runtime_env(tmp_path: Path, env_vars: dict[str, str]) -> Path:
 EVERY_LINE = {"RAY_DEDUP_LOGS": "0"}
 
 
+def _job_submit(address: str, submission: str, runtime_env: Path, command: list[str], env: dict):
+    """`ray job submit --no-wait` of command, with this repository as the working directory."""
+    return ray_cli("job", "submit", "--address", address, "--submission-id", submission, "--working-dir", str(REPO),
+                   "--runtime-env", str(runtime_env), "--no-wait", "--", *command, env=env)  # fmt: skip
+
+
 def _submit(address, env, tmp_path, *overrides, runtime_env: Path = REPO / "deploy" / "runtime_env.yaml") -> str:
     submission = f"agft-{secrets.token_hex(4)}"
     args = ["run", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", f"cache_dir={tmp_path / 'c'}"]
     for o in TINY + list(overrides):
         args += ["--set", o]
-    result = ray_cli(
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--submission-id",
-        submission,
-        "--working-dir",
-        str(REPO),
-        "--runtime-env",
-        str(runtime_env),
-        "--no-wait",
-        "--",
-        "agft",
-        *args,
-        env=env,
-    )
+    result = _job_submit(address, submission, runtime_env, ["agft", *args], env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return submission
 
@@ -247,22 +236,7 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             audit,
         )
         submission = f"agft-gpu-{secrets.token_hex(4)}"
-        submitted = ray_cli(
-            "job",
-            "submit",
-            "--address",
-            gpu_cluster.dashboard,
-            "--submission-id",
-            submission,
-            "--working-dir",
-            str(REPO),
-            "--runtime-env",
-            str(runtime_env),
-            "--no-wait",
-            "--",
-            *args,
-            env=gpu_cluster.env,
-        )
+        submitted = _job_submit(gpu_cluster.dashboard, submission, runtime_env, args, gpu_cluster.env)
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
         status = _wait(gpu_cluster.dashboard, gpu_cluster.env, submission, timeout=600)
         logs = ray_cli("job", "logs", "--address", gpu_cluster.dashboard, submission, env=gpu_cluster.env).stdout

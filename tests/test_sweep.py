@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_tasks
 from ray_cluster import agft_command, ray_cluster
 from safetensors.torch import load_file
+from tiny import ONE_ZERO_SHOT, TEACHER
 
 from pipeline.checkpoints import newest_checkpoint
 from pipeline.cli import main
@@ -26,11 +27,9 @@ from pipeline.sweep import sweep
 # The search as shipped (random search, ASHA, one trial at a time), on tiny sizes: three trials
 # one after another.
 TINY = [
-    "pretrain.corpus_size=256",
-    "pretrain.epochs=1",
-    "pretrain.batch_size=64",
+    *TEACHER,
     "data.train.limit=128",
-    "data.zero_shot=[{name: colours, limit: 32}]",
+    ONE_ZERO_SHOT,
     "train.epochs=2",
     "train.batch_size=32",
     "train.validation.dataset.limit=32",
@@ -256,20 +255,17 @@ def test_search_space_maps_every_domain_and_optuna_is_available():
         load_config(None, ["sweep.search=optuna", "sweep.space={train.lr: {grid: [0.1]}}"])
 
 
+def _tiny(cfg, *overrides: str):
+    """TINY on cfg's cache (warm from the fixture), with overrides."""
+    return load_config(None, [*TINY, f"cache_dir={cfg.cache_dir}", *overrides])
+
+
 def test_a_trial_that_cannot_be_placed_fails_and_the_sweep_goes_on(swept, tmp_path):
     """3 workers of 1 CPU on a 2-CPU cluster without an autoscaler can never start: that trial ends
     FAILED at once with the reason, and the next trial still runs (caches warm from the fixture)."""
     cfg, uri, _, _ = swept
     lines = []
-    cfg = load_config(
-        None,
-        TINY
-        + [
-            f"cache_dir={cfg.cache_dir}",
-            "experiment=sweep-placement",
-            "sweep.space={train.num_workers: {grid: [3, 1]}}",
-        ],
-    )
+    cfg = _tiny(cfg, "experiment=sweep-placement", "sweep.space={train.num_workers: {grid: [3, 1]}}")
     with deadline(SWEEP_DEADLINE_S):
         result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
     assert [(t["train.num_workers"], t["error"]) for t in result.trials] == [(3, True), (1, False)]
@@ -307,17 +303,13 @@ def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path)
     there, though the sweep as configured (train.epochs swept up to 3) would train it for 3 epochs."""
     cfg, uri, _, _ = swept
     lines = []
-    cfg = load_config(
-        None,
-        TINY
-        + [
-            f"cache_dir={cfg.cache_dir}",
-            "experiment=sweep-asha",
-            "train.warmup_epochs=0",
-            "sweep.space={train.lr: {grid: [0.01, 1.0e-9]}, train.epochs: {choice: [3]}}",
-            "sweep.metric=loss",
-            "sweep.mode=min",
-        ],
+    cfg = _tiny(
+        cfg,
+        "experiment=sweep-asha",
+        "train.warmup_epochs=0",
+        "sweep.space={train.lr: {grid: [0.01, 1.0e-9]}, train.epochs: {choice: [3]}}",
+        "sweep.metric=loss",
+        "sweep.mode=min",
     )
     assert cfg.max_epochs() == 3 and cfg.train.epochs == 2
     with deadline(SWEEP_DEADLINE_S):

@@ -1,0 +1,4 @@
+"""Sizes the end-to-end tests share: a teacher pretrained in seconds and one small zero-shot set."""
+
+TEACHER = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64"]
+ONE_ZERO_SHOT = "data.zero_shot=[{name: colours, limit: 32}]"
