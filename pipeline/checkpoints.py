@@ -16,7 +16,8 @@ from tasks.common import say
 
 ENCODER_FILE = "image_encoder.safetensors"
 STATE_FILE = "train_state.pt"
-HISTORY_FILE = "history.json"
+HISTORY_FILE = "history.json"  # the per-epoch metrics, each with its EPOCH_END
+EPOCH_END = "epoch_end_time"  # a history field (unix seconds), not a metric
 
 
 def resume_point(

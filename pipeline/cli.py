@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Ray Train's own PreemptionWatcher actor logs the first at ERROR level in every run (ray-project/ray#53727): it
 # concerns an actor restart that Ray Train manages, nothing a user can act on. The raylet prints the second when
-# a train worker dies, which Ray Train recovers from and pipeline.trainer._FailureLine reports in one line.
+# a train worker dies, which Ray Train recovers from and pipeline.train_failures.FailureLine reports in one line.
 RAY_NOISE = (
     r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
     r"|A worker died or was killed while executing a task by an unexpected system error"

@@ -229,7 +229,7 @@ def _tuner(ctx: RunContext, trainable, name: str, storage: str, parent_run_id: s
         concurrent = trainer_room(cfg)
         ctx.log(
             f"[sweep] up to {concurrent} trial{'s' * (concurrent > 1)} at once: the cluster's room for trainers "
-            f"of {cfg.train.num_workers} workers"
+            f"of {cfg.train.num_workers} worker{'s' * (cfg.train.num_workers > 1)}"
         )
     return tune.Tuner(
         trainable,

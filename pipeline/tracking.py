@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from agft_core.catalog import is_uri
+from pipeline.checkpoints import EPOCH_END
 from pipeline.config.sections import ConfigError
 
-EPOCH_END = "epoch_end_time"  # a history field (unix seconds), not a metric
 # What a tracking server that went away raises, once MLflow's own retries are spent.
 TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException)
 

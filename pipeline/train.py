@@ -40,9 +40,8 @@ from agft_core.evaluate import zero_shot_accuracy
 from agft_core.methods import Method, adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from agft_core.optim import warmup_cosine
-from pipeline.checkpoints import ENCODER_FILE, HISTORY_FILE, STATE_FILE, resume_point
+from pipeline.checkpoints import ENCODER_FILE, EPOCH_END, HISTORY_FILE, STATE_FILE, resume_point
 from pipeline.config.schema import Config, TrainConfig
-from pipeline.tracking import EPOCH_END, log_history
 from tasks.common import ModelSource, cpu_fallback, say
 
 EPOCH_METRICS = ("loss", "train_robust_acc", "lr", "val_clean_acc", "val_robust_acc")  # what each epoch reports
@@ -323,6 +322,8 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
 def _log_quietly(inputs: TrainInputs, history: list[dict]) -> None:
     """Training does not wait on the tracking server: while it is unreachable, epochs stay in the
     checkpointed history and are logged once it answers."""
+    from pipeline.tracking import log_history  # MLflow: imported by the one worker that logs
+
     try:
         log_history(inputs.tracking_uri, inputs.run_id, history)
     except Exception as exc:  # noqa: BLE001 - any tracking failure: MlflowException, requests, OSError

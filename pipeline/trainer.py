@@ -11,19 +11,17 @@ from dataclasses import replace
 
 import ray
 import ray.train
-from ray.exceptions import ActorDiedError
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
 from agft_core.cache import join, read_bytes
-from agft_core.errors import first_line
 from pipeline.checkpoints import HISTORY_FILE, newest_checkpoint, prune
 from pipeline.cluster import worker_resources
 from pipeline.config.sections import ConfigError
 from pipeline.stages.calibrate import resolved
 from pipeline.train import TrainInputs, train_loop
-from tasks.common import say
+from pipeline.train_failures import FailureLine
 from tasks.describe import cuda_available
 
 # nccl for CUDA tensors and gloo for any CPU tensor: a collective on a CPU tensor under plain nccl crashes the run
@@ -37,7 +35,7 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     """
     cfg = inputs.cfg.train
     newest = newest_checkpoint(join(storage_path, name))
-    failure_line = _FailureLine(cfg.max_failures, len(read_history(join(newest, HISTORY_FILE))) if newest else None)
+    failure_line = FailureLine(cfg.max_failures, len(read_history(join(newest, HISTORY_FILE))) if newest else None)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration), newest_on_disk=newest),
@@ -50,7 +48,7 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
             name=name,
             callbacks=[*(callbacks or []), failure_line],
             # Ray Train's console logs (every rank's report, worker-group listings, a failed
-            # rank's traceback: _FailureLine says it in one line) only on request; its log
+            # rank's traceback: FailureLine says it in one line) only on request; its log
             # files keep every level
             logging_config=LoggingConfig(log_level="INFO" if inputs.cfg.verbose else "CRITICAL"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
@@ -98,33 +96,3 @@ def _start_failure_limit(start_timeout_s: float) -> int:
     this many retries bound the whole wait by start_timeout_s."""
     attempt = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
     return max(0, math.ceil(start_timeout_s / attempt) - 1)
-
-
-class _FailureLine(ray.train.UserCallback):
-    """One console line per failure of the worker group, from Ray Train's controller: what failed and where
-    training goes on from. The tracebacks (the surviving ranks' gloo errors, the controller's) stay in Ray's
-    log files, and on the console with --verbose."""
-
-    def __init__(self, max_failures: int, epoch: int | None):
-        self.max_failures, self.failures, self.epoch = max_failures, 0, epoch
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
-        if checkpoint is not None:  # what a restarted worker group gets from ray.train.get_checkpoint()
-            self.epoch = metrics[0]["epoch"]
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        self.failures += 1
-        # a rank whose process died surfaces as a failed health check wrapping ActorDiedError
-        errors = {rank: getattr(e, "health_check_failure", e) for rank, e in sorted(worker_exceptions.items())}
-        died = [rank for rank, e in errors.items() if isinstance(e, ActorDiedError)]
-        if died:
-            what = "; ".join(f"rank {rank}'s process died" for rank in died)
-        else:
-            what = "; ".join(f"rank {rank}: {type(e).__name__}: {first_line(e)[:120]}" for rank, e in errors.items())
-        if self.failures > self.max_failures:
-            outcome = f"no retries left (train.max_failures={self.max_failures})"
-        elif self.epoch:
-            outcome = f"resuming from the epoch-{self.epoch} checkpoint"
-        else:
-            outcome = "restarting from epoch 1"
-        say(f"[train] worker failure ({what}): {outcome}")

@@ -91,6 +91,24 @@ def test_published_recipe_replaces_the_shared_one_per_method(method, optimizer, 
     assert "published recipe" in train.recipe_caption() and "lr 0.0005" in shared.train.recipe_caption()
 
 
+def test_each_methods_loss_weights_and_model_check_come_from_its_row():
+    """train.<method>.alpha/beta exist exactly for the rows with loss weights, at their defaults; a method that
+    needs a ViT is refused on a ResNet and the message offers the others."""
+    from agft_core.catalog import METHOD_SPECS
+    from pipeline.config.schema import TrainConfig
+
+    weighted = {name for name, spec in METHOD_SPECS.items() if spec.loss_weights}
+    assert weighted == {"pmg_aft", "tga_zsr"} and weighted <= set(TrainConfig.model_fields)
+    train = load_config(None).train
+    assert {name: (getattr(train, name).alpha, getattr(train, name).beta) for name in weighted} == {
+        "pmg_aft": (1.0, 1.0),
+        "tga_zsr": (0.08, 0.05),
+    }
+    assert not set(METHOD_SPECS) - weighted & set(TrainConfig.model_fields)
+    with pytest.raises(ConfigError, match=r"tga_zsr needs a ViT .* \(use agft, tecoa, pmg_aft, fare\)"):
+        load_config(None, ["model.arch=RN50", "model.weights=random", "train.method=tga_zsr"])
+
+
 def test_the_recipes_optimizer_is_the_one_that_trains():
     import torch
 

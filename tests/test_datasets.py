@@ -14,8 +14,9 @@ from PIL import Image
 from torchvision import datasets as tvd
 
 from agft_core.catalog import LOADERS, DatasetSpec, check_root
-from agft_core.datasets import clip_classnames, load_dataset, subset_indices
+from agft_core.datasets import clip_classnames, load_dataset
 from agft_core.errors import InputError
+from agft_core.subsets import subset_indices
 
 RNG = np.random.default_rng(0)
 

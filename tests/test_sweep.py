@@ -24,14 +24,15 @@ from pipeline.config.loading import load_config
 from pipeline.config.sections import ConfigError
 from pipeline.sweep import sweep
 
-# The search as shipped (random search, ASHA, one trial at a time), on tiny sizes: three trials
-# one after another.
+# The search as shipped (random search, ASHA, as many trials at once as the cluster holds trainers), on tiny
+# sizes: trainers of one worker, so that two trials run at once on the 2-CPU test cluster.
 TINY = [
     *TEACHER,
     "data.train.limit=128",
     ONE_ZERO_SHOT,
     "train.epochs=2",
     "train.batch_size=32",
+    "train.num_workers=1",
     "train.validation.dataset.limit=32",
     "sweep.space={calibration.gamma: {choice: [0.3, 0.6, 0.9]}, calibration.inv_tau: {loguniform: [15, 40]}}",
     "sweep.num_samples=1",
@@ -65,8 +66,10 @@ def swept(ray_local, tmp_path_factory):
     cfg = load_config(None, TINY + [f"cache_dir={root / 'cache'}", "experiment=sweep-test"])
     assert cfg.sweep.scheduler == "asha" and cfg.sweep.search == "random" and cfg.sweep.max_concurrent_trials == "auto"
     before = {n: _task_count(n) for n in ("pretrain_teacher", "teacher_shard", "embed_class_prompts")}
+    lines = []
     with deadline(SWEEP_DEADLINE_S):
-        result = sweep(cfg, uri, root / "best.yaml", log=lambda line: None)
+        result = sweep(cfg, uri, root / "best.yaml", log=lines.append)
+    assert "[sweep] up to 2 trials at once: the cluster's room for trainers of 1 worker" in lines
     time.sleep(2)  # the state API lags task completion by a moment
     after = {n: _task_count(n) for n in before}
     return cfg, uri, result, {n: after[n] - before[n] for n in before}
@@ -175,6 +178,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         + [
             f"cache_dir={tmp_path / 'cache'}",
             "experiment=resume-test",
+            "sweep.max_concurrent_trials=1",  # the first trial ends before the second starts
             "sweep.space={calibration.gamma: {grid: [0.3, 0.6]}}",
         ],
         "--best-out",
@@ -306,6 +310,7 @@ def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path)
     cfg = _tiny(
         cfg,
         "experiment=sweep-asha",
+        "sweep.max_concurrent_trials=1",
         "train.warmup_epochs=0",
         "sweep.space={train.lr: {grid: [0.01, 1.0e-9]}, train.epochs: {choice: [3]}}",
         "sweep.metric=loss",
