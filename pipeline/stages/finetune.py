@@ -17,29 +17,22 @@ from pipeline.trainer import fit, read_history
 VERSION = "epoch-seeded-1"  # changes when the same config would train differently
 # What does not change the encoder trained: where and how fast it runs, and how many checkpoints are kept.
 # train.recipe is left out too: train.recipe: published has already written its values into the section.
-NOT_IN_KEY = {
-    "num_workers",
-    "cpus_per_worker",
-    "use_gpu",
-    "max_failures",
-    "start_timeout_s",
-    "keep_checkpoints",
-    "recipe",
-}
+NOT_IN_KEY = {"num_workers", "cpus_per_worker", "use_gpu", "max_failures", "start_timeout_s", "keep_checkpoints",
+              "recipe"}  # fmt: skip
 
 
 def inputs(ctx: RunContext, prepared: Prepared, run_id: str) -> TrainInputs:
     """What a Ray Train run of the fine-tune needs besides the config: where the teacher and the caches are."""
     texts = prepared.texts
     return TrainInputs(
-        ctx.cfg,
-        prepared.teacher.source,
-        texts["train"].files(),
-        prepared.teacher_cache.files() if prepared.teacher_cache else [],
-        ctx.tracking_uri,
-        run_id,
-        texts["val"].files() if "val" in texts else [],
-        prepared.calibration,
+        cfg=ctx.cfg,
+        teacher=prepared.teacher.source,
+        text_files=texts["train"].files(),
+        teacher_files=prepared.teacher_cache.files() if prepared.teacher_cache else [],
+        tracking_uri=ctx.tracking_uri,
+        run_id=run_id,
+        val_text_files=texts["val"].files() if "val" in texts else [],
+        calibration=prepared.calibration,
     )
 
 
@@ -67,7 +60,6 @@ def cache_entry(ctx: RunContext, prepared: Prepared) -> CacheEntry:
 
 def finetune(ctx: RunContext, prepared: Prepared, run_id: str) -> CacheEntry:
     """The fine-tuned encoder and its history, from the cache or trained; its epochs logged to run_id."""
-    train_inputs = inputs(ctx, prepared, run_id)
     entry = cache_entry(ctx, prepared)
     if ctx.cached("train", entry):
         tracking.log_history(ctx.tracking_uri, run_id, read_history(entry.file_named(HISTORY_FILE)))
@@ -76,7 +68,7 @@ def finetune(ctx: RunContext, prepared: Prepared, run_id: str) -> CacheEntry:
     if "train" in ctx.rerun:
         fs, path = filesystem(join(checkpoints, name))
         fs.delete_dir_contents(path, missing_dir_ok=True)
-    checkpoint = fit(train_inputs, checkpoints, name)
+    checkpoint = fit(inputs(ctx, prepared, run_id), checkpoints, name)
     with entry.attempt() as attempt, checkpoint.as_directory() as d:
         for file in (ENCODER_FILE, HISTORY_FILE):
             upload(Path(d) / file, join(attempt, file))
