@@ -16,6 +16,16 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
 
 
+def task_resources(cfg: Config) -> dict[str, float]:
+    """What one DAG task that computes on images (caches, eval) asks Ray for."""
+    return {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """Each alive node's total resources."""
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
 def _fits(shape: dict[str, float], node: dict[str, float]) -> int:
     """How many requests of this shape one node's total resources hold (Ray counts in steps of 1e-4)."""
     return int(min(node.get(key, 0) / amount for key, amount in shape.items() if amount) + 1e-6)
@@ -30,7 +40,7 @@ def room_beside_training(cfg: Config, nodes: list[dict[str, float]]) -> bool:
     """Whether a DAG task still fits on some node once the trainer's workers are placed, each request on one
     node as Ray places them: the workers first, each on the node with the least room that holds it."""
     free = [dict(node) for node in nodes]
-    worker, task = worker_resources(cfg.train), {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus}
+    worker, task = worker_resources(cfg.train), task_resources(cfg)
     for _ in range(cfg.train.num_workers):
         fitting = [node for node in free if _fits(worker, node)]
         if not fitting:
@@ -49,7 +59,7 @@ def _cluster_shape() -> tuple[list[dict[str, float]], list[tuple[dict[str, float
 
     config = state.get_cluster_config()
     groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs] if config else None
-    return [node["Resources"] for node in ray.nodes() if node["Alive"]], groups
+    return alive_nodes(), groups
 
 
 def trainer_room(cfg: Config) -> int:
@@ -81,7 +91,7 @@ def demands(cfg: Config, trainer: bool, tasks: bool) -> list[Demand]:
     )
     task = Demand(
         "a DAG task (input check, caches, eval)",
-        {"CPU": cfg.resources.task_cpus, "GPU": cfg.resources.task_gpus},
+        task_resources(cfg),
         1,
         "resources.task_cpus or resources.task_gpus",
         "resources.task_gpus=0",

@@ -39,11 +39,12 @@ class RunContext:
         return absolute(self.cfg.storage_path) if self.cfg.storage_path else join(self.cache_root, default_folder)
 
     def task_options(self) -> dict[str, float]:
-        """What a DAG task that computes on images (caches, eval) asks Ray for."""
+        """What a DAG task that computes on images (caches, eval) asks Ray for: resources.task_cpus and task_gpus."""
         return {"num_cpus": self.cfg.resources.task_cpus, "num_gpus": self.cfg.resources.task_gpus}
 
-    def light_options(self) -> dict[str, float]:
-        """What a task that only reads files (descriptions, digests, the γ fit) asks Ray for."""
+    def cpu_options(self) -> dict[str, float]:
+        """What a DAG task that needs no GPU (descriptions, decode checks, digests, the γ fit, servable files) asks
+        Ray for: resources.task_cpus."""
         return {"num_cpus": self.cfg.resources.task_cpus}
 
     def cached(self, step: str, entry: CacheEntry, label: str = "", expected_rows: int | None = None) -> bool:

@@ -20,7 +20,7 @@ from tasks.calibrate import calibrate_gamma
 
 def fit(ctx: RunContext, teacher_cache: CacheEntry, train_text: CacheEntry) -> Calibration:
     inv_tau = ctx.cfg.calibration.inv_tau
-    task = calibrate_gamma.options(num_cpus=ctx.cfg.resources.task_cpus)
+    task = calibrate_gamma.options(**ctx.cpu_options())
     fitted = get(task.remote(teacher_files=teacher_cache.files(), text_files=train_text.files(), inv_tau=inv_tau))
     clipped = (
         f" (the NLL still falls up to γ = {fitted.unclipped_gamma:.2f}; γ is at most 1)"

@@ -38,7 +38,7 @@ def datasets(ctx: RunContext, training: bool) -> Datasets:
             configured["val"] = cfg.train.validation.dataset
     specs = {key: d.spec(cfg.data.world_seed) for key, d in configured.items()}
     size = input_size(cfg.model.arch)
-    task = tasks.describe_dataset.options(**ctx.light_options())
+    task = tasks.describe_dataset.options(**ctx.cpu_options())
     described = {spec: task.remote(spec, image_size=size) for spec in set(specs.values())}
     infos = {key: get(described[spec], dataset_field(key)) for key, spec in specs.items()}
     return Datasets(specs, infos, _check_images(ctx, specs, infos, size))
@@ -51,7 +51,7 @@ def _check_images(
     CHECK_SHARD images before anything is written. A corrupt one is one line naming the file and its config
     field. Returns the datasets found whole, to be remembered by their identity (remember_checked)."""
     builds = {}
-    task = tasks.find_undecodable.options(num_cpus=ctx.cfg.resources.task_cpus)
+    task = tasks.find_undecodable.options(**ctx.cpu_options())
     for key, spec in specs.items():
         if spec.kind == "embedded" or spec.corrupt != "error":
             continue
@@ -101,7 +101,7 @@ def remember_checked(datasets: Datasets) -> None:
 def teacher(ctx: RunContext, weights: str | None) -> Teacher:
     """The teacher of these weights: its digest and preprocessing, read where the weights are."""
     arch = ctx.cfg.model.arch
-    task = tasks.describe_model.options(**ctx.light_options())
+    task = tasks.describe_model.options(**ctx.cpu_options())
     digest, preprocess = get(task.remote(arch, weights), "model.weights")
     described = Teacher(arch, weights, digest, preprocess)
     if described.size != input_size(arch):

@@ -12,7 +12,7 @@ import ray
 
 from agft_core.attacks import AUTOATTACK_MIN_CLASSES
 from agft_core.cache import CacheEntry, describe_file, embeddings_of, join, read_bytes, read_parquet, write_bytes
-from pipeline.cluster import room_beside_training
+from pipeline.cluster import alive_nodes, room_beside_training
 from pipeline.config.sections import ConfigError
 from pipeline.context import Prepared, RunContext
 from pipeline.remote import get, wait
@@ -54,7 +54,7 @@ def start(
     per_cell one per (dataset, encoder, attack)."""
     cfg = ctx.cfg
     files = {name: weights for name, weights in encoders.items() if weights is not None}
-    digest_task = file_digest.options(**ctx.light_options())
+    digest_task = file_digest.options(**ctx.cpu_options())
     computed = get([digest_task.remote(w) for w in files.values()], "eval.matrix.checkpoints")
     digests = {name: prepared.teacher.digest for name in encoders} | dict(zip(files, computed))
     cells = {}
@@ -131,7 +131,7 @@ def room_beside(ctx: RunContext) -> bool:
     """Whether the cluster holds the trainer and an eval task at once (room_beside_training). Only then does
     the original's evaluation run while the fine-tune trains: on a smaller cluster it would delay the
     trainer's start (and use up train.start_timeout_s) for no gain."""
-    return room_beside_training(ctx.cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    return room_beside_training(ctx.cfg, alive_nodes())
 
 
 def few_classes_note(prepared: Prepared, field: str, attacks: list[str]) -> str:

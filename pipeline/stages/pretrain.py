@@ -8,6 +8,7 @@ import ray
 from agft_core import world
 from agft_core.cache import CacheEntry
 from agft_core.pretrain import VERSION
+from pipeline.cluster import alive_nodes
 from pipeline.config.schema import Config
 from pipeline.context import RunContext
 from pipeline.remote import get
@@ -47,5 +48,5 @@ def teacher_weights(ctx: RunContext) -> str | None:
 
 def _biggest_node_cpus() -> int:
     """All the CPUs of the biggest node: pretraining is one process and cannot span nodes."""
-    per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    per_node = [node.get("CPU", 0) for node in alive_nodes()]
     return max(1, int(min(max(per_node, default=1), ray.available_resources().get("CPU", 1))))

@@ -86,7 +86,7 @@ def register_model(
     as an MLflow model and registered as a version of the model named after the experiment; or the version
     already registered with the same weights (a rerun from warm caches registers nothing new)."""
     cfg, teacher = ctx.cfg, prepared.teacher
-    encoder_digest = encoder and get(file_digest.options(**ctx.light_options()).remote(encoder))
+    encoder_digest = encoder and get(file_digest.options(**ctx.cpu_options()).remote(encoder))
     digest = fingerprint({"teacher": teacher.digest, "encoder": encoder_digest}) if encoder else teacher.digest
     found = registry.registered_version(ctx.tracking_uri, cfg.experiment, digest)
     if found:
@@ -117,7 +117,7 @@ def _servable(
     )
     if not ctx.cached("model", entry, registry.FINETUNED if encoder else registry.ORIGINAL):
         with entry.attempt() as attempt:
-            task = servable_clip.options(num_cpus=ctx.cfg.resources.task_cpus)
+            task = servable_clip.options(**ctx.cpu_options())
             ref = task.remote(teacher.source, prepared.specs["train"], encoder_weights=encoder, out_dir=attempt)
             entry.commit(attempt, get(ref, "data.train"))
     return registry.ServableClip(
