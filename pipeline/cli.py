@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Ray Train's own PreemptionWatcher actor logs the first at ERROR level in every run (ray-project/ray#53727): it
 # concerns an actor restart that Ray Train manages, nothing a user can act on. The raylet prints the second when
-# a train worker dies, which Ray Train recovers from and pipeline.train_failures.FailureLine reports in one line.
+# a train worker dies, which Ray Train recovers from and pipeline.train_controller.FailureLine reports in one line.
 RAY_NOISE = (
     r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
     r"|A worker died or was killed while executing a task by an unexpected system error"
@@ -105,18 +105,36 @@ def _skip_ray_noise() -> None:
         os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = f"{current}|{RAY_NOISE}" if current else RAY_NOISE
 
 
+def local_ray_options() -> dict:
+    """ray.init's options for a Ray started by this process: its dashboard on a port of its own, named to its
+    workers. Ray Train's placement-group cleaner asks the state API whether the trainer's controller lives, and
+    the state API guesses "the" local Ray (the last `ray start`, or any GCS process here): beside a second Ray on
+    the machine it asks the wrong one, and leaks or removes the trainer's placement group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {
+        "dashboard_port": port,
+        "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    }
+
+
 def _start_ray(address: str | None, verbose: bool) -> None:
     import logging
     import os
 
     import ray
 
+    starts_here = address is None and not os.environ.get("RAY_ADDRESS")
     ray.init(
         address=address,
         logging_level=logging.INFO if verbose else logging.WARNING,
         ignore_reinit_error=True,
         log_to_driver=True,
         configure_logging=True,
+        **(local_ray_options() if starts_here else {}),
     )
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # "Creating tables..."
     if not verbose:  # a model logged and registered draws a download bar for each file it checks

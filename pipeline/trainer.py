@@ -20,8 +20,8 @@ from pipeline.checkpoints import HISTORY_FILE, newest_checkpoint, prune
 from pipeline.cluster import worker_resources
 from pipeline.config.sections import ConfigError
 from pipeline.stages.calibrate import resolved
-from pipeline.train import TrainInputs, train_loop
-from pipeline.train_failures import FailureLine
+from pipeline.train import TrainInputs
+from pipeline.train_controller import FailureLine, run_worker
 from tasks.describe import cuda_available
 
 # nccl for CUDA tensors and gloo for any CPU tensor: a collective on a CPU tensor under plain nccl crashes the run
@@ -37,8 +37,8 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     newest = newest_checkpoint(join(storage_path, name))
     failure_line = FailureLine(cfg.max_failures, len(read_history(join(newest, HISTORY_FILE))) if newest else None)
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration), newest_on_disk=newest),
+        run_worker,
+        train_loop_config=ray.put(replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration), newest_on_disk=newest)),
         torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu, inputs.cfg.resources.cpu_fallback)),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)

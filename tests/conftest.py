@@ -2,10 +2,15 @@ import os
 
 import pytest
 
-from pipeline.cli import _skip_ray_noise
+from pipeline.cli import _skip_ray_noise, local_ray_options
 
 # Keep Ray and torch polite on a 2-core machine.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Every Ray these tests start (in process, `agft` subprocesses, `ray start` nodes) keeps its idle task workers,
+# torch and open_clip already imported, for the next stage: by default a 2-CPU node keeps 2 and kills the
+# others after 1 s idle, so each run's tasks paid the imports again (~5 s of CPU a process).
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
 _skip_ray_noise()  # the console as `agft` keeps it: set before Ray is imported
 
 
@@ -13,6 +18,27 @@ _skip_ray_noise()  # the console as `agft` keeps it: set before Ray is imported
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, logging_level="WARNING")
+    ray.init(num_cpus=2, logging_level="WARNING", **local_ray_options())
     yield ray
     ray.shutdown()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers
+def pytest_collection_modifyitems(config, items):
+    """How `make test` spreads the suite over its pytest-xdist workers (--dist loadgroup). A test that shares a
+    module-scoped fixture runs in its module's group, so the fixture is built once; any other test may run on any
+    worker. Groups holding a `slow` test go first, so that the longest work starts at once and the short tests
+    fill in around it."""
+    group_of = {}
+    for item in items:
+        shared = any(d.scope not in ("function", "session") for defs in _fixture_defs(item) for d in defs)
+        group_of[item.nodeid] = item.module.__name__ if shared else item.nodeid
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(group_of[item.nodeid]))
+    slow = {group_of[i.nodeid] for i in items if i.get_closest_marker("slow")}
+    items.sort(key=lambda i: group_of[i.nodeid] not in slow)  # stable: a module's group stays in one piece
+
+
+def _fixture_defs(item):
+    info = getattr(item, "_fixtureinfo", None)  # doctest items and the like have none
+    return info.name2fixturedefs.values() if info else ()

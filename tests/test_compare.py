@@ -3,6 +3,7 @@
 import re
 import statistics
 
+import pytest
 from mlflow.tracking import MlflowClient
 from tiny import TEACHER
 
@@ -24,6 +25,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "compare.md"

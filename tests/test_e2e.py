@@ -425,6 +425,7 @@ def test_gamma_auto_is_fitted_on_the_teacher_cache_logged_and_trained_with(first
     assert [m["inputs"]["calibration"]["gamma"] for m in manifests].count(gamma) == 1
 
 
+@pytest.mark.slow
 def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp_path):
     root, uri = store
     client = MlflowClient(uri)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 from mlflow_server import status_without_credentials
@@ -57,7 +58,11 @@ def _wait_for(condition, timeout: float, what: str):
 
 
 def _train_worker_pids() -> set[int]:
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # the address named: with tests in parallel, "any running local Ray" may be another test process's
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     return {a.pid for a in actors}
 
 
@@ -84,6 +89,7 @@ def _train(prepared, name: str, while_training=None):
         return run_id, read_history(f"{d}/{HISTORY_FILE}"), load_file(f"{d}/{ENCODER_FILE}")
 
 
+@pytest.mark.slow
 def test_a_sigkilled_train_worker_is_replaced_and_the_run_equals_an_uninterrupted_one(prepared, capfd):
     """SIGKILL one Ray Train worker process in the middle of epoch 2. Ray Train restarts the worker
     group from the epoch-1 checkpoint; epochs are seeded by (seed, epoch, rank), so the resumed run
@@ -125,6 +131,7 @@ def test_a_sigkilled_train_worker_is_replaced_and_the_run_equals_an_uninterrupte
         assert ours["loss"] == theirs["loss"] and ours["train_robust_acc"] == theirs["train_robust_acc"]
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every_epoch_once(tmp_path):
     """`agft run` is SIGKILLed after its first epoch's checkpoint, on a cluster of its own; the same
     command again resumes training from that checkpoint (epoch 1 is not trained twice) and its MLflow
@@ -179,6 +186,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepared, tmp_path):
     """The server is SIGKILLed after epoch 1 is logged and restarted after epoch 2's checkpoint: training
     goes on meanwhile (the rank-0 worker warns and keeps the epoch), and the record ends with every
@@ -224,6 +232,7 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
     assert [m.timestamp for m in logged] == [int(h["epoch_end_time"] * 1000) for h in history]
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_never_comes_back_is_one_line_and_a_rerun_completes_the_record(
     prepared, tmp_path, monkeypatch, capfd
 ):
@@ -290,6 +299,7 @@ def _experiment_runs(uri: str, name: str) -> list:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_cache_dir_at_once_both_finish_with_one_whole_cache_each(tmp_path):
     """Two `agft run` of one config, started together on one cluster: they build the same teacher, text
     and fine-tune caches at the same time. Both finish with the same numbers; every cache ends with one

@@ -81,6 +81,7 @@ def _wait(address, env, submission, timeout=300) -> str:
     raise AssertionError(f"job {submission} did not finish in {timeout}s")
 
 
+@pytest.mark.slow
 def test_job_submission_runs_agft_and_writes_mlflow(head, tmp_path):
     address, env, temp = head
     submission = _submit(address, env, tmp_path)
@@ -205,6 +206,7 @@ def gpu_cluster():
         yield cluster
 
 
+@pytest.mark.slow
 def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu_cluster, tmp_path):
     from agft_core.model import create_clip, save_weights
 
@@ -352,6 +354,7 @@ def test_gpus_asked_for_on_nodes_without_cuda_are_refused_before_any_work(gpu_cl
     assert not (tmp_path / "c").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_embedded_default_with_gpus_declared_falls_back_to_the_cpu_in_every_step(gpu_cluster, tmp_path):
     """The demo as a user with a GPU cluster would first try it: `train.use_gpu` and GPU tasks, on nodes
     whose GPUs have no CUDA, with resources.cpu_fallback. The job finishes, every GPU step saying that it

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from file_audit import STAT_CALLS, stats_under, traced
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -26,6 +27,7 @@ def _imagefolder(root: Path) -> None:
                 Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_one_run_stats_each_image_once_and_records_the_subset_its_limit_took(tmp_path):
     data, log = tmp_path / "toys", tmp_path / "stats.log"
     _imagefolder(data)

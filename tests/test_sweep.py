@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -56,7 +57,11 @@ def deadline(seconds: int):
 
 
 def _task_count(name: str) -> int:
-    return sum(1 for t in list_tasks(filters=[("func_or_class_name", "=", name)], limit=10000) if t.state == "FINISHED")
+    # the address named: with tests in parallel, "any running local Ray" may be another test process's
+    tasks = list_tasks(
+        address=ray.get_runtime_context().gcs_address, filters=[("func_or_class_name", "=", name)], limit=10000
+    )
+    return sum(1 for t in tasks if t.state == "FINISHED")
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +80,7 @@ def swept(ray_local, tmp_path_factory):
     return cfg, uri, result, {n: after[n] - before[n] for n in before}
 
 
+@pytest.mark.slow
 def test_sweep_builds_each_cache_exactly_once(swept):
     cfg, _, result, built = swept
     assert len(result.trials) == 3
@@ -168,6 +174,7 @@ def test_sweep_needs_a_space_and_a_validation_set():
         check_sweep(load_config(None, ["train.validation=null"]))
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     """The driver is SIGKILLed on a cluster of its own once a trial has finished; a new driver on the same
     cluster resumes the sweep (a killed local Ray would outlive its driver and confuse the next one)."""
@@ -301,6 +308,7 @@ def test_a_sweep_whose_trials_all_fail_ends_with_one_line_and_closed_runs(swept,
     assert not (tmp_path / "best.yaml").exists()
 
 
+@pytest.mark.slow
 def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path):
     """Two trials one after the other, on the training loss: the second learns at a negligible rate,
     so its first-epoch loss is above the first trial's and ASHA (grace period 1, reduction 2) stops it
