@@ -51,7 +51,13 @@ class ZeroShotClassifier(nn.Module):
         return zero_shot_logits(self.encoder(pixels), self.text, self.scale)
 
 
-def zero_shot_accuracy(
+def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float, images: Dataset, **attack) -> dict:
+    """zero_shot_counts as fractions of the images scored, and their number "n"."""
+    counts = zero_shot_counts(encoder, text_emb, scale, images, **attack)
+    return {name: count / counts["n"] for name, count in counts.items() if name != "n"} | {"n": counts["n"]}
+
+
+def zero_shot_counts(
     encoder: nn.Module,
     text_emb: torch.Tensor,
     scale: float,
@@ -66,18 +72,20 @@ def zero_shot_accuracy(
     attack: str = "pgd",
     restarts: int = 1,
     loader_workers: int = 0,
-) -> dict[str, float]:
-    """Top-1 accuracy on clean images and under an L∞ attack at the model's logit scale: pgd (hard-label
-    cross-entropy), cw (PGD on the margin loss), apgd-ce (steps iterations and restarts, no α),
-    autoattack or autoattack-rand.
+    indices: range | None = None,
+) -> dict[str, int]:
+    """How many images (of images[indices], default all) are classified correctly clean and under an L∞ attack at
+    the model's logit scale: pgd (hard-label cross-entropy), cw (PGD on the margin loss), apgd-ce (steps
+    iterations and restarts, no α), autoattack or autoattack-rand; "n": how many were scored.
 
-    Robust accuracy under both definitions in use: "attacked", the paper's (the attacked image is
-    classified correctly), and "clean_and_attacked" (the clean one is too).
+    Robust counts under both definitions in use: "attacked", the paper's (the attacked image is classified
+    correctly), and "clean_and_attacked" (the clean one is too). Counts, not fractions, so that shards of a
+    dataset add up exactly.
     """
     classifier = ZeroShotClassifier(encoder.float().eval(), text_emb.to(device).float(), scale)
     counts = dict.fromkeys(("clean", *ROBUST_DEFINITIONS), 0)
     total = 0
-    for x, y in batches(images, batch_size, device=device, loader_workers=loader_workers):
+    for x, y in batches(images, batch_size, indices, device=device, loader_workers=loader_workers):
         x = x.float()
         with torch.no_grad():
             clean_ok = classifier(x).argmax(-1) == y
@@ -115,7 +123,7 @@ def zero_shot_accuracy(
         for name, ok in robust_outcomes(clean_ok, adv_ok).items():
             counts[name] += int(ok.sum())
         total += len(y)
-    return {name: count / total for name, count in counts.items()} | {"n": total}
+    return counts | {"n": total}
 
 
 def robust_outcomes(clean_ok: torch.Tensor, adv_ok: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.context import RunContext
     from pipeline.report import table
     from pipeline.run import check_inputs, run, run_eval
+    from pipeline.stages.evaluate import IncompleteEvaluation
     from pipeline.tracking import TRACKING_ERRORS
 
     _start_ray(args.address, cfg.verbose)
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:  # bad data or weights, found by the tasks that read them, before training
         print(f"agft: error: {exc}", file=sys.stderr)
         return 2
+    except IncompleteEvaluation as exc:
+        print(f"agft: error: {exc}", file=sys.stderr)
+        return 1
     except RayTaskError as exc:  # a task failed for a reason that is not the input's: a bug or the machine
         if cfg.verbose:
             raise
@@ -220,14 +224,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"step seconds: {result.seconds}   total: {total}s")
     if args.summary:
         Path(args.summary).write_text(json.dumps({**asdict(result), "total_seconds": total}, indent=2))
-    return _browse("run", result.run_id, uri)
+    return _browse("run", result.run_id, uri, result.failures)
 
 
-def _browse(label: str, run_id: str, uri: str) -> int:
+def _browse(label: str, run_id: str, uri: str, failures: list[str] = ()) -> int:
+    """The run's address, and exit code 1 when some of its evaluation failed (the cells it shows as incomplete)."""
     from pipeline.tracking import browse_hint
 
     print(f"MLflow {label}: {run_id}")
     print(f"Browse it:  {browse_hint(uri, run_id)}")
+    if failures:
+        print(
+            f"agft: error: {len(failures)} eval shard(s) failed (above) and their cells read incomplete; the same "
+            f"command again computes only the missing shards",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -250,7 +262,7 @@ def _eval(result, cfg, uri: str) -> int:
     print(ROBUST_MEANING[cfg.eval.robust])
     print(table(result.rows, percent=True), end="")
     print(f"step seconds: {result.seconds}")
-    return _browse("run", result.run_id, uri)
+    return _browse("run", result.run_id, uri, result.failures)
 
 
 def _sweep(cfg, uri: str, best_out: Path) -> int:

@@ -20,6 +20,7 @@ from pipeline.config.loading import dump_yaml
 from pipeline.config.schema import Config, with_overrides
 from pipeline.context import RunContext
 from pipeline.run import run
+from pipeline.stages.evaluate import IncompleteEvaluation
 
 ORIGINAL = "original"
 
@@ -52,6 +53,11 @@ def compare(cfg: Config, uri: str, out: Path, log=print) -> CompareResult:
                 # once, in the first run, instead of spending a run's eval on it per seed
                 first = i == 0 and j == 0
                 result = run(RunContext(run_cfg, uri, log=log), parent_run_id=parent, original=first)
+                if result.failures:  # a mean over seeds needs every cell
+                    raise IncompleteEvaluation(
+                        f"{method}, seed {seed}: {len(result.failures)} eval shard(s) failed (above); the same "
+                        f"command again computes only the missing shards"
+                    )
                 if first:  # every run reads the same data
                     tracking.log_datasets(uri, parent, result.datasets)
                 for row in result.rows:

@@ -18,8 +18,9 @@ from tasks.common import ModelSource
 @dataclass
 class RunContext:
     """One command's config, its tracking server, the steps to recompute, where its lines go, and its record:
-    each cache checked (hit or not), each step's seconds, and a timeline bar per step and per Ray task (start,
-    end in seconds since t0, whether cached, on which node)."""
+    each cache checked (hit or not), each step's seconds, a timeline bar per step and per Ray task (start,
+    end in seconds since t0, whether cached, on which node), and what failed without stopping the command
+    (an eval shard after its retries), one line each."""
 
     cfg: Config
     tracking_uri: str
@@ -28,6 +29,7 @@ class RunContext:
     hits: dict[str, bool] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     timeline: list[dict] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
 
     @property

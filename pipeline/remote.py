@@ -60,19 +60,21 @@ class LineProgress:
         pass
 
 
+def _progress(total: int, label: str):
+    """A bar on a terminal, plain lines in a log."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=label, unit="task", leave=False)
+    return LineProgress(total, label)
+
+
 def wait(refs: list, label: str, field: str | None | dict = None) -> list:
     """ray.get with progress over task completions. field: the config field a task's bad input is reported
     under, one for all or by ref. The first failure cancels the tasks still running."""
     if not refs:
         return []
     pending = list(refs)
-    progress = (
-        tqdm(total=len(refs), desc=label, unit="task", leave=False)
-        if sys.stderr.isatty()
-        else LineProgress(len(refs), label)
-    )
     results = {}
-    with progress:
+    with _progress(len(refs), label) as progress:
         while pending:
             (ref,), pending = ray.wait(pending, num_returns=1)
             try:
@@ -83,3 +85,21 @@ def wait(refs: list, label: str, field: str | None | dict = None) -> list:
                 raise
             progress.update(1)
     return [results[ref] for ref in refs]
+
+
+def settle(refs: list, label: str) -> tuple[dict, dict]:
+    """Waits for every task, with progress, whatever the others do: ({ref: result}, {ref: error}), the error
+    being what the task raised (its cause, e.g. an InputError) or Ray's (a worker that died)."""
+    results, errors = {}, {}
+    pending = list(refs)
+    with _progress(len(refs), label) as progress:
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            try:
+                results[ref] = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                errors[ref] = exc.cause
+            except ray.exceptions.RayError as exc:
+                errors[ref] = exc
+            progress.update(1)
+    return results, errors

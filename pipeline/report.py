@@ -20,8 +20,19 @@ def accuracy_rows(results: list[dict], quick: list[dict] = ()) -> list[dict]:
         by_dataset[r["dataset"]][f"{r['model']}_quick"] = r["robust"]
     rows = list(by_dataset.values())
     columns = [c for c in rows[0] if c != "dataset"]
-    rows.append({"dataset": "mean", **{c: sum(r[c] for r in rows) / len(rows) for c in columns}})
+    rows.append({"dataset": "mean", **{c: mean([r[c] for r in rows]) for c in columns}})
     return rows
+
+
+def mean(values: list) -> float | str:
+    """The unweighted mean, or the text of a value that is not a number (a cell an eval shard left incomplete)."""
+    text = [v for v in values if not isinstance(v, float)]
+    return text[0] if text else sum(values) / len(values)
+
+
+def as_percent(value) -> float:
+    """A fraction as a percentage for a plot; NaN (nothing drawn) for a cell left incomplete."""
+    return 100 * value if isinstance(value, float) else float("nan")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -56,7 +67,7 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
     width = 0.8 / len(columns)
     with _figure(path, (max(6, 1.3 * len(rows)), 4)) as ax:
         for i, column in enumerate(columns):
-            values = [100 * r[column] for r in rows]
+            values = [as_percent(r[column]) for r in rows]
             hatch = "//" if column.endswith("robust") else None
             ax.bar(x + (i - (len(columns) - 1) / 2) * width, values, width, label=column.replace("_", " "), hatch=hatch)
         ax.set_xticks(x, [r["dataset"] for r in rows], rotation=20)
@@ -66,20 +77,27 @@ def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
         ax.legend(fontsize=8, ncol=2)
 
 
-def plot_timeline(timeline: list[dict], path: Path) -> None:
+def plot_timeline(timeline: list[dict], path: Path, labelled: int = 60) -> None:
     """Each step (and each eval task) as a bar on the run's time axis: what ran, what was cached, what
-    overlapped, and on which node."""
-    with _figure(path, (9, 0.35 * len(timeline) + 1.2)) as ax:
+    overlapped, and on which node. Past `labelled` bars (an evaluation in many shards) the bars go unlabelled
+    and thin, so that the figure stays one page."""
+    named = len(timeline) <= labelled
+    with _figure(path, (9, min(0.35 * len(timeline), 18) + 1.2)) as ax:
         for i, bar in enumerate(timeline):
             ax.barh(
                 i,
                 max(bar["end"] - bar["start"], 0.05),
                 left=bar["start"],
+                height=0.8 if named else 1.0,
                 color="lightgrey" if bar["cached"] else "tab:blue",
             )
-            where = "" if bar["node"] == "driver" else f"  node {bar['node'][:8]}"
-            ax.text(bar["end"], i, f" {bar['end'] - bar['start']:.1f} s{where}", va="center", fontsize=7)
-        ax.set_yticks(range(len(timeline)), [bar["step"] for bar in timeline], fontsize=8)
+            if named:
+                where = "" if bar["node"] == "driver" else f"  node {bar['node'][:8]}"
+                ax.text(bar["end"], i, f" {bar['end'] - bar['start']:.1f} s{where}", va="center", fontsize=7)
+        if named:
+            ax.set_yticks(range(len(timeline)), [bar["step"] for bar in timeline], fontsize=8)
+        else:
+            ax.set_ylabel(f"{len(timeline)} steps and tasks")
         ax.invert_yaxis()
         ax.set_xlabel("seconds since the run started (grey: every cache hit)")
 
@@ -107,8 +125,13 @@ def plot_calibration(calibration, path: Path) -> None:
 
 
 def dataset_metrics(rows: list[dict]) -> dict[str, float]:
-    """{"<column>/<dataset>": value} for accuracy_rows' rows."""
-    return {f"{column}/{row['dataset']}": value for row in rows for column, value in row.items() if column != "dataset"}
+    """{"<column>/<dataset>": value} for accuracy_rows' rows; a cell left incomplete is no metric."""
+    return {
+        f"{column}/{row['dataset']}": value
+        for row in rows
+        for column, value in row.items()
+        if column != "dataset" and isinstance(value, float)
+    }
 
 
 def table(rows: list[dict], percent: bool = False, markdown: bool = True) -> str:
@@ -188,7 +211,7 @@ def matrix_rows(results: list[dict]) -> list[dict]:
                 "eps (/255)": eps255,
                 "alpha (/255)": alpha255,
                 **{d: values[d] for d in datasets},
-                "mean": sum(values[d] for d in datasets) / len(datasets),
+                "mean": mean([values[d] for d in datasets]),
             }
         )
     return rows
@@ -206,12 +229,13 @@ def _alpha(result: dict) -> str:
 
 
 def matrix_metrics(results: list[dict]) -> dict[str, float]:
-    """MLflow metrics named by model, dataset, attack and ε, e.g. robust/finetuned/colours/pgd-20/eps_1."""
+    """MLflow metrics named by model, dataset, attack and ε, e.g. robust/finetuned/colours/pgd-20/eps_1; a cell
+    left incomplete is no metric."""
     metrics = {}
     for r in results:
         metrics[f"clean/{r['model']}/{r['dataset']}"] = r["clean"]
         metrics[f"robust/{r['model']}/{r['dataset']}/{_attack_name(r)}/eps_{r['eps'] * 255:g}"] = r["robust"]
-    return metrics
+    return {name: value for name, value in metrics.items() if isinstance(value, float)}
 
 
 def plot_matrix(rows: list[dict], path: Path) -> None:
@@ -224,7 +248,7 @@ def plot_matrix(rows: list[dict], path: Path) -> None:
     with _figure(path, (6, 4)) as ax:
         for (model, attack), points in lines.items():
             xs, ys = zip(*sorted([(0.0, clean[model])] + points))
-            ax.plot(xs, [100 * y for y in ys], marker="o", label=f"{model} / {attack}")
+            ax.plot(xs, [as_percent(y) for y in ys], marker="o", label=f"{model} / {attack}")
         ax.set_xlabel("ε (/255)")
         ax.set_ylabel("mean zero-shot accuracy (%)")
         ax.set_title("Zero-shot robustness (ε = 0: clean)")

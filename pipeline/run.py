@@ -31,6 +31,7 @@ class RunResult:
     cache_hits: dict[str, bool] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     datasets: list[dict] = field(default_factory=list)  # its MLflow dataset inputs (describe.dataset_inputs)
+    failures: list[str] = field(default_factory=list)  # eval shards that failed after their retries
 
 
 def check_inputs(cfg: Config) -> None:
@@ -94,7 +95,7 @@ def run(ctx: RunContext, parent_run_id: str | None = None, original: bool = True
         if cfg.register_models:
             encoder = tuned.file_named(ENCODER_FILE)
             ctx.timed("register", publish.register_models, ctx, prepared, run_id, rows, encoder)
-    return RunResult(run_id, rows, ctx.hits, ctx.seconds, datasets)
+    return RunResult(run_id, rows, ctx.hits, ctx.seconds, datasets, ctx.failures)
 
 
 def run_eval(ctx: RunContext) -> RunResult:
@@ -109,7 +110,7 @@ def run_eval(ctx: RunContext) -> RunResult:
         tracking.log_datasets(ctx.tracking_uri, run_id, describe.dataset_inputs(prepared))
         attacks = [attack_key(a, eps, matrix.alpha, matrix.steps) for a in matrix.attacks for eps in matrix.eps]
         encoders = {"original": None, **matrix.checkpoints}
-        results = ctx.timed("eval", evaluate.evaluate, ctx, prepared, encoders, attacks, True)
+        results = ctx.timed("eval", evaluate.evaluate, ctx, prepared, encoders, attacks)
         rows = report.matrix_rows(results)
         publish.report_matrix(ctx, run_id, results, rows, note)
-    return RunResult(run_id, rows, ctx.hits, ctx.seconds)
+    return RunResult(run_id, rows, ctx.hits, ctx.seconds, failures=ctx.failures)

@@ -154,3 +154,11 @@ def agft_command(command: str, store: Path, overrides: list[str], *flags: str) -
     MlflowClient(uri).search_experiments()
     argv = [str(BIN / "agft"), command, "--tracking-uri", uri, *flags]
     return argv + [arg for o in overrides for arg in ("--set", o)], uri
+
+
+def state(cluster: Cluster, kind: str) -> list[dict]:
+    """`ray list <kind> --detail` on the cluster, as dicts: its nodes, actors, tasks..."""
+    flags = ("--detail", "--format", "json", "--limit", "10000")
+    listed = ray_cli("list", kind, "--address", cluster.dashboard, *flags, env=cluster.env)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return json.loads(listed.stdout)

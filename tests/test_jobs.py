@@ -16,7 +16,7 @@ from file_audit import opened_under, traced
 from mlflow.tracking import MlflowClient
 from mlflow_server import mlflow_server, status_without_credentials
 from PIL import Image
-from ray_cluster import ray_cli, ray_cluster
+from ray_cluster import ray_cli, ray_cluster, state
 from tiny import ONE_ZERO_SHOT, TEACHER
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,23 +142,6 @@ def test_submission_without_the_token_is_refused(head):
 # -- the real path on a multi-node "GPU" cluster, logging to a real tracking server --------------
 
 
-def _state(cluster, kind: str) -> list[dict]:
-    listed = ray_cli(
-        "list",
-        kind,
-        "--address",
-        cluster.dashboard,
-        "--detail",
-        "--format",
-        "json",
-        "--limit",
-        "10000",
-        env=cluster.env,
-    )
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    return json.loads(listed.stdout)
-
-
 def _imagefolder(root: Path) -> None:
     """Three colours in torchvision's ImageFolder layout, train and test splits."""
     for split, count in (("train", 8), ("test", 4)):
@@ -269,16 +252,14 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
     teacher_rows = pq.ParquetDataset(sorted((tmp_path / "cache" / "teacher").glob("*/attempt-*/part-*.parquet"))).read()
     assert teacher_rows.num_rows == 24
 
-    nodes = {n["node_id"]: n for n in _state(gpu_cluster, "nodes") if n["state"] == "ALIVE"}
+    nodes = {n["node_id"]: n for n in state(gpu_cluster, "nodes") if n["state"] == "ALIVE"}
     workers = {node_id for node_id, n in nodes.items() if not n["is_head_node"]}
     assert len(workers) == 2
-    tasks = [
-        t for t in _state(gpu_cluster, "tasks") if t["func_or_class_name"] in ("teacher_shard", "evaluate_zero_shot")
-    ]
-    assert {t["func_or_class_name"] for t in tasks} == {"teacher_shard", "evaluate_zero_shot"}
+    tasks = [t for t in state(gpu_cluster, "tasks") if t["func_or_class_name"] in ("teacher_shard", "evaluate_shard")]
+    assert {t["func_or_class_name"] for t in tasks} == {"teacher_shard", "evaluate_shard"}
     for task in tasks:
         assert task["required_resources"].get("GPU") == 0.5 and task["node_id"] in workers
-    trainers = [a for a in _state(gpu_cluster, "actors") if a["class_name"] == "RayTrainWorker"]
+    trainers = [a for a in state(gpu_cluster, "actors") if a["class_name"] == "RayTrainWorker"]
     assert {a["node_id"] for a in trainers} == workers  # one train worker on each GPU node
 
     # declared GPUs without CUDA: every GPU step said it fell back to the CPU instead of crashing

@@ -222,6 +222,13 @@ class MatrixConfig(Section):
 
 class EvalConfig(Section):
     batch_size: int = Field(256, gt=0)
+    shard_size: int = Field(
+        1000,
+        gt=0,
+        description="images per unit of evaluation: each (dataset, model, attack) cell is split into shards this "
+        "size, scheduled over every task slot and cached as each finishes",
+    )
+    retries: int = Field(2, ge=0, description="times a failed shard is retried before its cell is marked incomplete")
     attack: EvalAttack = Field(
         EvalAttack(),
         description="the headline robust accuracy of `agft run` and `compare`; "

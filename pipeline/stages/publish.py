@@ -28,9 +28,7 @@ def report_run(ctx: RunContext, run_id: str, rows: list[dict], tuned: CacheEntry
         report.write_csv(rows, out / "zero_shot_accuracy.csv")
         title = f"{cfg.train.method.upper()}: zero-shot clean vs robust accuracy\n{cfg.eval.caption()}"
         report.plot_accuracy(rows, out / "zero_shot_accuracy.png", title)
-        (out / "timeline.json").write_text(json.dumps(ctx.timeline, indent=1))
-        report.plot_timeline(ctx.timeline, out / "timeline.png")
-        names = ("config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png", "timeline.json", "timeline.png")
+        names = ("config.yaml", "zero_shot_accuracy.csv", "zero_shot_accuracy.png", *_timeline(ctx, out))
         encoder = Path(local_path(tuned.file_named(ENCODER_FILE)))
         tracking.log_results(
             ctx.tracking_uri, run_id, report.dataset_metrics(rows), [out / n for n in names] + [encoder]
@@ -46,8 +44,15 @@ def report_matrix(ctx: RunContext, run_id: str, results: list[dict], rows: list[
         caption = f"Zero-shot top-1 accuracy (%); {ROBUST_MEANING[ctx.cfg.eval.robust]}{note}\n\n"
         (out / "eval_matrix.md").write_text(caption + report.table(rows, percent=True))
         report.plot_matrix(rows, out / "eval_matrix.png")
-        names = ("config.yaml", "eval_matrix.csv", "eval_matrix.md", "eval_matrix.png")
+        names = ("config.yaml", "eval_matrix.csv", "eval_matrix.md", "eval_matrix.png", *_timeline(ctx, out))
         tracking.log_results(ctx.tracking_uri, run_id, report.matrix_metrics(results), [out / n for n in names])
+
+
+def _timeline(ctx: RunContext, out: Path) -> tuple[str, str]:
+    """The command's timeline (a bar per step and per Ray task: when, where, cached or not) as JSON and a plot."""
+    (out / "timeline.json").write_text(json.dumps(ctx.timeline, indent=1))
+    report.plot_timeline(ctx.timeline, out / "timeline.png")
+    return "timeline.json", "timeline.png"
 
 
 def _accuracy_tags(rows: list[dict], model: str) -> dict[str, str]:
@@ -57,7 +62,7 @@ def _accuracy_tags(rows: list[dict], model: str) -> dict[str, str]:
         f"{column.removeprefix(model + '_')}/{row['dataset']}": f"{value:.4f}"
         for row in rows
         for column, value in row.items()
-        if column.startswith(model + "_")
+        if column.startswith(model + "_") and isinstance(value, float)
     }
 
 
