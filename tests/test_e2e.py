@@ -136,7 +136,7 @@ def test_second_run_skips_cached_steps(first, second, store):
     result, lines = second
     assert result.cache_hits and all(result.cache_hits.values()), result.cache_hits
     assert any("[teacher shapes] cached, skipping" in line for line in lines)
-    assert "[eval original, finetuned] 8 of 8 results cached, skipping" in lines  # 2 datasets x 2 encoders x 2 attacks
+    assert "[eval original, finetuned] 8 of 8 shards cached, skipping" in lines  # 2 datasets x 2 encoders x 2 attacks
     assert result.run_id != first[0].run_id
     assert result.rows == first[0].rows
 
@@ -335,7 +335,7 @@ def test_run_logs_the_datasets_it_read_as_inputs(first, second, store):
 def test_rerun_eval_computes_the_same_numbers_again(first, store):
     result, lines = _run(store, rerun=("eval",))
     assert result.cache_hits["eval original, finetuned"] is False and result.cache_hits["train"] is True
-    assert "[eval original, finetuned] 0 of 8 results cached, computing 8" in lines
+    assert "[eval original, finetuned] 0 of 8 shards cached, computing 8" in lines
     assert result.rows == first[0].rows  # seeded attacks on identical caches: identical numbers
 
 
@@ -459,6 +459,8 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
         "eval_matrix.csv",
         "eval_matrix.md",
         "eval_matrix.png",
+        "timeline.json",
+        "timeline.png",
     }
     for model in ("original", "agft"):
         for dataset in ("colours", "shapes"):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from pipeline.context import RunContext
 from pipeline.run import prepare
 from pipeline.stages import evaluate
 
-PGD = ["eval.attack.name=pgd", "eval.attack.eps=4/255", "eval.attack.alpha=1/255", "eval.batch_size=8"]
+PGD = ["eval.attack={name: pgd, eps: 4/255, alpha: 1/255, steps: 3}", "eval.quick=null", "eval.batch_size=8"]
 
 
 def _context(root: Path, *overrides: str) -> tuple[RunContext, list[str]]:
@@ -168,11 +169,17 @@ def test_shards_keep_every_gpu_slot_busy_and_a_killed_driver_loses_only_unfinish
         tasks = [t for t in state(cluster, "tasks") if t["func_or_class_name"] == "evaluate_shard"]
     second = [t for t in tasks if t["job_id"] == max(t["job_id"] for t in tasks) and t["state"] == "FINISHED"]
     assert len(second) == 64 - kept
-    spans = sorted((t["start_time_ms"] / 1000, t["end_time_ms"] / 1000) for t in second)
+    # `ray list --format json` gives the task events' times as ISO timestamps
+    spans = sorted((_seconds(t["start_time_ms"]), _seconds(t["end_time_ms"])) for t in second)
     assert max(sum(s <= start < e for s, e in spans) for start, _ in spans) <= 8  # one GPU each
     # From the moment each of the 8 slots holds a shard (a new job's worker processes first import torch, one
     # after another on this machine's two cores) to the last shard's start: how busy the slots are.
     window = (next(start for start, _ in spans if sum(s <= start < e for s, e in spans) == 8), spans[-1][0])
     busy = sum(max(0.0, min(end, window[1]) - max(start, window[0])) for start, end in spans)
     slot_time = 8 * (window[1] - window[0])
+    print(f"{len(second)} shards, {busy / slot_time:.1%} of the 8 slots' time busy over {window[1] - window[0]:.1f} s")
     assert busy >= 0.9 * slot_time, f"{busy / slot_time:.0%} of the 8 slots' time busy"
+
+
+def _seconds(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp).timestamp()
