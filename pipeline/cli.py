@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--out", default="world.png")
     with_config(commands.add_parser("validate", help="check a config and print it fully resolved"))
+    planning = with_config(
+        commands.add_parser("plan", help="predict each stage's work, GPU-hours and wall time before a run")
+    )
+    planning.add_argument("--gpus", type=int, help="GPUs to plan for (default: train.num_workers)")
+    planning.add_argument("--gpu-tflops", type=float, default=989.0, help="peak per GPU (an H100 SXM's dense bf16)")
+    planning.add_argument("--mfu", type=float, default=0.35, help="share of the peak the model reaches")
+    planning.add_argument("--cpus-per-gpu", type=float, default=12.0, help="CPUs decoding images, per GPU")
+    planning.add_argument("--decode-rate", type=float, default=150.0, help="images a CPU decodes and resizes per s")
     return parser
 
 
@@ -147,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(dump_yaml(cfg), end="")
             return 0
+        if args.command == "plan":
+            return _plan(cfg, args)
         if args.command == "world":
             from pipeline.report import plot_world
 
@@ -178,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     _start_ray(args.address, cfg.verbose)
 
     try:
-        from pipeline.cluster import check_cuda, check_resources
+        from pipeline.cluster import check_cuda, check_resources, resolve_workers
 
+        cfg = resolve_workers(cfg)
         # first: the input check is itself a task
         trains = args.command in ("run", "sweep", "compare")
         check_resources(cfg, trainer=trains, tasks=True)
@@ -225,6 +236,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         Path(args.summary).write_text(json.dumps({**asdict(result), "total_seconds": total}, indent=2))
     return _browse("run", result.run_id, uri, result.failures)
+
+
+def _plan(cfg, args) -> int:
+    from pipeline.plan import Assumptions, forward_flops, table
+    from pipeline.report import table as markdown
+
+    gpus = args.gpus or cfg.train.num_workers
+    if gpus == "auto":
+        raise ConfigError("train.num_workers is auto: give --gpus, e.g. --gpus 16 for 2 nodes of 8")
+    given = Assumptions(gpus, args.gpu_tflops, args.mfu, args.cpus_per_gpu, args.decode_rate)
+    flops = forward_flops(cfg)
+    print(
+        f"agft run of {cfg.model.arch} ({flops / 1e9:.2f} GFLOP per image forward), {cfg.train.method}, "
+        f"{cfg.train.epochs} epochs, on {gpus} GPUs at {given.peak_tflops:g} TFLOP/s and {given.mfu:.0%} MFU, "
+        f"{given.cpus_per_gpu:g} CPUs per GPU decoding {given.decode_rate:g} images/s each"
+    )
+    rows = table(cfg, flops, given)
+    print(markdown([{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]), end="")
+    print("FLOPs bound the GPU time; every image decoded from disk once per epoch, attack and model bounds the CPUs.")
+    return 0
 
 
 def _browse(label: str, run_id: str, uri: str, failures: list[str] = ()) -> int:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import ray
 
-from pipeline.config.schema import Config, TrainConfig
+from pipeline.config.schema import Config, TrainConfig, with_overrides
 from pipeline.config.sections import ConfigError
 from tasks.describe import cuda_available
 
@@ -68,6 +68,23 @@ def trainer_room(cfg: Config) -> int:
     alive, groups = _cluster_shape()
     scaled = [resources for resources, max_count in groups or [] for _ in range(max(0, max_count))]
     return max(trainers_fitting(cfg.train, alive), trainers_fitting(cfg.train, scaled))
+
+
+def gpu_workers(cfg: TrainConfig, nodes: list[dict[str, float]], groups: list[tuple[dict, int]] | None) -> int:
+    """What train.num_workers: auto means: as many train workers as the alive nodes hold, or the autoscaler's
+    node groups at their maximum (bounded ones) if those hold more; at least 1."""
+    one = worker_resources(cfg)
+    scaled = [resources for resources, max_count in groups or [] for _ in range(max(0, max_count))]
+    return max(1, sum(_fits(one, node) for node in nodes), sum(_fits(one, node) for node in scaled))
+
+
+def resolve_workers(cfg: Config) -> Config:
+    """cfg with train.num_workers: auto replaced by gpu_workers on this cluster, said in one line."""
+    if cfg.train.num_workers != "auto":
+        return cfg
+    workers = gpu_workers(cfg.train, *_cluster_shape())
+    print(f"[cluster] train.num_workers: auto -> {workers} (one per GPU the cluster holds or can scale to)")
+    return with_overrides(cfg, {"train.num_workers": workers})
 
 
 class Demand(NamedTuple):

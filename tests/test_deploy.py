@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from pipeline.cli import _parser
-from pipeline.cluster import placement_problem, room_beside_training
+from pipeline.cluster import gpu_workers, placement_problem
 from pipeline.config.loading import load_config
+from pipeline.config.schema import with_overrides
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 REPO = DEPLOY.parent
@@ -119,13 +120,29 @@ def _check_cluster_spec(spec: dict) -> None:
     for group in gpu_groups:
         resources = group["template"]["spec"]["containers"][0]["resources"]
         assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
-    # the shipped config's trainer and GPU tasks fit the nodes these pods make (the head: num-cpus 0)
-    nodes = [{"CPU": float(spec["headGroupSpec"]["rayStartParams"].get("num-cpus", 0))}]
+    # KubeRay's autoscaler sizes each group between its bounds; a CPU-only group takes the decoding and GPU-free tasks
+    assert spec["enableInTreeAutoscaling"] is True
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+    assert any(
+        "nvidia.com/gpu" not in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        for g in spec["workerGroupSpecs"]
+    )
+    # the shipped config's trainer takes one worker per GPU of the groups at their maximum, and fits them
+    head = {"CPU": float(spec["headGroupSpec"]["rayStartParams"].get("num-cpus", 0))}
+    groups = []
     for group in spec["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        nodes += [{"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}] * group["replicas"]
-    assert placement_problem(config, nodes, None) == (None, False)
-    assert room_beside_training(config, nodes)  # the original's eval runs while the fine-tune trains
+        groups.append(
+            ({"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}, group["maxReplicas"])
+        )
+    gpus = sum(resources["GPU"] * count for resources, count in groups)
+    assert config.train.num_workers == "auto" and gpus >= 16
+    workers = gpu_workers(config.train, [head], groups)
+    assert workers == gpus  # every GPU trains
+    at_max = [head] + [resources for resources, count in groups for _ in range(count)]
+    resolved = with_overrides(config, {"train.num_workers": workers})
+    assert placement_problem(resolved, at_max, groups) == (None, False)
     assert config.train.use_gpu and config.resources.task_gpus > 0 and config.resources.loader_workers > 0
 
 

@@ -58,7 +58,11 @@ class _TrainFields(Section):
         "of the run at any global batch (the paper's 1000 iterations "
         "of 256 images: 0.2 of an ImageNet epoch)",
     )
-    num_workers: int = Field(2, gt=0)
+    num_workers: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        2,
+        description="the trainer's workers; auto: one per GPU the cluster holds (train.use_gpu), its autoscaler's "
+        "maximum included, found once Ray is up",
+    )
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
     amp: Annotated[Literal["off", "bf16", "fp16"], off_for_false] = Field(
@@ -83,6 +87,12 @@ class _TrainFields(Section):
             and METHOD_SPECS[raw.get("method", "agft")].published
         )
         return {**raw, **recipe} if recipe else raw
+
+    @model_validator(mode="after")
+    def _auto_counts_gpus(self) -> TrainConfig:
+        if self.num_workers == "auto" and not self.use_gpu:
+            raise ValueError("num_workers: auto counts the cluster's GPUs; with use_gpu=false give a number")
+        return self
 
     @property
     def global_batch(self) -> int:
