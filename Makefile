@@ -21,8 +21,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Two pytest workers (more on a bigger machine): most of a test's time is Ray starting processes, waiting on
-# each other, so the suite takes about two thirds of its serial time even on 2 cores.
+# Two pytest workers (more on a bigger machine): much of a test's time is Ray processes starting and waiting on
+# each other, so two workers help even on 2 cores (2026-12-06, fresh clone: pytest 35 min serial, 24.6 min so).
 test: lint
 	$(VENV)/bin/python -m pytest --numprocesses auto --maxprocesses 4 --dist loadgroup
 
