@@ -1,4 +1,5 @@
-"""The seeded, class-stratified subset a dataset's `limit` draws, and the labels it is stratified by."""
+"""The seeded, class-stratified subset a dataset's `limit` draws, the labels it is stratified by, and the
+consecutive ranges a dataset's images are split into for tasks."""
 
 from __future__ import annotations
 
@@ -33,3 +34,8 @@ def subset_indices(size: int, limit: int, seed: int, labels: list[int] | None) -
     order = np.lexsort((rng.permutation(len(classes)), -(shares - take)))  # largest fraction first, ties at random
     take[order[: limit - take.sum()]] += 1
     return sorted(i for c, n in zip(classes, take) for i in rng.choice(members[c], n, replace=False).tolist())
+
+
+def image_ranges(size: int, per_range: int) -> list[tuple[int, int]]:
+    """Images [0, size) as consecutive [start, stop) ranges of per_range images, the last one shorter."""
+    return [(start, min(start + per_range, size)) for start in range(0, size, per_range)]

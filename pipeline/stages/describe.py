@@ -12,6 +12,7 @@ from agft_core.cache import CacheEntry, absolute, describe_file, fingerprint, jo
 from agft_core.catalog import DatasetSpec, is_uri
 from agft_core.datasets import DatasetInfo
 from agft_core.model import input_size
+from agft_core.subsets import image_ranges
 from pipeline.config.sections import ConfigError
 from pipeline.context import Datasets, Prepared, RunContext, Teacher
 from pipeline.remote import get, wait
@@ -58,10 +59,9 @@ def _check_images(
         entry = CacheEntry(ctx.cache_root, "decodable", {"dataset": infos[key].identity})
         if entry.fingerprint in builds or entry.problem() is None:
             continue
-        n = infos[key].size
         shards = [
-            task.remote(spec, image_size=size, start=start, stop=min(start + CHECK_SHARD, n))
-            for start in range(0, n, CHECK_SHARD)
+            task.remote(spec, image_size=size, start=start, stop=stop)
+            for start, stop in image_ranges(infos[key].size, CHECK_SHARD)
         ]
         builds[entry.fingerprint] = (key, entry, shards)
     fields = {ref: dataset_field(key) for key, _, shards in builds.values() for ref in shards}

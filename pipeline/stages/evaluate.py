@@ -18,6 +18,7 @@ import ray
 from agft_core.attacks import AUTOATTACK_MIN_CLASSES, forward_passes
 from agft_core.cache import CacheEntry, embeddings_of, read_bytes, read_parquet
 from agft_core.errors import InputError, first_line
+from agft_core.subsets import image_ranges
 from pipeline.cluster import alive_nodes, room_beside_training
 from pipeline.config.sections import ConfigError
 from pipeline.context import Prepared, RunContext
@@ -70,10 +71,6 @@ class Pending:
 def attack_of(row: dict) -> tuple:
     """The (attack, ε, α, steps, restarts) an eval result row was computed under."""
     return row["attack"], row["eps"], row["alpha"], row["steps"], row["restarts"]
-
-
-def image_ranges(size: int, shard_size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + shard_size, size)) for start in range(0, size, shard_size)]
 
 
 def evaluate(ctx: RunContext, prepared: Prepared, encoders: dict[str, str | None], attacks: list[tuple]) -> list[dict]:
