@@ -135,6 +135,16 @@ def describe_file(location: str, rows: int | None = None) -> dict[str, Any]:
     }
 
 
+def describe_parquet_files(directory: str) -> list[dict[str, Any]]:
+    """describe_file of every Parquet file in `directory` (a writer such as Ray Data's names them), by name."""
+    fs, path = filesystem(directory)
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name.endswith(".parquet"))
+    return [
+        describe_file(join(directory, name), rows=pq.read_metadata(f"{path}/{name}", filesystem=fs).num_rows)
+        for name in names
+    ]
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     root: str

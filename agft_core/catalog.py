@@ -59,6 +59,9 @@ METHOD_SPECS = {
 METHODS = tuple(METHOD_SPECS)
 RECIPE_FIELDS = tuple(METHOD_SPECS["agft"].published)  # the fields train.recipe: published sets
 ATTACKS = ("pgd", "cw", "apgd-ce", "autoattack", "autoattack-rand")
+# The number formats an evaluation may attack in: fp32 (TF32 off), tf32 (CUDA matrix products in TF32; the same as
+# fp32 on a CPU), bf16 or fp16 (the encoder under autocast, as the TeCoA, PMG-AFT and TGA-ZSR scripts attack in fp16).
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 FIXED_STEP_ATTACKS = ("pgd", "cw")  # the attacks that take a step size α; APGD and AutoAttack adapt theirs
 COUNTED_STEP_ATTACKS = ("pgd", "cw", "apgd-ce")  # the attacks that take a number of steps
 

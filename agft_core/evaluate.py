@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from agft_core.attacks import apgd_ce, autoattack, cw_margin_loss, pgd
 from agft_core.catalog import FIXED_STEP_ATTACKS, ROBUST_DEFINITIONS
 from agft_core.losses import zero_shot_logits
+from agft_core.precision import evaluation_precision
 
 
 def batches(
@@ -40,15 +41,18 @@ def embed_images(
 
 
 class ZeroShotClassifier(nn.Module):
-    """Pixels to zero-shot logits at the model's own scale: what AutoAttack needs."""
+    """Pixels to zero-shot logits at the model's own scale: what AutoAttack needs. The encoder runs in
+    `precision` (agft_core.precision), also inside the attacks, which turn autocast off around themselves."""
 
-    def __init__(self, encoder: nn.Module, text_emb: torch.Tensor, scale: float):
+    def __init__(self, encoder: nn.Module, text_emb: torch.Tensor, scale: float, precision: str = "fp32"):
         super().__init__()
-        self.encoder, self.scale = encoder, scale
+        self.encoder, self.scale, self.precision = encoder, scale, precision
         self.register_buffer("text", text_emb, persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return zero_shot_logits(self.encoder(pixels), self.text, self.scale)
+        with evaluation_precision(self.precision, pixels.device):
+            embeddings = self.encoder(pixels)
+        return zero_shot_logits(embeddings, self.text, self.scale)
 
 
 def zero_shot_accuracy(encoder: nn.Module, text_emb: torch.Tensor, scale: float, images: Dataset, **attack) -> dict:
@@ -73,16 +77,18 @@ def zero_shot_counts(
     restarts: int = 1,
     loader_workers: int = 0,
     indices: range | None = None,
+    precision: str = "fp32",
 ) -> dict[str, int]:
     """How many images (of images[indices], default all) are classified correctly clean and under an L∞ attack at
     the model's logit scale: pgd (hard-label cross-entropy), cw (PGD on the margin loss), apgd-ce (steps
-    iterations and restarts, no α), autoattack or autoattack-rand; "n": how many were scored.
+    iterations and restarts, no α), autoattack or autoattack-rand, the encoder computing in `precision`; "n": how
+    many were scored.
 
     Robust counts under both definitions in use: "attacked", the paper's (the attacked image is classified
     correctly), and "clean_and_attacked" (the clean one is too). Counts, not fractions, so that shards of a
     dataset add up exactly.
     """
-    classifier = ZeroShotClassifier(encoder.float().eval(), text_emb.to(device).float(), scale)
+    classifier = ZeroShotClassifier(encoder.float().eval(), text_emb.to(device).float(), scale, precision)
     counts = dict.fromkeys(("clean", *ROBUST_DEFINITIONS), 0)
     total = 0
     for x, y in batches(images, batch_size, indices, device=device, loader_workers=loader_workers):

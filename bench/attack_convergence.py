@@ -9,7 +9,6 @@ The cache must hold a finished `agft run` of configs/demo.yaml (its teacher and 
 """
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -17,10 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from demo_models import demo_models
 
 from agft_core.datasets import load_dataset
 from agft_core.evaluate import zero_shot_accuracy
-from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, load_weights, logit_scale
+from agft_core.model import class_text_embeddings, logit_scale
 from pipeline.config.loading import load_config
 
 ATTACKS = {  # name -> (attack, α in /255, steps, restarts)
@@ -33,13 +33,6 @@ REFERENCE = "apgd-ce-100x2 (reference)"
 TOLERANCE = 0.005
 
 
-def newest(pattern: str) -> str:
-    found = sorted(glob.glob(pattern), key=os.path.getmtime)
-    if not found:
-        raise SystemExit(f"nothing matches {pattern}: run `agft run --set cache_dir=...` first")
-    return found[-1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache-dir", required=True)
@@ -49,12 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(None)
     eps = cfg.eval.attack.eps
-    teacher = newest(f"{args.cache_dir}/pretrain/*/attempt-*/clip.safetensors")
-    clip = create_clip(cfg.model.arch, teacher)
-    encoders = {"original": ImageEncoder.from_clip(clip)} if args.original else {}
-    tuned = ImageEncoder.from_clip(create_clip(cfg.model.arch, teacher))
-    load_weights(tuned, newest(f"{args.cache_dir}/finetune/*/attempt-*/image_encoder.safetensors"))
-    encoders["finetuned"] = tuned
+    clip, encoders = demo_models(args.cache_dir, cfg.model.arch, args.original)
     rows = []
     for dataset in cfg.data.zero_shot:
         data = load_dataset(dataset.model_copy(update={"limit": args.limit}).spec(cfg.data.world_seed), 32)

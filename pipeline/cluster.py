@@ -10,6 +10,7 @@ import ray
 from pipeline.config.schema import Config, TrainConfig, with_overrides
 from pipeline.config.sections import ConfigError
 from tasks.describe import cuda_available
+from tasks.streaming import Streaming
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -49,6 +50,22 @@ def room_beside_training(cfg: Config, nodes: list[dict[str, float]]) -> bool:
         for key, amount in worker.items():
             node[key] -= amount
     return any(_fits(task, node) for node in free)
+
+
+def streaming_plan(cfg: Config, nodes: list[dict[str, float]], batch_size: int) -> Streaming:
+    """How a Ray Data stream spreads over the nodes: decode actors on any node's CPUs, as many as they hold (Ray
+    Data grows the pool while CPUs are free), and for the teacher cache one model actor per task slot holding a
+    GPU (one on the CPUs without task_gpus)."""
+    task = task_resources(cfg)
+    embedders = sum(_fits(task, node) for node in nodes) if cfg.resources.task_gpus else 1
+    return Streaming(
+        decoders=max(1, int(sum(node.get("CPU", 0) for node in nodes) // cfg.resources.decode_cpus)),
+        decode_cpus=cfg.resources.decode_cpus,
+        embedders=max(1, embedders),
+        task_cpus=cfg.resources.task_cpus,
+        task_gpus=cfg.resources.task_gpus,
+        batch_size=batch_size,
+    )
 
 
 def _cluster_shape() -> tuple[list[dict[str, float]], list[tuple[dict[str, float], int]] | None]:

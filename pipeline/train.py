@@ -2,7 +2,8 @@
 caches what it trains.
 
 Each of train.num_workers workers loads the teacher's image tower (the student), the class-prompt cache and,
-for a method that reads it, the teacher cache, then trains on its DistributedSampler shard of data.train:
+for a method that reads it, the teacher cache, then trains on its share of data.train (its DistributedSampler
+shard decoded by a DataLoader, or its split of a Ray Data stream decoded on any node's CPUs: data.decode):
 
     for each epoch (reseeded from seed, epoch and rank, so a resumed run replays an uninterrupted one):
         train_step per batch    PGD on the method's attack loss, then one optimizer step on its loss
@@ -28,8 +29,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 from ray.train.torch import get_device, prepare_model
-from torch.utils.data import DataLoader, Dataset, Subset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Dataset, Subset
 
 from agft_core.cache import embeddings_of, read_parquet
 from agft_core.calibration import Calibration
@@ -39,9 +39,10 @@ from agft_core.errors import first_line
 from agft_core.evaluate import zero_shot_accuracy
 from agft_core.methods import Method, adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
-from agft_core.optim import warmup_cosine
+from agft_core.optim import compress_gradients, warmup_cosine
 from pipeline.checkpoints import ENCODER_FILE, EPOCH_END, HISTORY_FILE, STATE_FILE, resume_point
 from pipeline.config.schema import Config, TrainConfig
+from pipeline.ingest import LoaderIngest, StreamedIngest
 from tasks.common import ModelSource, cpu_fallback, say
 
 EPOCH_METRICS = ("loss", "train_robust_acc", "lr", "val_clean_acc", "val_robust_acc")  # what each epoch reports
@@ -55,6 +56,7 @@ class TrainInputs:
     teacher: ModelSource
     text_files: list[str]
     teacher_files: list[str]  # empty for a method that does not read the teacher cache
+    train_images: int  # how many images data.train holds
     tracking_uri: str
     run_id: str
     val_text_files: list[str] = ()
@@ -104,20 +106,6 @@ class Totals:
         return self.sums[self.NAMES.index(name)].item()
 
 
-class _Indexed(Dataset):
-    """Yields (pixels, label, index) so a batch can look up its rows of the teacher cache."""
-
-    def __init__(self, images: Dataset):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x, y = self.images[i]
-        return x, y, i
-
-
 def make_optimizer(train: TrainConfig, parameters) -> torch.optim.Optimizer:
     if train.optimizer == "adamw":  # FARE's published recipe
         return torch.optim.AdamW(parameters, lr=train.effective_lr, weight_decay=train.weight_decay)
@@ -160,7 +148,7 @@ def validate(trainee: Trainee, cfg: Config, shard: Dataset, text: torch.Tensor, 
         batch_size=cfg.eval.batch_size,
         device=device,
         generator=torch.Generator(device).manual_seed(cfg.seed + rank),
-        loader_workers=cfg.resources.loader_workers,
+        loader_workers=cfg.resources.loader_processes(cfg.train.cpus_per_worker),
     )
     n = scores["n"]
     totals.add(val_clean_correct=scores["clean"] * n, val_robust_correct=scores[cfg.eval.robust] * n, val_images=n)
@@ -191,19 +179,12 @@ def train_loop(inputs: TrainInputs) -> None:
         teacher_emb = torch.from_numpy(embeddings_of(read_parquet(inputs.teacher_files).sort_by("index"))).to(device)
 
     # -- data, optimizer, schedule
-    data = load_dataset(cfg.data.train.spec(cfg.data.world_seed), teacher.image_size)
-    sampler = DistributedSampler(
-        _Indexed(data.images), num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    loader = DataLoader(
-        _Indexed(data.images),
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.resources.loader_workers,
-        pin_memory=device.type == "cuda",
-    )
-    steps_per_epoch = len(loader)
+    if cfg.data.decode == "ray_data":
+        ingest = StreamedIngest(cfg, inputs.train_images, world_size)
+    else:
+        images = load_dataset(cfg.data.train.spec(cfg.data.world_seed), teacher.image_size).images
+        ingest = LoaderIngest(cfg, images, rank, world_size, device)
+    steps_per_epoch = len(ingest)
     optimizer = make_optimizer(cfg.train, encoder.parameters())
     schedule = warmup_cosine(optimizer, cfg.train.warmup_steps(steps_per_epoch), steps_per_epoch * cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
@@ -219,6 +200,8 @@ def train_loop(inputs: TrainInputs) -> None:
 
     # -- the method
     model = prepare_model(encoder, move_to_device=device)
+    if compress_gradients(model, cfg.train.grad_compression) and rank == 0:
+        say(f"[train] DDP all-reduces the gradients in {cfg.train.grad_compression}")
     raw = model.module if hasattr(model, "module") else model
     spec, frozen = METHOD_SPECS[cfg.train.method], None
     if spec.frozen_encoder:
@@ -251,10 +234,9 @@ def train_loop(inputs: TrainInputs) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         # -- train
         _seed_epoch(cfg.seed, epoch, rank)
-        sampler.set_epoch(epoch)
         model.train()
         totals = Totals(device)
-        for x, y, idx in loader:
+        for x, y, idx in ingest.epoch(epoch):
             batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx)
             train_step(trainee, cfg.train, batch, totals)
         # -- validate

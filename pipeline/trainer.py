@@ -17,12 +17,14 @@ from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_
 
 from agft_core.cache import join, read_bytes
 from pipeline.checkpoints import HISTORY_FILE, newest_checkpoint, prune
-from pipeline.cluster import worker_resources
+from pipeline.cluster import alive_nodes, streaming_plan, worker_resources
 from pipeline.config.sections import ConfigError
+from pipeline.ingest import STREAMED
 from pipeline.stages.calibrate import resolved
 from pipeline.train import TrainInputs
 from pipeline.train_controller import FailureLine, run_worker
 from tasks.describe import cuda_available
+from tasks.streaming import decoded_images
 
 # nccl for CUDA tensors and gloo for any CPU tensor: a collective on a CPU tensor under plain nccl crashes the run
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
@@ -38,6 +40,7 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
     failure_line = FailureLine(cfg.max_failures, len(read_history(join(newest, HISTORY_FILE))) if newest else None)
     trainer = TorchTrainer(
         run_worker,
+        datasets={STREAMED: _training_stream(inputs)} if inputs.cfg.data.decode == "ray_data" else None,
         train_loop_config=ray.put(replace(inputs, cfg=resolved(inputs.cfg, inputs.calibration), newest_on_disk=newest)),
         torch_config=TorchConfig(backend=process_group_backend(cfg.use_gpu, inputs.cfg.resources.cpu_fallback)),
         scaling_config=ScalingConfig(
@@ -62,6 +65,14 @@ def fit(inputs: TrainInputs, storage_path: str, name: str, callbacks: list | Non
         raise RuntimeError(f"training run {name} produced no checkpoint")
     prune(join(storage_path, name), cfg.keep_checkpoints)
     return result.checkpoint
+
+
+def _training_stream(inputs: TrainInputs) -> ray.data.Dataset:
+    """data.train as a Ray Data stream of decoded images in one shuffled order, for the workers to split."""
+    cfg = inputs.cfg
+    plan = streaming_plan(cfg, alive_nodes(), cfg.train.batch_size)
+    spec = cfg.data.train.spec(cfg.data.world_seed)
+    return decoded_images(spec, inputs.teacher.image_size, inputs.train_images, plan, shuffle_seed=cfg.seed)
 
 
 def read_history(location: str) -> list[dict]:

@@ -1,5 +1,6 @@
-"""The caches stage's tasks: the class-prompt embeddings of a dataset, and a shard of the frozen teacher's
-image embeddings of the training set, each written as Parquet."""
+"""The caches stage's tasks: the class-prompt embeddings of a dataset, and a shard of the frozen teacher's image
+embeddings of the training set (data.decode: loader; tasks/streaming.py builds it through Ray Data), each written
+as Parquet."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def embed_class_prompts(model: ModelSource, spec: DatasetSpec, *, out_path: str)
         "classname": data.classnames,
         "templates": [data.templates] * len(data.classnames),
     }
-    return {"file": write_parquet(embedding_table(columns, emb), out_path), **ran_since(start)}
+    return {"files": [write_parquet(embedding_table(columns, emb), out_path)], **ran_since(start)}
 
 
 @ray.remote
@@ -45,4 +46,4 @@ def teacher_shard(
     encoder = ImageEncoder.from_clip(create_clip(model.arch, model.weights)).to(device)
     labels, emb = embed_images(encoder, data.images, range(start, stop), batch_size, device, loader_workers)
     table = embedding_table({"index": np.arange(start, stop), "label": labels.numpy()}, emb.numpy())
-    return {"file": write_parquet(table, out_path), **ran_since(began)}
+    return {"files": [write_parquet(table, out_path)], **ran_since(began)}

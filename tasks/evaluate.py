@@ -29,12 +29,14 @@ def evaluate_shard(
     attack: tuple[str, float, float, int, int],
     images: tuple[int, int],
     batch_size: int,
+    precision: str,
     seed: int,
     loader_workers: int,
     out: CacheEntry,
 ) -> dict:
     """How many of the dataset's images [start, stop) the encoder (None: the original one, else a fine-tuned
-    image encoder's weights) classifies correctly, clean and under the (attack, ε, α, steps, restarts), written
+    image encoder's weights) classifies correctly, clean and under the (attack, ε, α, steps, restarts) in
+    `precision`, written
     to `out` before it returns: a shard scored is kept even if the driver dies. Returns the counts and when and
     where the task ran (for the run's timeline)."""
     began = time.time()
@@ -66,6 +68,7 @@ def evaluate_shard(
         restarts=restarts,
         loader_workers=loader_workers,
         indices=range(start, stop),
+        precision=precision,
     )
     with out.attempt() as attempt:
         write_bytes(join(attempt, RESULT_FILE), json.dumps(counts).encode())

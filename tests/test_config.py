@@ -162,11 +162,23 @@ def test_set_overrides_one_field_and_parses_fractions():
         ("calibration.inv_tau=0", "calibration.inv_tau"),
         ("model.arch=ViT-Q-99", "model.arch"),
         ("eval.quick.restarts=2", "eval.quick: restarts: only apgd-ce restarts, not pgd"),
+        ("eval.precision=fp8", "eval.precision"),
+        ("data.decode=dali", "data.decode"),
+        ("train.grad_compression=fp16", "train.grad_compression"),
+        ("resources.loader_workers=many", "resources.loader_workers"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpus", "processes"), [("auto", 10, 9), ("auto", 1, 0), ("auto", 0.5, 0), (3, 10, 3)]
+)
+def test_loader_workers_auto_decodes_on_every_cpu_beside_the_computing_one(setting, cpus, processes):
+    resources = load_config(None, [f"resources.loader_workers={setting}"]).resources
+    assert resources.loader_processes(cpus) == processes
 
 
 def test_unknown_config_file_is_one_line(capsys):

@@ -143,7 +143,10 @@ def _check_cluster_spec(spec: dict) -> None:
     at_max = [head] + [resources for resources, count in groups for _ in range(count)]
     resolved = with_overrides(config, {"train.num_workers": workers})
     assert placement_problem(resolved, at_max, groups) == (None, False)
-    assert config.train.use_gpu and config.resources.task_gpus > 0 and config.resources.loader_workers > 0
+    assert config.train.use_gpu and config.resources.task_gpus > 0
+    # every GPU process decodes its images with the CPUs it asks for beside its own
+    assert config.resources.loader_processes(config.train.cpus_per_worker) == config.train.cpus_per_worker - 1
+    assert config.resources.loader_processes(config.resources.task_cpus) == config.resources.task_cpus - 1
 
 
 def _check_entrypoint(entrypoint: str) -> None:

@@ -23,7 +23,7 @@ from tiny import ONE_ZERO_SHOT, TEACHER
 
 from agft_core.cache import CacheEntry
 from pipeline import tracking
-from pipeline.checkpoints import ENCODER_FILE, HISTORY_FILE
+from pipeline.checkpoints import ENCODER_FILE, HISTORY_FILE, newest_checkpoint
 from pipeline.cli import main
 from pipeline.config.loading import load_config
 from pipeline.context import RunContext
@@ -143,7 +143,8 @@ def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every
             cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            _wait_for(lambda: _logged_epochs(uri), 400, "epoch 1 in MLflow (after its checkpoint)")
+            # rank 0 logs an epoch to MLflow, then reports its checkpoint: the kill waits for both
+            _wait_for(lambda: _logged_epochs(uri) and _checkpointed(tmp_path / "cache"), 400, "epoch 1's checkpoint")
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -161,6 +162,11 @@ def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every
     history = client.get_metric_history(resumed.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3]
     assert history[0].timestamp == first_epoch.timestamp  # epoch 1 came from the checkpoint
+
+
+def _checkpointed(cache: Path) -> bool:
+    """Whether a fine-tune in the cache's Ray Train storage has a complete checkpoint, as a resumed run finds it."""
+    return any(newest_checkpoint(str(run)) for run in (cache / "ray_train").glob("finetune-*"))
 
 
 def _logged_epochs(uri: str) -> list[int]:

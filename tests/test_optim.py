@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from agft_core.optim import warmup_cosine
+from agft_core.optim import compress_gradients, warmup_cosine
 
 
 def by_hand(step: int, warmup: int, total: int) -> float:
@@ -30,3 +30,30 @@ def test_schedule_follows_the_formula_and_resumes_from_its_state(warmup, total):
             resumed.load_state_dict(optimizer.state_dict())
             again.load_state_dict(schedule.state_dict())
             optimizer, schedule = resumed, again
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group, as DDP needs one."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("compression", ["off", "bf16"])
+def test_ddp_all_reduces_the_gradients_in_the_format_asked_for(process_group, compression):
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(8, 4), torch.randn(16, 8) * 1.3
+    reference = torch.nn.Linear(8, 4)
+    reference.load_state_dict(model.state_dict())
+    reference(x).pow(2).sum().backward()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    assert compress_gradients(ddp, compression) is (compression == "bf16")
+    ddp(x).pow(2).sum().backward()
+    exact = reference.weight.grad
+    expected = exact.bfloat16().float() if compression == "bf16" else exact
+    assert torch.equal(model.weight.grad, expected) and torch.equal(expected, exact) is (compression == "off")
+
+
+def test_one_worker_without_ddp_has_no_gradients_to_compress():
+    assert not compress_gradients(torch.nn.Linear(2, 2), "bf16")

@@ -68,6 +68,11 @@ class _TrainFields(Section):
     amp: Annotated[Literal["off", "bf16", "fp16"], off_for_false] = Field(
         "bf16", description="autocast on GPU (fp16 adds a grad scaler); CPU trains in fp32; attacks always fp32"
     )
+    grad_compression: Annotated[Literal["off", "bf16"], off_for_false] = Field(
+        "off",
+        description="bf16: DDP all-reduces the gradients in bf16 (half of fp32's bytes; a comm hook), off: in "
+        "fp32. Off until a GPU measurement says what it changes",
+    )
     max_failures: int = Field(2, ge=0)
     keep_checkpoints: int = Field(2, ge=1, description="the newest checkpoints (encoder + optimizer) kept per run")
     start_timeout_s: float = Field(

@@ -8,7 +8,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from agft_core import catalog, world
-from agft_core.catalog import ATTACKS, EMBEDDED_ARCH, ROBUST_DEFINITIONS, architectures, attack_key, is_weights_file
+from agft_core.catalog import (
+    ATTACKS,
+    EMBEDDED_ARCH,
+    PRECISIONS,
+    ROBUST_DEFINITIONS,
+    architectures,
+    attack_key,
+    is_weights_file,
+)
 from agft_core.errors import InputError
 
 
@@ -126,6 +134,13 @@ class DatasetConfig(Section):
 
 class DataConfig(Section):
     world_seed: int = 0
+    decode: Literal["loader", "ray_data"] = Field(
+        "loader",
+        description="who decodes the training images, for the teacher cache and for training: loader, the process "
+        "that computes on them (the teacher-cache task, each train worker), with resources.loader_workers DataLoader "
+        "processes; ray_data, Ray Data actors of resources.decode_cpus on any node's CPUs, streaming them to the "
+        "model actors and the train workers",
+    )
     train: DatasetConfig = DatasetConfig(name=world.FINE_TUNING_TASK, split="train")
     zero_shot: list[DatasetConfig] = Field(
         min_length=1,
@@ -229,6 +244,12 @@ class EvalConfig(Section):
         "size, scheduled over every task slot and cached as each finishes",
     )
     retries: int = Field(2, ge=0, description="times a failed shard is retried before its cell is marked incomplete")
+    precision: Literal[PRECISIONS] = Field(
+        "fp32",
+        description="the number format the encoder is attacked and scored in: fp32 (TF32 off, what every reported "
+        "number used), tf32 (CUDA only; fp32 on a CPU), bf16 or fp16 (autocast); docs/evaluation.md has what "
+        "each changes",
+    )
     attack: EvalAttack = Field(
         EvalAttack(),
         description="the headline robust accuracy of `agft run` and `compare`; "
@@ -245,7 +266,8 @@ class EvalConfig(Section):
     def caption(self) -> str:
         """What every table of `agft run` and `compare` says its robust numbers are."""
         quick = f"; quick: {self.quick.label()}" if self.quick else ""
-        return f"robust: {self.attack.label()}{quick}; {ROBUST_MEANING[self.robust]}"
+        precision = f"; attacked in {self.precision}" if self.precision != "fp32" else ""
+        return f"robust: {self.attack.label()}{quick}{precision}; {ROBUST_MEANING[self.robust]}"
 
 
 ROBUST_MEANING = {
@@ -265,17 +287,21 @@ class ResourcesConfig(Section):
         description="GPUs per text-cache, teacher-cache and eval task: a fraction "
         "such as 0.25 packs tasks onto one GPU; 0 computes on CPUs",
     )
-    loader_workers: int = Field(
+    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         0,
-        ge=0,
-        description="DataLoader processes decoding images in each task and train "
-        "worker (0: decode in the computing process)",
+        description="DataLoader processes decoding images in each task and train worker (0: decode in the "
+        "computing process); auto: one per CPU it asks for beyond the first (task_cpus, train.cpus_per_worker)",
     )
+    decode_cpus: float = Field(1, gt=0, description="CPUs per Ray Data decode actor (data.decode: ray_data)")
     cpu_fallback: bool = Field(
         False,
         description="GPUs asked for (train.use_gpu, task_gpus) on nodes without CUDA: "
         "false refuses the run before any work; true computes on their CPUs",
     )
+
+    def loader_processes(self, cpus: float) -> int:
+        """loader_workers for a process that asks Ray for `cpus` CPUs."""
+        return max(0, int(cpus) - 1) if self.loader_workers == "auto" else self.loader_workers
 
     @field_validator("task_gpus")
     @classmethod

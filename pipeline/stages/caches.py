@@ -1,6 +1,7 @@
 """Stage caches: the class-prompt embeddings of every dataset (one Parquet each) and, for a method that reads
-it, the frozen teacher's image embeddings of the training set (sharded Parquet). Both build at once, by Ray
-tasks; each is content-addressed by the weights, the dataset, the preprocessing and the prompts."""
+it, the frozen teacher's image embeddings of the training set (sharded Parquet, by tasks that decode their own
+images or through Ray Data: data.decode). Both build at once; each is content-addressed by the weights, the
+dataset, the preprocessing and the prompts, not by who decoded the images."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from dataclasses import dataclass
 
 from agft_core.cache import CacheEntry, join
 from agft_core.catalog import METHOD_SPECS
+from pipeline.cluster import alive_nodes, streaming_plan
 from pipeline.config.schema import Config
 from pipeline.context import Datasets, RunContext, Teacher
 from pipeline.remote import wait
 from tasks.caches import embed_class_prompts, teacher_shard
+from tasks.streaming import stream_teacher_cache
 
 
 @dataclass
@@ -84,9 +87,14 @@ def _start_teacher_cache(ctx: RunContext, teacher: Teacher, datasets: Datasets, 
     )
     start, n, jobs = time.time(), info.size, []
     if not ctx.cached("teacher", entry, info.name, n):
+        attempt = stack.enter_context(entry.attempt())
+        if cfg.data.decode == "ray_data":
+            plan = streaming_plan(cfg, alive_nodes(), cfg.eval.batch_size)
+            ref = stream_teacher_cache.remote(teacher.source, spec, size=n, plan=plan, out_dir=attempt)
+            jobs.append((entry, attempt, {ref: f"teacher cache through Ray Data ({plan.decoders} decoders)"}))
+            return entry, _Build("teacher", "data.train", jobs, start)
         shards = cfg.teacher_cache_shards
         task = teacher_shard.options(**ctx.task_options())
-        attempt = stack.enter_context(entry.attempt())
         refs = {}
         for i in range(shards):
             ref = task.remote(
@@ -95,7 +103,7 @@ def _start_teacher_cache(ctx: RunContext, teacher: Teacher, datasets: Datasets, 
                 start=n * i // shards,
                 stop=n * (i + 1) // shards,
                 batch_size=cfg.eval.batch_size,
-                loader_workers=cfg.resources.loader_workers,
+                loader_workers=cfg.resources.loader_processes(cfg.resources.task_cpus),
                 out_path=join(attempt, f"part-{i:05d}.parquet"),
             )
             refs[ref] = f"teacher shard {i + 1}/{shards}"
@@ -113,7 +121,7 @@ def _finish(ctx: RunContext, builds: list[_Build]) -> None:
     outputs = dict(zip(owner, wait(list(owner), label, {ref: build.config_field for ref, build in owner.items()})))
     for build in builds:
         for entry, attempt, refs in build.jobs:
-            entry.commit(attempt, [outputs[ref]["file"] for ref in refs])
+            entry.commit(attempt, [file for ref in refs for file in outputs[ref]["files"]])
         ran = {name: outputs[ref] for _, _, refs in build.jobs for ref, name in refs.items()}
         end = max((out["end"] for out in ran.values()), default=build.start)
         ctx.seconds[build.step] = round(end - build.start, 2)

@@ -106,7 +106,9 @@ def start(ctx: RunContext, prepared: Prepared, encoders: dict[str, str | None], 
                             "attack": list(attack),
                             "batch_size": cfg.eval.batch_size,
                             "seed": cfg.seed,
-                        },
+                        }
+                        # every result cached before eval.precision was computed in fp32: their keys stay valid
+                        | ({"precision": cfg.eval.precision} if cfg.eval.precision != "fp32" else {}),
                     )
     missing = [shard for shard, entry in entries.items() if "eval" in ctx.rerun or entry.problem(1) is not None]
     ctx.hits[f"eval {', '.join(encoders)}"] = not missing
@@ -129,8 +131,9 @@ def start(ctx: RunContext, prepared: Prepared, encoders: dict[str, str | None], 
             attack=shard.attack,
             images=shard.images,
             batch_size=cfg.eval.batch_size,
+            precision=cfg.eval.precision,
             seed=cfg.seed,
-            loader_workers=cfg.resources.loader_workers,
+            loader_workers=cfg.resources.loader_processes(cfg.resources.task_cpus),
             out=entries[shard],
         )
         refs[ref] = shard

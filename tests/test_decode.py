@@ -1,0 +1,116 @@
+"""data.decode: ray_data. The teacher cache built through Ray Data (decode actors, model actors, Parquet written
+block by block) holds the rows and values of the loader path, and an independent computation agrees with both;
+training reads a Ray Data stream split over its workers."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from ray.util.state import list_actors
+from tiny import ONE_ZERO_SHOT, TEACHER
+
+from agft_core.cache import embeddings_of, read_parquet
+from agft_core.datasets import load_dataset
+from agft_core.model import ImageEncoder, create_clip
+from pipeline.cluster import streaming_plan
+from pipeline.config.loading import load_config
+from pipeline.context import RunContext
+from pipeline.run import prepare, run
+
+IMAGES = 100  # not a multiple of the batch: the last block is short
+
+
+def _teacher_cache(tmp_path, decode: str, rerun: frozenset = frozenset()):
+    cfg = load_config(
+        None,
+        [
+            *TEACHER,
+            ONE_ZERO_SHOT,
+            f"data.train.limit={IMAGES}",
+            f"data.decode={decode}",
+            "eval.batch_size=16",
+            "train.batch_size=16",
+            f"cache_dir={tmp_path / 'cache'}",
+        ],
+    )
+    lines = []
+    ctx = RunContext(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}", rerun=rerun, log=lines.append)
+    prepared = prepare(ctx, training=True)
+    return prepared, prepared.teacher_cache, lines
+
+
+def test_ray_data_writes_the_teacher_cache_the_loader_path_writes(ray_local, tmp_path):
+    prepared, loader, _ = _teacher_cache(tmp_path, "loader")
+    by_loader = read_parquet(loader.files()).sort_by("index")
+    _, streamed, lines = _teacher_cache(tmp_path, "ray_data", rerun=frozenset({"teacher"}))
+    assert streamed.fingerprint == loader.fingerprint  # who decoded is not an input of the cache
+    assert streamed.problem(IMAGES) is None and any("building: rerun requested" in line for line in lines)
+    parts = streamed.files()
+    assert len(parts) > 1 and all(pq.read_metadata(p).num_rows for p in parts)  # written block by block
+    by_ray_data = read_parquet(parts).sort_by("index")
+    assert by_ray_data.schema.field("embedding").type == by_loader.schema.field("embedding").type
+    assert by_ray_data.column("index").to_pylist() == list(range(IMAGES))
+    assert by_ray_data.column("label").to_pylist() == by_loader.column("label").to_pylist()
+    np.testing.assert_allclose(embeddings_of(by_ray_data), embeddings_of(by_loader), rtol=0, atol=1e-5)
+
+    # both against the teacher run here, one image at a time
+    teacher = prepared.teacher
+    encoder = ImageEncoder.from_clip(create_clip(teacher.arch, teacher.weights)).eval()
+    images = load_dataset(prepared.specs["train"], teacher.size).images
+    with torch.no_grad():
+        for i in (0, 57, IMAGES - 1):
+            pixels, label = images[i]
+            assert by_ray_data.column("label")[i].as_py() == int(label)
+            np.testing.assert_allclose(embeddings_of(by_ray_data)[i], encoder(pixels[None])[0].numpy(), atol=1e-5)
+
+
+def test_the_streaming_plan_puts_a_model_actor_on_each_gpu_slot_and_decoders_on_every_cpu():
+    cfg = load_config(None, ["resources.task_gpus=0.5", "resources.task_cpus=2", "resources.decode_cpus=4"])
+    gpu_node, cpu_node = {"CPU": 96.0, "GPU": 8.0}, {"CPU": 32.0}
+    plan = streaming_plan(cfg, [gpu_node, gpu_node, cpu_node], 64)
+    # 2 nodes x 8 GPUs / 0.5 = 32 model actors of 2 CPUs; up to (96 + 96 + 32) / 4 decoders
+    assert (plan.embedders, plan.decoders, plan.batch_size) == (32, 56, 64)
+    on_cpus = streaming_plan(load_config(None, []), [{"CPU": 2.0}], 64)
+    assert (on_cpus.embedders, on_cpus.decoders, on_cpus.task_gpus) == (1, 2, 0)
+
+
+def test_training_reads_a_ray_data_stream_split_evenly_over_its_workers(ray_local, tmp_path):
+    """Two train workers of half a CPU each on the 2-CPU test Ray, images decoded by Ray Data actors beside them:
+    both workers take the same number of steps (else DDP's all-reduce would hang), every epoch is logged, and the
+    images came from the decode actors."""
+    cfg = load_config(
+        None,
+        [
+            *TEACHER,
+            ONE_ZERO_SHOT,
+            f"data.train.limit={IMAGES}",
+            "data.decode=ray_data",
+            "train.method=tecoa",
+            "resources.decode_cpus=0.5",
+            "train.cpus_per_worker=0.5",
+            "train.num_workers=2",
+            "train.batch_size=16",  # 100 images: 50 a worker, 3 steps of 16
+            "train.epochs=2",
+            "train.warmup_epochs=0",
+            "train.validation=null",
+            "eval.attack.steps=1",
+            "eval.quick=null",
+            "register_models=false",
+            f"cache_dir={tmp_path / 'cache'}",
+        ],
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = _decode_actors()
+    result = run(RunContext(cfg, uri, log=lambda line: None), original=False)
+    client = MlflowClient(uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    lr = client.get_metric_history(result.run_id, "lr")
+    assert [m.step for m in lr] == [1, 2] and lr[-1].value == pytest.approx(0, abs=1e-12)  # the schedule's end
+    assert _decode_actors() > before  # TeCoA reads no teacher cache: only training streamed
+
+
+def _decode_actors() -> int:
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10000, detail=True)
+    return sum("DecodeImages" in actor.class_name for actor in actors)
