@@ -75,6 +75,8 @@ def decoded_images(
 ) -> ray.data.Dataset:
     """The dataset's images [0, size) as a Ray Data stream of (index, label, pixels), decoded by an autoscaling pool
     of up to plan.decoders CPU actors on any node; shuffle_seed: in an order drawn from it."""
+    # one line per stage and block would flood the run's console: the run's own lines say where the build is
+    ray.data.DataContext.get_current().enable_progress_bars = False
     order = np.arange(size) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(size)
     # blocks made here, not by read tasks: a read task waiting for a CPU the actors hold would never run
     indices = ray.data.from_numpy(np.array_split(order, max(1, size // plan.batch_size)))

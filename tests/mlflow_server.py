@@ -75,7 +75,7 @@ class Server:
 def status_without_credentials(uri: str) -> int | None:
     """The HTTP status of an API call that sends no credentials; None while nothing answers."""
     try:
-        with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10) as r:
+        with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=60) as r:
             return r.status
     except urllib.error.HTTPError as exc:
         return exc.code

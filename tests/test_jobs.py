@@ -70,7 +70,7 @@ def _submit(address, env, tmp_path, *overrides, runtime_env: Path = REPO / "depl
     return submission
 
 
-def _wait(address, env, submission, timeout=300) -> str:
+def _wait(address, env, submission, timeout=600) -> str:  # a loaded CI machine took 304 s for a tiny run
     deadline = time.time() + timeout
     while time.time() < deadline:
         result = ray_cli("job", "status", "--address", address, submission, env=env)
