@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from demo_models import demo_models
+from demo_models import demo_models, result_row
 
 from agft_core.datasets import load_dataset
 from agft_core.evaluate import zero_shot_accuracy
@@ -63,17 +63,7 @@ def main() -> None:
                     attack=attack,
                     restarts=restarts,
                 )
-                rows.append(
-                    {
-                        "dataset": data.name,
-                        "model": model,
-                        "attack": label,
-                        "attacked": scores["attacked"],
-                        "clean": scores["clean"],
-                        "seconds": round(time.perf_counter() - start, 1),
-                    }
-                )
-                print(json.dumps(rows[-1]), flush=True)
+                rows.append(result_row(data.name, model, label, scores, start))
     reference = {(r["dataset"], r["model"]): r["attacked"] for r in rows if r["attack"] == REFERENCE}
     gaps = {
         label: max(r["attacked"] - reference[r["dataset"], r["model"]] for r in rows if r["attack"] == label)

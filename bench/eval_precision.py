@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from demo_models import demo_models
+from demo_models import demo_models, result_row
 
 from agft_core.datasets import load_dataset
 from agft_core.evaluate import zero_shot_accuracy
@@ -65,18 +65,7 @@ def main() -> None:
                     )
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    rows.append(
-                        {
-                            "dataset": data.name,
-                            "model": model,
-                            "attack": role,
-                            "precision": precision,
-                            "clean": scores["clean"],
-                            "attacked": scores["attacked"],
-                            "seconds": round(time.perf_counter() - start, 2),
-                        }
-                    )
-                    print(json.dumps(rows[-1]), flush=True)
+                    rows.append(result_row(data.name, model, role, scores, start, precision=precision))
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": _device_name(device)},
         "command": f"bench/eval_precision.py --device {args.device} --limit {args.limit}"
