@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -12,25 +11,13 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from agft_core.data import to_pixels
 from agft_core.model import ImageEncoder, create_clip
 from agft_core.optim import warmup_cosine
+from agft_core.precision import autocast
 
 VERSION = "clip-pretrain-v3"  # bump when pretrain_clip changes what it produces: invalidates cached teachers
-
-
-@contextlib.contextmanager
-def cpu_autocast(amp: str):
-    """The context the towers run their forward in. "bf16": autocast, with attention on torch's math kernel,
-    because the CPU flash-attention kernel's bf16 backward was 8x slower than its fp32 one (bench/pretrain_recipe.py);
-    bf16 matrix products ran 2.4x fp32's on a CPU with avx512_bf16."""
-    if amp == "off":
-        yield
-        return
-    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.MATH]):
-        yield
 
 
 def native_bf16() -> bool:
@@ -50,7 +37,7 @@ def pretrain_clip(
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> nn.Module:
     """A randomly initialised `arch` whose image and text towers are trained together, on the CPU, with
-    open_clip's ClipLoss (in fp32, on the outputs of towers run under cpu_autocast(amp)); the seed fixes the init
+    open_clip's ClipLoss (in fp32, on the outputs of towers run under precision.autocast(amp)); the seed fixes the init
     and the data order. The lr warms up over the first 1/20 of the steps, then decays on a cosine. Returns it in
     eval mode."""
     if amp == "bf16" and not native_bf16():
@@ -75,7 +62,7 @@ def pretrain_clip(
         running = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * batch_size : (step + 1) * batch_size]
-            with cpu_autocast(amp):
+            with autocast(amp, torch.device("cpu")):
                 image_emb = encoder(pixels[idx])
                 text_emb = F.normalize(model.encode_text(tokens[idx]), dim=-1)
             loss = clip_loss(image_emb.float(), text_emb.float(), model.logit_scale.exp())

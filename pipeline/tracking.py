@@ -143,11 +143,13 @@ def log_datasets(uri: str, run_id: str, datasets: list[dict]) -> None:
 
 
 def browse_hint(uri: str, run_id: str) -> str:
-    """Where to look at a run: its page on a tracking server, or the command that serves a local store."""
+    """Where to look at a run: its page on a tracking server, or the command that serves a local store and the
+    page it will serve (mlflow ui's default address)."""
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
     if uri.startswith(("http://", "https://")):
-        experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

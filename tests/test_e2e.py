@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -119,6 +120,13 @@ def test_run_logs_metrics_artifacts_and_epochs(first, store, tmp_path):
     history = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history)
     assert {m.key for m in client.get_metric_history(result.run_id, "lr")} == {"lr"}
+    # the run page's description: what it trained, the table the console printed, how to run it again
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("**AGFT** fine-tune of `agft-tiny-vit` (embedded) on `shapes`: 2 epochs, γ = 1.0")
+    colours = next(r for r in result.rows if r["dataset"] == "colours")
+    cells = " | ".join(f"{100 * v:.2f}" for k, v in colours.items() if k != "dataset")
+    assert f"| colours | {cells} |" in re.sub(" +", " ", note)
+    assert "`agft run --config config.yaml`" in note
 
 
 def test_first_run_builds_every_step(first):

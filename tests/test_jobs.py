@@ -92,7 +92,8 @@ def test_job_submission_runs_agft_and_writes_mlflow(head, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("agft").experiment_id])
     assert run.info.status == "FINISHED" and "finetuned_robust/colours" in run.data.metrics
     assert f"MLflow run: {run.info.run_id}" in logs
-    assert f"Browse it:  mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in logs
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert f"Browse it:  mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}, then {page}" in logs
     # the console as a log file shows it: each epoch once (rank 0), no Ray Train chatter, no carriage returns
     assert logs.count("[train] epoch 1/") == 1 and "Reporting training result" not in logs
     assert "Wrapping provided model in DistributedDataParallel" not in logs and "\r" not in logs

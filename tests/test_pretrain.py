@@ -4,7 +4,8 @@ import torch
 from agft_core import pretrain, world
 from agft_core.catalog import EMBEDDED_ARCH
 from agft_core.model import state_digest
-from agft_core.pretrain import cpu_autocast, pretrain_clip
+from agft_core.precision import autocast
+from agft_core.pretrain import pretrain_clip
 
 
 def test_pretraining_is_reproducible_from_its_seed_and_learns():
@@ -31,12 +32,12 @@ def test_pretraining_is_reproducible_from_its_seed_and_learns():
 
 def test_bf16_autocast_multiplies_in_bf16_and_keeps_attention_off_the_flash_kernel():
     layer, x = torch.nn.Linear(8, 8), torch.randn(4, 8)
-    with cpu_autocast("bf16"):
+    with autocast("bf16", torch.device("cpu")):
         assert layer(x).dtype == torch.bfloat16
         # torch.backends.cuda's flags select the SDPA kernel on the CPU too
         assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
-    with cpu_autocast("off"):
+    with autocast("off", torch.device("cpu")):
         assert layer(x).dtype == torch.float32
 
 

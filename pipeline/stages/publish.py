@@ -33,6 +33,23 @@ def report_run(ctx: RunContext, run_id: str, rows: list[dict], tuned: CacheEntry
         tracking.log_results(
             ctx.tracking_uri, run_id, report.dataset_metrics(rows), [out / n for n in names] + [encoder]
         )
+    tracking.tag_run(ctx.tracking_uri, run_id, {"mlflow.note.content": description(ctx, rows)})
+
+
+def description(ctx: RunContext, rows: list[dict]) -> str:
+    """The run's description on its MLflow page: what it trained, its headline table and how to run it again."""
+    cfg = ctx.cfg
+    gamma = "auto (the fitted γ is the metric calibration_gamma)" if cfg.calibration.gamma == "auto" else None
+    gamma, inv_tau = gamma or cfg.calibration.gamma, cfg.calibration.inv_tau
+    return (
+        f"**{cfg.train.method.upper()}** fine-tune of `{cfg.model.arch}` ({cfg.model.weights}) on "
+        f"`{cfg.data.train.name}`: {cfg.train.epochs} epochs, γ = {gamma}, 1/τ = {inv_tau}, training "
+        f"ε = {255 * cfg.train.attack.eps:g}/255.\n\n"
+        f"Zero-shot top-1 accuracy (%); {cfg.eval.caption()}.\n\n"
+        + report.table(rows, percent=True)
+        + "\nTo run it again: download this run's `config.yaml` artifact, then `agft run --config config.yaml` "
+        "(its caches make every step that did not change a cache hit).\n"
+    )
 
 
 def report_matrix(ctx: RunContext, run_id: str, results: list[dict], rows: list[dict], note: str) -> None:
