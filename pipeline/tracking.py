@@ -142,13 +142,19 @@ def log_datasets(uri: str, run_id: str, datasets: list[dict]) -> None:
     )
 
 
+def run_page(uri: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: its address on a tracking server, else its path under whatever serves the
+    store."""
+    page = f"#/experiments/{MlflowClient(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
+    return f"{uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://")) else page
+
+
 def browse_hint(uri: str, run_id: str) -> str:
     """Where to look at a run: its page on a tracking server, or the command that serves a local store and the
     page it will serve (mlflow ui's default address)."""
-    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    page = run_page(uri, run_id)
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
+        return page
     return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
 
 

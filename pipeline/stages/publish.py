@@ -72,25 +72,21 @@ def _timeline(ctx: RunContext, out: Path) -> tuple[str, str]:
     return "timeline.json", "timeline.png"
 
 
-def _accuracy_tags(rows: list[dict], model: str) -> dict[str, str]:
-    """{"clean/<dataset>": "0.8123", "robust/<dataset>": ...} of one model ("original" or "finetuned") in
-    accuracy_rows' rows."""
-    return {
-        f"{column.removeprefix(model + '_')}/{row['dataset']}": f"{value:.4f}"
-        for row in rows
-        for column, value in row.items()
-        if column.startswith(model + "_") and isinstance(value, float)
-    }
+def _headline_tags(rows: list[dict], model: str) -> dict[str, str]:
+    """A registered version's summary of what the run measured for one model ("original" or "finetuned"): its mean
+    zero-shot clean and robust accuracy over accuracy_rows' datasets; the rest stays on the run."""
+    (mean,) = [row for row in rows if row["dataset"] == "mean"]
+    return {f"mean_{kind}": f"{mean[model + '_' + kind]:.4f}" for kind in ("clean", "robust")}
 
 
 def register_models(ctx: RunContext, prepared: Prepared, run_id: str, rows: list[dict], encoder: str) -> None:
-    """The fine-tuned CLIP, and the original teacher when this run evaluated it, each tagged with its zero-shot
-    accuracy in the run that registered it; weights registered before keep their version."""
-    robust = {"robust": ctx.cfg.eval.caption()}
-    tags = robust | _accuracy_tags(rows, "finetuned")
+    """The fine-tuned CLIP, and the original teacher when this run evaluated it, each tagged with its mean zero-shot
+    accuracy in the run that registered it and that run's page; weights registered before keep their version."""
+    page = {"run": tracking.run_page(ctx.tracking_uri, run_id)}
+    tags = page | _headline_tags(rows, "finetuned")
     versions = {registry.FINETUNED: register_model(ctx, prepared, run_id, encoder, tags)}
     if "original_clean" in rows[0]:
-        tags = robust | _accuracy_tags(rows, "original")
+        tags = page | _headline_tags(rows, "original")
         versions[registry.ORIGINAL] = register_model(ctx, prepared, run_id, None, tags)
     ctx.log(
         f"[registry] {ctx.cfg.experiment}: "
@@ -115,13 +111,7 @@ def register_model(
         return found
     role = {"role": registry.FINETUNED, "method": cfg.train.method} if encoder else {"role": registry.ORIGINAL}
     clip = _servable(ctx, prepared, encoder, encoder_digest)
-    mine = registry.register(
-        ctx.tracking_uri,
-        run_id,
-        cfg.experiment,
-        clip,
-        role | {"weights_digest": teacher.digest, "model_digest": digest} | tags,
-    )
+    mine = registry.register(ctx.tracking_uri, run_id, cfg.experiment, clip, role | {"model_digest": digest} | tags)
     return registry.keep_first(ctx.tracking_uri, mine, digest)
 
 
