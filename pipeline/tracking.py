@@ -4,9 +4,11 @@ like (tables, CSV, plots) is pipeline/report.py."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -41,6 +43,19 @@ def _default_artifact_location(uri: str, experiment: str) -> str | None:
     return (Path(uri[len(prefix) :]).resolve().parent / "mlruns" / experiment).as_uri()
 
 
+def source_tags() -> dict[str, str]:
+    """Where a run's code came from, as the MLflow UI shows it (Source, Git commit): agft's version and, when it runs
+    from a git checkout, the checkout's commit (a `ray job submit` package has no .git: no commit)."""
+    tags = {"mlflow.source.name": f"agft {version('agft')}", "mlflow.source.type": "LOCAL"}
+    try:
+        found = subprocess.run(
+            ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        )
+    except OSError:  # no git on this machine
+        return tags
+    return tags | ({"mlflow.source.git.commit": found.stdout.strip()} if found.returncode == 0 else {})
+
+
 def start_run(
     uri: str, experiment: str, params: dict, tags: dict[str, str], artifact_location: str | None = None
 ) -> str:
@@ -59,7 +74,7 @@ def start_run(
         if found
         else client.create_experiment(experiment, artifact_location or _default_artifact_location(uri, experiment))
     )
-    run = client.create_run(experiment_id, tags=tags)
+    run = client.create_run(experiment_id, tags=source_tags() | tags)
     flat = _flatten("", params)
     items = list(flat.items())
     for i in range(0, len(items), 100):

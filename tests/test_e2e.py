@@ -120,6 +120,11 @@ def test_run_logs_metrics_artifacts_and_epochs(first, store, tmp_path):
     history = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history)
     assert {m.key for m in client.get_metric_history(result.run_id, "lr")} == {"lr"}
+    # its source: agft's version and this checkout's commit
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    commit = git.stdout.strip()
+    assert run.data.tags["mlflow.source.name"].startswith("agft ")
+    assert run.data.tags["mlflow.source.git.commit"] == commit
     # the run page's description: what it trained, the table the console printed, how to run it again
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith("**AGFT** fine-tune of `agft-tiny-vit` (embedded) on `shapes`: 2 epochs, γ = 1.0")

@@ -75,6 +75,9 @@ def tracking_uri(flag: str | None, cluster: bool = False) -> str:
 
 
 PROBE_TIMEOUT_S = 5
+# A server that accepted the connection is there: a busy one (a single worker checking basic-auth password hashes)
+# answered a loaded test machine's probe after more than PROBE_TIMEOUT_S, and the run refused to start.
+REPLY_TIMEOUT_S = 60
 
 
 def check_tracking(uri: str) -> None:
@@ -99,7 +102,7 @@ def check_tracking(uri: str) -> None:
             f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
             params={"experiment_name": "Default"},
             auth=auth,
-            timeout=PROBE_TIMEOUT_S,
+            timeout=(PROBE_TIMEOUT_S, REPLY_TIMEOUT_S),
         )
     except requests.RequestException as exc:
         raise ConfigError(
