@@ -14,6 +14,17 @@ from agft_core import world
 
 
 @dataclass(frozen=True)
+class DatasetInfo:
+    """What the driver needs to know of a dataset, read where the data is: no images."""
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    identity: dict
+    size: int
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """What the pipeline knows of a fine-tuning method. Its loss is a Method subclass in agft_core.methods;
     every other place (config, training loop, caches, logging) reads this row."""

@@ -26,7 +26,7 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from agft_core import world
-from agft_core.catalog import EMBEDDED_COUNTS, LOADERS, DatasetSpec, check_root
+from agft_core.catalog import EMBEDDED_COUNTS, LOADERS, DatasetInfo, DatasetSpec, check_root
 from agft_core.errors import InputError, first_line
 from agft_core.subsets import known_labels, subset_indices
 
@@ -65,17 +65,6 @@ class ClassificationData:
     def info(self) -> DatasetInfo:
         identity = {**self.identity, "listing": _listing_digest(self.files)} if self.files else dict(self.identity)
         return DatasetInfo(self.name, list(self.classnames), list(self.templates), identity, len(self))
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the driver needs to know of a dataset, read where the data is: no images."""
-
-    name: str
-    classnames: list[str]
-    templates: list[str]
-    identity: dict
-    size: int
 
 
 def _rgb(image: Image.Image) -> Image.Image:

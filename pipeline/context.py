@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 from agft_core.cache import CacheEntry, absolute, join
 from agft_core.calibration import Calibration
-from agft_core.catalog import DatasetSpec
-from agft_core.datasets import DatasetInfo
+from agft_core.catalog import DatasetInfo, DatasetSpec
 from pipeline.config.schema import Config
 from tasks.common import ModelSource
 

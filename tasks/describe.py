@@ -6,8 +6,8 @@ import ray
 import torch
 
 from agft_core.cache import file_sha256
-from agft_core.catalog import DatasetSpec
-from agft_core.datasets import DatasetInfo, load_dataset, undecodable
+from agft_core.catalog import DatasetInfo, DatasetSpec
+from agft_core.datasets import load_dataset, undecodable
 from agft_core.model import create_clip, preprocess_cfg, state_digest
 from tasks.common import use_assigned_cpus
 

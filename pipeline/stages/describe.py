@@ -9,8 +9,7 @@ from pathlib import Path
 
 from agft_core import world
 from agft_core.cache import CacheEntry, absolute, describe_file, fingerprint, join, write_bytes
-from agft_core.catalog import DatasetSpec, is_uri
-from agft_core.datasets import DatasetInfo
+from agft_core.catalog import DatasetInfo, DatasetSpec, is_uri
 from agft_core.model import input_size
 from agft_core.subsets import image_ranges
 from pipeline.config.sections import ConfigError
