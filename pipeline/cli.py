@@ -267,8 +267,10 @@ def _browse(label: str, run_id: str, uri: str, failures: list[str] = ()) -> int:
     """The run's address, and exit code 1 when some of its evaluation failed (the cells it shows as incomplete)."""
     from pipeline.tracking import browse_hint
 
+    run, runs = browse_hint(uri, run_id)
     print(f"MLflow {label}: {run_id}")
-    print(f"Browse it:  {browse_hint(uri, run_id)}")
+    print(f"Browse it:  {run}")
+    print(f"All runs:   {runs}")
     if failures:
         print(
             f"agft: error: {len(failures)} eval shard(s) failed (above) and their cells read incomplete; the same "

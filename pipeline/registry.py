@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -64,8 +65,8 @@ def signature(classnames: list[str]) -> ModelSignature:
 
 
 def register(uri: str, run_id: str, name: str, clip: ServableClip, tags: dict[str, str]) -> ModelVersion:
-    """Logs `clip` as the run's model and registers it as a new version of the registered model `name`,
-    with `tags` on both (the run's metrics among them)."""
+    """Logs `clip` as a model of the run and registers it as a new version of the registered model `name`, with
+    `tags` on both."""
     client = MlflowClient(uri)
     experiment_id = client.get_run(run_id).info.experiment_id
     with tempfile.TemporaryDirectory() as tmp, _working_directory(tmp):
@@ -117,6 +118,28 @@ def _working_directory(path: str) -> Iterator[None]:
         os.close(previous)
 
 
+def logged_model_id(uri: str, version: ModelVersion) -> str | None:
+    """The logged model a version was registered from: the one whose artifacts are the version's source (a version
+    made from an artifact location does not keep the model's id)."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(version.run_id).info.experiment_id
+    found = client.search_logged_models([experiment_id], f"source_run_id = '{version.run_id}'")
+    return next((logged.model_id for logged in found if logged.artifact_location == version.source), None)
+
+
+def link(uri: str, run_id: str, version: ModelVersion, metric_keys: list[str]) -> None:
+    """The version's logged model as one of the run's outputs (the run page's "Logged models"; also when an earlier
+    run logged it), with the run's metrics of it attached (the model page's metrics) at their own timestamps: each
+    stays one point of the run's history."""
+    model_id = logged_model_id(uri, version)
+    if model_id is None:  # a version an older agft registered from another source
+        return
+    client = MlflowClient(uri)
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+    history = [m for key in metric_keys for m in client.get_metric_history(run_id, key)]
+    client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in history])
+
+
 def registered_version(uri: str, name: str, model_digest: str) -> ModelVersion | None:
     """The version of `name` that computes with these weights (its model_digest tag), if there is one (the first,
     if two runs registered it at once)."""
@@ -132,10 +155,8 @@ def keep_first(uri: str, mine: ModelVersion, model_digest: str) -> ModelVersion:
     if first is None or first.version == mine.version:  # None: a registry whose search lags its writes
         return mine
     client = MlflowClient(uri)
+    model_id = logged_model_id(uri, mine)
     client.delete_model_version(mine.name, mine.version)
-    # and its logged model, the version's source (a version whose source is an artifact location has no model id)
-    experiment_id = client.get_run(mine.run_id).info.experiment_id
-    for logged in client.search_logged_models([experiment_id], f"source_run_id = '{mine.run_id}'"):
-        if logged.artifact_location == mine.source:
-            client.delete_logged_model(logged.model_id)
+    if model_id:
+        client.delete_logged_model(model_id)
     return first

@@ -4,6 +4,7 @@ like (tables, CSV, plots) is pipeline/report.py."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,12 +16,14 @@ import mlflow
 import requests
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from agft_core.catalog import is_uri
 from pipeline.checkpoints import EPOCH_END
 from pipeline.config.sections import ConfigError
+from tasks.common import say
 
 # What a tracking server that went away raises, once MLflow's own retries are spent.
 TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException)
@@ -56,6 +59,22 @@ def source_tags() -> dict[str, str]:
     return tags | ({"mlflow.source.git.commit": found.stdout.strip()} if found.returncode == 0 else {})
 
 
+# The MLflow UI's "Model training" view (3.17 opens an experiment in its GenAI view, kept per browser, unless the
+# address asks), with the runs table's columns read from the experiment's shared view state of this key.
+VIEW_KEY = "agft"
+VIEW_QUERY = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+RUN_COLUMNS = (
+    "params.`train.method`",
+    "params.`calibration.gamma`",
+    "metrics.`calibration_gamma`",
+    "params.`calibration.inv_tau`",
+    "params.`train.attack.eps`",
+    "metrics.`finetuned_clean/mean`",
+    "metrics.`finetuned_robust/mean`",
+    "attributes.`Models`",
+)
+
+
 def start_run(
     uri: str, experiment: str, params: dict, tags: dict[str, str], artifact_location: str | None = None
 ) -> str:
@@ -74,6 +93,8 @@ def start_run(
         if found
         else client.create_experiment(experiment, artifact_location or _default_artifact_location(uri, experiment))
     )
+    view = {"selectedColumns": list(RUN_COLUMNS)}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
     run = client.create_run(experiment_id, tags=source_tags() | tags)
     flat = _flatten("", params)
     items = list(flat.items())
@@ -157,20 +178,33 @@ def log_datasets(uri: str, run_id: str, datasets: list[dict]) -> None:
     )
 
 
-def run_page(uri: str, run_id: str) -> str:
-    """The run's page in the MLflow UI: its address on a tracking server, else its path under whatever serves the
-    store."""
-    page = f"#/experiments/{MlflowClient(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
+def _under(uri: str, page: str) -> str:
+    """A page's address on a tracking server, else its path under whatever serves the store."""
     return f"{uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://")) else page
 
 
-def browse_hint(uri: str, run_id: str) -> str:
-    """Where to look at a run: its page on a tracking server, or the command that serves a local store and the
-    page it will serve (mlflow ui's default address)."""
-    page = run_page(uri, run_id)
+def run_page(uri: str, run_id: str) -> str:
+    """The run's page in the MLflow UI."""
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    return _under(uri, f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning")
+
+
+def runs_page(uri: str, run_id: str) -> str:
+    """The run's experiment in the MLflow UI: its training runs, with agft's columns."""
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    return _under(uri, f"#/experiments/{experiment_id}/runs?{VIEW_QUERY}")
+
+
+def browse_hint(uri: str, run_id: str) -> list[str]:
+    """Where to look at a run: its page and its experiment's runs on a tracking server, or the command that serves a
+    local store and the pages it will serve (mlflow ui's default address)."""
+    pages = [run_page(uri, run_id), runs_page(uri, run_id)]
     if uri.startswith(("http://", "https://")):
-        return page
-    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
+        return pages
+    return [
+        f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{pages[0]}",
+        f"http://127.0.0.1:5000/{pages[1]}",
+    ]
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -186,3 +220,24 @@ def finishing(uri: str, run_id: str) -> Iterator[None]:
         finish_run(uri, run_id, "FAILED")
         raise
     finish_run(uri, run_id)
+
+
+@contextmanager
+def system_metrics(uri: str, run_id: str, node: str, interval: float) -> Iterator[None]:
+    """While the block runs, this machine's CPU, memory, disk, network and NVIDIA GPU use, sampled every `interval`
+    seconds and logged to the run as system/<node>/..., which the run page's System metrics tab plots. A tracking
+    server that does not answer costs the samples, never the block."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines, on every node
+    try:
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=interval, resume_logging=True, node_id=node, tracking_uri=uri
+        )
+    except TRACKING_ERRORS as exc:
+        say(f"[train] WARNING: no system metrics for {node} ({exc.__class__.__name__}); training goes on")
+        yield
+        return
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

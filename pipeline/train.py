@@ -10,6 +10,9 @@ shard decoded by a DataLoader, or its split of a Ray Data stream decoded on any 
         validate                clean and robust accuracy on the worker's share of train.validation
         all_reduce the totals   one collective per epoch
         rank 0                  logs the epoch to MLflow and reports a checkpoint (encoder, optimizer, history)
+
+Meanwhile each node's first worker samples the node's CPU, memory, disk, network and GPU use into the run
+(system_metrics_interval).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,14 +160,19 @@ def validate(trainee: Trainee, cfg: Config, shard: Dataset, text: torch.Tensor, 
 
 
 def train_loop(inputs: TrainInputs) -> None:
+    # A missed epoch is logged with the next one, so the workers that log retry the tracking server briefly
+    # instead of MLflow's default backoff (minutes), which would stall training.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    context = ray.train.get_context()
+    with _node_system_metrics(inputs, context):
+        _train(inputs, context)
+
+
+def _train(inputs: TrainInputs, context) -> None:
     cfg = inputs.cfg
     # -- this worker
-    context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     _quiet_train_reports(cfg.verbose)
-    # A missed epoch is logged with the next one, so the rank-0 worker retries the tracking server
-    # briefly instead of MLflow's default backoff (minutes), which would stall training.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     torch.manual_seed(cfg.seed + rank)  # initial weights and heads; each epoch reseeds (_seed_epoch)
     device = cpu_fallback(f"train rank {rank}", get_device())
@@ -284,6 +294,19 @@ def _report_with_checkpoint(trainee: Trainee, arch: str, epoch: int, history: li
         save_weights(encoder, Path(d) / ENCODER_FILE, arch)
         (Path(d) / HISTORY_FILE).write_text(json.dumps(history))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+@contextmanager
+def _node_system_metrics(inputs: TrainInputs, context) -> Iterator[None]:
+    """Each node's first worker samples the node's system metrics into the run while it trains."""
+    interval = inputs.cfg.system_metrics_interval
+    if context.get_local_rank() != 0 or interval is None:
+        yield
+        return
+    from pipeline.tracking import system_metrics  # MLflow: imported by one worker per node
+
+    with system_metrics(inputs.tracking_uri, inputs.run_id, f"node{context.get_node_rank()}", interval):
+        yield
 
 
 def _quiet_train_reports(verbose: bool) -> None:

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import requests
 import torch
+from browser import chromium, close_assistant, mlflow_ui, page_text
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
@@ -29,6 +30,7 @@ from torchvision import transforms as T
 
 from agft_core import world
 from agft_core.model import register_embedded_architectures
+from pipeline import tracking
 from pipeline.cli import main
 from pipeline.config.loading import load_config
 from pipeline.context import RunContext
@@ -47,6 +49,7 @@ TINY = [
     "eval.attack.steps=2",
     "eval.quick.steps=2",
     "eval.batch_size=64",
+    "system_metrics_interval=1",
 ]
 
 
@@ -119,6 +122,13 @@ def test_run_logs_metrics_artifacts_and_epochs(first, store, tmp_path):
     assert not any(bar["cached"] for bar in timeline)  # the first run computes everything
     history = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history)
+    # the training node's system metrics, sampled every second while it trained
+    cpu = client.get_metric_history(result.run_id, "system/node0/cpu_utilization_percentage")
+    memory = client.get_metric_history(result.run_id, "system/node0/system_memory_usage_megabytes")
+    assert cpu and all(0 <= m.value <= 100 for m in cpu)
+    installed = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert memory and all(0 < m.value * 2**20 < installed for m in memory)
+    assert history[0].timestamp - 60_000 < cpu[0].timestamp < history[-1].timestamp + 60_000
     assert {m.key for m in client.get_metric_history(result.run_id, "lr")} == {"lr"}
     # its source: agft's version and this checkout's commit
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
@@ -179,13 +189,27 @@ def test_each_model_is_registered_once_and_a_warm_rerun_reuses_the_versions(firs
         f"{first[0].run_id})"
     ) in lines
     # a few tags a version: what it is, its mean accuracies and the run's page; the rest stays on the run
-    page = f"#/experiments/{client.get_run(first[0].run_id).info.experiment_id}/runs/{first[0].run_id}"
+    experiment_id = client.get_run(first[0].run_id).info.experiment_id
+    page = f"#/experiments/{experiment_id}/runs/{first[0].run_id}?workflowType=machine_learning"
     assert set(finetuned.tags) == {"role", "method", "model_digest", "run", "mean_clean", "mean_robust"}
     assert set(original.tags) == {"role", "model_digest", "run", "mean_clean", "mean_robust"}
     for version, model in ((finetuned, "finetuned"), (original, "original")):
         assert version.tags["run"] == page
         for column in ("clean", "robust"):
             assert float(version.tags[f"mean_{column}"]) == pytest.approx(metrics[f"{model}_{column}/mean"], abs=5e-5)
+    # each run's outputs hold both models as MLflow logged models (the rerun's: those the first run logged), each
+    # model with the metrics that run measured of it, and the run's own history one point per metric still
+    logged = client.search_logged_models([experiment_id], f"source_run_id = '{first[0].run_id}'")
+    logged = {m.name: m for m in logged}
+    assert set(logged) == {"agft-fine-tuned", "agft-original"}
+    for run_id in (first[0].run_id, rerun.run_id):
+        outputs = {o.model_id for o in client.get_run(run_id).outputs.model_outputs}
+        assert outputs == {m.model_id for m in logged.values()}
+        for name, model in (("agft-fine-tuned", "finetuned"), ("agft-original", "original")):
+            attached = {m.key: m.value for m in logged[name].metrics if m.run_id == run_id}
+            measured = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith(f"{model}_")}
+            assert attached == measured and f"{model}_robust/mean" in attached
+            assert len(client.get_metric_history(run_id, f"{model}_robust/mean")) == 1
 
 
 def _png(image) -> bytes:
@@ -535,3 +559,33 @@ def test_autoattack_on_a_two_class_dataset_runs_without_apgd_t_and_says_so(first
     assert "AutoAttack on sizes (under 4 classes): APGD-CE, FAB-T and Square, without APGD-T" in table
     metrics = run.data.metrics
     assert metrics["robust/original/sizes/autoattack/eps_1"] <= metrics["robust/original/sizes/apgd-ce-2/eps_1"]
+
+
+def test_the_mlflow_ui_opens_on_the_runs_and_each_run_shows_its_models_source_and_description(first, second, store):
+    """A headless Chromium on `mlflow server` over the demo's store, from the links the console prints: the
+    experiment lands on its training runs with agft's columns, the run page shows its logged models, source and
+    description, and the registered model's page loads. Screenshots go to $AGFT_SCREENSHOTS (docs/images)."""
+    shots = Path(os.environ.get("AGFT_SCREENSHOTS") or store[0] / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    uri, run_id = store[1], first[0].run_id
+    run = MlflowClient(uri).get_run(run_id)
+    with mlflow_ui(uri) as address, chromium() as chrome:
+        chrome.get(f"{address}/{tracking.runs_page(uri, run_id)}")
+        page_text(chrome, "2 matching runs", "finetuned_robust/mean")
+        close_assistant(chrome)
+        text = page_text(chrome, "train.method")
+        chrome.save_screenshot(str(shots / "experiment.png"))
+        assert "/runs?" in chrome.current_url and "Traces 0" not in text  # not MLflow's GenAI overview
+        for column in ("train.method", "calibration.gamma", "calibration.inv_tau", "finetuned_clean/mean"):
+            assert column in text, column
+
+        chrome.get(f"{address}/{tracking.run_page(uri, run_id)}")
+        text = page_text(chrome, "Logged models (2)", "Description")
+        chrome.save_screenshot(str(shots / "run.png"))
+        assert run.data.tags["mlflow.source.git.commit"][:7] in text and run.data.tags["mlflow.source.name"] in text
+        assert "AGFT fine-tune of agft-tiny-vit (embedded) on shapes" in text
+        assert "agft-fine-tuned" in text and "agft-original" in text  # the models its metrics belong to
+
+        chrome.get(f"{address}/#/models/agft")
+        page_text(chrome, "Version 1", "Version 2")
+        chrome.save_screenshot(str(shots / "registered_model.png"))

@@ -216,6 +216,12 @@ class Config(Section):
     storage_path: str | None = Field(None, description="Ray Train/Tune checkpoints; default: under cache_dir")
     artifact_location: str | None = Field(None, description="MLflow artifact root of a new experiment")
     experiment: str = "agft"
+    system_metrics_interval: float | None = Field(
+        10.0,
+        gt=0,
+        description="seconds between samples of each training node's CPU, memory, disk, network and GPU use, "
+        "logged to the run as system/node<N>/... (null: none)",
+    )
     register_models: bool = Field(
         True,
         description="log each fine-tuned CLIP (and its original teacher, once) as "

@@ -88,6 +88,11 @@ def register_models(ctx: RunContext, prepared: Prepared, run_id: str, rows: list
     if "original_clean" in rows[0]:
         tags = page | _headline_tags(rows, "original")
         versions[registry.ORIGINAL] = register_model(ctx, prepared, run_id, None, tags)
+    measured = report.dataset_metrics(rows)
+    for role, version in versions.items():
+        model = "finetuned" if role == registry.FINETUNED else "original"
+        keys = [key for key in measured if key.startswith(f"{model}_")]
+        registry.link(ctx.tracking_uri, run_id, version, keys)
     ctx.log(
         f"[registry] {ctx.cfg.experiment}: "
         + ", ".join(
