@@ -71,6 +71,8 @@ RUN_COLUMNS = (
     "params.`train.attack.eps`",
     "metrics.`finetuned_clean/mean`",
     "metrics.`finetuned_robust/mean`",
+    "metrics.`val_clean_acc`",  # the last epoch's, with train.validation: a sweep's trials are compared on them
+    "metrics.`val_robust_acc`",
     "attributes.`Models`",
 )
 
