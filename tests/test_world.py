@@ -79,13 +79,37 @@ def test_every_prompt_is_a_caption_the_text_tower_saw_in_pretraining(name, demo_
     assert not missing, f"{name}: prompts never captioned: {missing}"
 
 
+def _shows_colour(image: np.ndarray, colour: str) -> bool:
+    rgb = np.asarray(world.COLOURS[colour], np.float32)
+    distance = np.abs(image.astype(np.float32) - rgb).sum(-1)
+    return (distance < 0.16 * rgb.sum() + 10).sum() >= 10  # shapes are shaded to 85-100% of their colour
+
+
 def test_colour_label_is_the_colour_drawn():
     data = world.generate("colours", "test", 50, 0)
     for image, label in zip(data.images, data.labels):
-        rgb = np.asarray(world.COLOURS[world.TASKS["colours"].classnames[label]], np.float32)
-        distance = np.abs(image.astype(np.float32) - rgb).sum(-1)
-        # shapes are shaded to 85-100% of their colour
-        assert (distance < 0.16 * rgb.sum() + 10).sum() >= 10
+        assert _shows_colour(image, world.TASKS["colours"].classnames[label])
+
+
+def test_scenes_are_every_colour_shape_and_background_and_each_label_names_what_is_drawn():
+    task = world.TASKS["scenes"]
+    assert len(set(task.classnames)) == len(world.COLOURS) * len(world.SHAPES) * len(world.BACKGROUNDS) == 256
+    data = world.generate("scenes", "test", 2000, 0)
+    assert len(set(data.labels.tolist())) > 250  # 2000 uniform draws of 256 classes miss ~0.1 of them
+    plain = 0
+    for image, label in zip(data.images[:100], data.labels[:100]):
+        name = task.classnames[label]
+        assert _shows_colour(image, name.split()[0]), name
+        # the border is the background's, a shape covering little of it: mostly one colour on a plain one, no
+        # colour on half of it on a noisy one
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        _, counts = np.unique(border, axis=0, return_counts=True)
+        if name.endswith("on a plain background"):
+            assert counts.max() > 0.75 * len(border), name
+            plain += 1
+        if name.endswith("on a noisy background"):
+            assert counts.max() < 0.5 * len(border), name
+    assert 10 < plain < 50
 
 
 def test_fingerprint_follows_the_font_files(tmp_path, monkeypatch):
