@@ -52,7 +52,25 @@ def pmg_aft_loss(
     alpha: float,
     beta: float,
 ) -> torch.Tensor:
-    """PMG-AFT: CE on x_adv, plus KL to the frozen model on x_adv (α) and to the student on x (β)."""
+    """PMG-AFT as its authors' code (PMG_AFT.py) computes it: CE on x_adv (batch mean), plus
+    nn.KLDivLoss(reduction="sum") of the frozen model's log-probabilities on x_adv (α) and of the student's on x (β)
+    against the adversarial student's probabilities: KL(adv ‖ other), summed over the batch."""
+    batch = len(adv_logits)
+    return F.cross_entropy(adv_logits, labels) + batch * (
+        alpha * kl_divergence(adv_logits, orig_adv_logits) + beta * kl_divergence(adv_logits, clean_logits)
+    )
+
+
+def pmg_aft_scaled_loss(
+    adv_logits: torch.Tensor,
+    orig_adv_logits: torch.Tensor,
+    clean_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+) -> torch.Tensor:
+    """PMG-AFT as agft computed it until 2026-12-06: CE on x_adv, plus KL(other ‖ adv) to the frozen model on x_adv
+    (α) and to the student on x (β), batch means."""
     return (
         F.cross_entropy(adv_logits, labels)
         + alpha * kl_divergence(orig_adv_logits, adv_logits)

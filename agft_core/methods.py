@@ -12,7 +12,10 @@ reads, its defaults, its published recipe, what its runs log): a sixth method is
     method    attacks                          minimises
     agft      soft-target CE at 1/τ            soft-target CE to the calibrated teacher p_cal (cached)
     tecoa     CE on hard labels at the model's logit scale, for both
-    pmg_aft   CE                               CE + α·KL(orig(x_adv) ‖ adv) + β·KL(student(x) ‖ adv)
+    pmg_aft   CE                               CE + Σ_batch α·KL(adv ‖ orig(x_adv)) + β·KL(adv ‖ student(x)),
+                                               on cosine logits (its authors' code)
+    pmg_aft_scaled                             CE + α·KL(orig(x_adv) ‖ adv) + β·KL(student(x) ‖ adv), batch means
+                                               (agft's PMG-AFT until 2026-12-06)
     fare      ‖f_θ(x_adv) − f_orig(x)‖², for both (no labels)
     tga_zsr   CE                               CE + α‖A_θ(x_adv) − A_orig(x)‖ + β‖A_θ(x) − A_orig(x)‖
 """
@@ -33,6 +36,7 @@ from agft_core.losses import (
     calibrated_targets,
     fare_loss,
     pmg_aft_loss,
+    pmg_aft_scaled_loss,
     tecoa_loss,
     tga_zsr_loss,
     zero_shot_logits,
@@ -85,12 +89,24 @@ class PMGAFT(Method):
         super().__init__(text, scale)
         self.teacher, self.alpha, self.beta = teacher, alpha, beta
 
+    def objective(self, adv, orig_adv, clean, labels) -> torch.Tensor:
+        """As its authors' code computes it: every term on the cosine logits, unscaled."""
+        cos = [zero_shot_logits(emb, self.text, 1.0) for emb in (adv, orig_adv, clean)]
+        return pmg_aft_loss(*cos, labels, self.alpha, self.beta)
+
     def loss(self, model, x, x_adv, labels, state):
         adv, clean = model(torch.cat([x_adv, x])).float().chunk(2)
         with torch.no_grad():
             orig_adv = self.teacher(x_adv).float()
-        loss = pmg_aft_loss(self.logits(adv), self.logits(orig_adv), self.logits(clean), labels, self.alpha, self.beta)
-        return loss, adv
+        return self.objective(adv, orig_adv, clean, labels), adv
+
+
+class PMGAFTScaled(PMGAFT):
+    """The form agft trained PMG-AFT with until 2026-12-06 (pmg_aft_scaled_loss), kept to compare with."""
+
+    def objective(self, adv, orig_adv, clean, labels) -> torch.Tensor:
+        logits = [self.logits(emb) for emb in (adv, orig_adv, clean)]
+        return pmg_aft_scaled_loss(*logits, labels, self.alpha, self.beta)
 
 
 class FARE(Method):

@@ -99,14 +99,15 @@ def test_each_methods_loss_weights_and_model_check_come_from_its_row():
     from pipeline.config.schema import TrainConfig
 
     weighted = {name for name, spec in METHOD_SPECS.items() if spec.loss_weights}
-    assert weighted == {"pmg_aft", "tga_zsr"} and weighted <= set(TrainConfig.model_fields)
+    assert weighted == {"pmg_aft", "pmg_aft_scaled", "tga_zsr"} and weighted <= set(TrainConfig.model_fields)
     train = load_config(None).train
     assert {name: (getattr(train, name).alpha, getattr(train, name).beta) for name in weighted} == {
         "pmg_aft": (1.0, 1.0),
+        "pmg_aft_scaled": (1.0, 1.0),
         "tga_zsr": (0.08, 0.05),
     }
     assert not set(METHOD_SPECS) - weighted & set(TrainConfig.model_fields)
-    with pytest.raises(ConfigError, match=r"tga_zsr needs a ViT .* \(use agft, tecoa, pmg_aft, fare\)"):
+    with pytest.raises(ConfigError, match=r"tga_zsr needs a ViT .* \(use agft, tecoa, pmg_aft, pmg_aft_scaled, fare\)"):
         load_config(None, ["model.arch=RN50", "model.weights=random", "train.method=tga_zsr"])
 
 

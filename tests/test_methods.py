@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from agft_core.attacks import pgd
 from agft_core.catalog import METHODS
-from agft_core.losses import attention_map, fare_loss, kl_divergence, pmg_aft_loss, tga_zsr_loss
+from agft_core.losses import attention_map, fare_loss, kl_divergence, pmg_aft_loss, pmg_aft_scaled_loss, tga_zsr_loss
 from agft_core.methods import adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale
 from pipeline.config.sections import AttackConfig
@@ -37,7 +37,29 @@ def test_kl_divergence_by_hand():
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_pmg_aft_loss_by_hand():
+def _t(v):
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def test_pmg_aft_loss_by_hand_and_as_its_authors_code_writes_it():
+    """KL(adv ‖ other) summed over the batch, by hand; and the authors' nn.KLDivLoss(reduction="sum") of the other
+    model's log-probabilities against the adversarial probabilities."""
+    alpha, beta = 0.7, 1.3
+    ce = -sum(_log_softmax(ADV[i])[LABELS[i]] for i in range(2)) / 2
+    to_orig, to_clean = sum(_kl(ADV[i], ORIG[i]) for i in range(2)), sum(_kl(ADV[i], CLEAN[i]) for i in range(2))
+    expected = ce + alpha * to_orig + beta * to_clean
+    got = pmg_aft_loss(_t(ADV), _t(ORIG), _t(CLEAN), torch.tensor(LABELS), alpha, beta)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    kl_sum, adv_probs = torch.nn.KLDivLoss(reduction="sum"), F.softmax(_t(ADV), dim=1)
+    authors = (
+        F.cross_entropy(_t(ADV), torch.tensor(LABELS))
+        + alpha * kl_sum(F.log_softmax(_t(ORIG), dim=1), adv_probs)
+        + beta * kl_sum(F.log_softmax(_t(CLEAN), dim=1), adv_probs)
+    )
+    assert got.item() == pytest.approx(authors.item(), rel=1e-12)
+
+
+def test_pmg_aft_scaled_loss_by_hand():
     alpha, beta = 0.7, 1.3
     ce = -sum(_log_softmax(ADV[i])[LABELS[i]] for i in range(2)) / 2
     expected = (
@@ -45,11 +67,7 @@ def test_pmg_aft_loss_by_hand():
         + alpha * sum(_kl(ORIG[i], ADV[i]) for i in range(2)) / 2
         + beta * sum(_kl(CLEAN[i], ADV[i]) for i in range(2)) / 2
     )
-
-    def t(v):
-        return torch.tensor(v, dtype=torch.float64)
-
-    got = pmg_aft_loss(t(ADV), t(ORIG), t(CLEAN), torch.tensor(LABELS), alpha, beta)
+    got = pmg_aft_scaled_loss(_t(ADV), _t(ORIG), _t(CLEAN), torch.tensor(LABELS), alpha, beta)
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
