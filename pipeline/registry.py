@@ -129,13 +129,15 @@ def logged_model_id(uri: str, version: ModelVersion) -> str | None:
 
 def link(uri: str, run_id: str, version: ModelVersion, metric_keys: list[str]) -> None:
     """The version's logged model as one of the run's outputs (the run page's "Logged models"; also when an earlier
-    run logged it), with the run's metrics of it attached (the model page's metrics) at their own timestamps: each
-    stays one point of the run's history."""
+    run logged it), with the run's metrics of it attached (the model page's metrics) at their own timestamps: a SQL
+    store (SQLite, PostgreSQL, behind a server or not) keeps one point of each in the run's history, a file store
+    two."""
     model_id = logged_model_id(uri, version)
     if model_id is None:  # a version an older agft registered from another source
         return
     client = MlflowClient(uri)
-    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+    if model_id not in {output.model_id for output in client.get_run(run_id).outputs.model_outputs}:
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
     history = [m for key in metric_keys for m in client.get_metric_history(run_id, key)]
     client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in history])
 

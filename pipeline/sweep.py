@@ -170,7 +170,8 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     seconds = {"caches": time.perf_counter() - clock}
     # -- the parent run: new, or the one a resumed sweep started
     storage = ctx.storage("ray_tune")
-    name = f"sweep-{fingerprint(cfg.model_dump(mode='json', exclude={'verbose'}))}"  # console verbosity: same sweep
+    # what the sweep logs, not what it trains (console verbosity, system metrics' sampling): the same sweep
+    name = f"sweep-{fingerprint(cfg.model_dump(mode='json', exclude={'verbose', 'system_metrics_interval'}))}"
     sweep_dir = join(storage, name)
     parent_file = join(sweep_dir, PARENT_RUN_FILE)
     resumed = tune.Tuner.can_restore(sweep_dir) and exists(parent_file)

@@ -8,7 +8,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,7 +23,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from agft_core.catalog import is_uri
 from pipeline.checkpoints import EPOCH_END
 from pipeline.config.sections import ConfigError
-from tasks.common import say
 
 # What a tracking server that went away raises, once MLflow's own retries are spent.
 TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException)
@@ -95,14 +94,22 @@ def start_run(
         if found
         else client.create_experiment(experiment, artifact_location or _default_artifact_location(uri, experiment))
     )
-    view = {"selectedColumns": list(RUN_COLUMNS)}
-    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+    _share_runs_view(client, experiment_id)
     run = client.create_run(experiment_id, tags=source_tags() | tags)
     flat = _flatten("", params)
     items = list(flat.items())
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
     return run.info.run_id
+
+
+def _share_runs_view(client: MlflowClient, experiment_id: str) -> None:
+    """The experiment's shared view VIEW_KEY: the runs table with RUN_COLUMNS. Written when missing or changed; two
+    runs that start at once may both write it, and the one that loses the race starts anyway."""
+    tag, view = f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps({"selectedColumns": list(RUN_COLUMNS)})
+    if client.get_experiment(experiment_id).tags.get(tag) != view:
+        with suppress(MlflowException):
+            client.set_experiment_tag(experiment_id, tag, view)
 
 
 def find_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
@@ -227,17 +234,12 @@ def finishing(uri: str, run_id: str) -> Iterator[None]:
 @contextmanager
 def system_metrics(uri: str, run_id: str, node: str, interval: float) -> Iterator[None]:
     """While the block runs, this machine's CPU, memory, disk, network and NVIDIA GPU use, sampled every `interval`
-    seconds and logged to the run as system/<node>/..., which the run page's System metrics tab plots. A tracking
-    server that does not answer costs the samples, never the block."""
+    seconds and logged to the run as system/<node>/..., which the run page's System metrics tab plots. MLflow's
+    monitor stops sampling at the first call the tracking server fails (it warns); the block goes on."""
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines, on every node
-    try:
-        monitor = SystemMetricsMonitor(
-            run_id, sampling_interval=interval, resume_logging=True, node_id=node, tracking_uri=uri
-        )
-    except TRACKING_ERRORS as exc:
-        say(f"[train] WARNING: no system metrics for {node} ({exc.__class__.__name__}); training goes on")
-        yield
-        return
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval, resume_logging=True, node_id=node, tracking_uri=uri
+    )
     monitor.start()
     try:
         yield

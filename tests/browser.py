@@ -92,4 +92,5 @@ def _text(chrome: webdriver.Chrome) -> str:
 def close_assistant(chrome: webdriver.Chrome) -> None:
     """Closes the MLflow Assistant panel, which opens on a browser's first visit and takes a third of the page."""
     for button in chrome.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
-        button.click()
+        if button.is_displayed():
+            button.click()

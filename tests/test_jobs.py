@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import requests
 import yaml
 from file_audit import opened_under, traced
 from mlflow.tracking import MlflowClient
 from mlflow_server import mlflow_server, status_without_credentials
 from PIL import Image
-from ray_cluster import ray_cli, ray_cluster, state
+from ray_cluster import dashboard_api, ray_cli, ray_cluster, state
 from tiny import ONE_ZERO_SHOT, TEACHER
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,15 +71,20 @@ def _submit(address, env, tmp_path, *overrides, runtime_env: Path = REPO / "depl
     return submission
 
 
+FINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # a job's states once it has ended
+
+
 def _wait(address, env, submission, timeout=600) -> str:  # a loaded CI machine took 304 s for a tiny run
-    deadline = time.time() + timeout
+    deadline, answer = time.time() + timeout, None
     while time.time() < deadline:
-        result = ray_cli("job", "status", "--address", address, submission, env=env)
-        status = re.search(r"Job '[^']+' (succeeded|failed|stopped)", result.stdout + result.stderr)
-        if status:
-            return status.group(1).upper()
+        try:  # a dashboard busy or restarting answers the next poll
+            answer = dashboard_api(address, env, f"/api/jobs/{submission}")
+        except requests.RequestException as exc:
+            answer = exc
+        if isinstance(answer, requests.Response) and answer.ok and answer.json()["status"] in FINAL:
+            return answer.json()["status"]
         time.sleep(3)
-    raise AssertionError(f"job {submission} did not finish in {timeout}s")
+    raise AssertionError(f"job {submission} did not finish in {timeout}s (last answer: {answer})")
 
 
 @pytest.mark.slow

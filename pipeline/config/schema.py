@@ -218,7 +218,7 @@ class Config(Section):
     experiment: str = "agft"
     system_metrics_interval: float | None = Field(
         10.0,
-        gt=0,
+        ge=1,
         description="seconds between samples of each training node's CPU, memory, disk, network and GPU use, "
         "logged to the run as system/node<N>/... (null: none)",
     )
