@@ -21,11 +21,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# One pytest worker more than the machine has cores (at most 4): much of a test's time is Ray processes starting
-# and waiting on each other, which leaves two workers' cores idle 8 % of the suite (2026-12-06, fresh clone, 2
-# cores: pytest 35 min serial, 24.6 min with two workers).
+# Two pytest workers (more on a bigger machine): much of a test's time is Ray processes starting and waiting on
+# each other, so two workers help even on 2 cores (2026-12-06, fresh clone: pytest 35 min serial, 24.6 min so).
 test: lint
-	$(VENV)/bin/python -m pytest --numprocesses $$(( $$(nproc) < 4 ? $$(nproc) + 1 : 4 )) --dist loadgroup
+	$(VENV)/bin/python -m pytest --numprocesses auto --maxprocesses 4 --dist loadgroup
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/spine_budget.py
