@@ -1,0 +1,228 @@
+"""Issue 30's declared benchmark: can the embedded world tell AGFT from FARE? Every method fine-tunes on `scenes`
+(256 classes, so that a soft target over the training classes spans the embedding as ImageNet's do), is tuned on the
+same grid, and is reported on the zero-shot tasks whose label does not depend on the training label.
+
+Declared before any result (issue 30), and not to be changed after seeing numbers:
+- training task `scenes`; zero-shot tasks: `shapes` and the world's suite. The headline mean is over the tasks
+  whose label is independent of a scene's colour, shape and background (INDEPENDENT); the same-scene mean (tasks on
+  the training images' scenes) and the other-domain mean (glyphs) are reported apart;
+- one grid for every method: train.lr in LRS x train.attack.eps in {2, 4}/255, AGFT on top with gamma in {0.4, 1} at
+  1/tau = 1.8 x the teacher's own logit scale (the paper's ratios); selected on val_robust_acc of `positions`' train
+  split (512 images), never a reported test set; a pick on an lr edge widens the lr grid once, and the edges are
+  reported;
+- PMG-AFT as its authors' code computes it (pmg_aft), and agft's earlier form (pmg_aft_scaled);
+- 2 teacher seeds x 3 fine-tune seeds; mean and standard error over the 6 runs.
+
+Usage: .venv/bin/python bench/methods_apart.py --store DIR [--set FIELD=VALUE ...]
+                                              [--out bench/results/methods_apart.json]
+DIR keeps the caches and the MLflow store. Each finished step (a method's sweep, a teacher seed's comparison) is
+written to the JSON at once; the same command again goes on from the first unfinished step. --set applies to every
+step (e.g. fewer epochs for a quick look; the JSON records them).
+"""
+
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import yaml
+from agft_cli import agft, output, sets
+
+from agft_core.model import create_clip, logit_scale
+from pipeline.cli import local_ray_options
+from pipeline.config.loading import load_config
+from pipeline.context import RunContext
+from pipeline.stages.pretrain import teacher_weights
+
+METHODS = ("agft", "tecoa", "pmg_aft", "pmg_aft_scaled", "fare", "tga_zsr")
+LRS = [1.0e-4, 3.0e-4, 1.0e-3]
+EPS = ["2/255", "4/255"]
+GAMMAS = [0.4, 1.0]
+INV_TAU_PER_SCALE = 1.8  # the paper's 1/tau = 180 over CLIP's logit scale of 100
+TEACHER_SEEDS, SEEDS = [0, 1], [0, 1, 2]
+SAME_SCENE = ("shapes", "colours", "backgrounds", "positions")
+OTHER_DOMAIN = ("digits", "letters", "handwritten")
+INDEPENDENT = ("positions", *OTHER_DOMAIN)  # a scenes label fixes colour, shape and background, not these
+BASE = [
+    "data.train.name=scenes",
+    "data.zero_shot=" + json.dumps([{"name": name} for name in SAME_SCENE + OTHER_DOMAIN]),
+    "train.validation.dataset={name: positions, split: train, limit: 512}",
+    "sweep.metric=val_robust_acc",
+    "sweep.scheduler=fifo",
+    "sweep.num_samples=1",
+    "register_models=false",
+]
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", required=True, help="caches and MLflow store, kept between runs of this script")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE")
+    parser.add_argument("--out", default="bench/results/methods_apart.json")
+    args = parser.parse_args()
+    out, store = output(args.out), Path(args.store).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    report = json.loads(out.read_text()) if out.exists() else {}
+    if report and report["overrides"] != args.overrides:
+        raise SystemExit(f"{out} holds a run with --set {report['overrides']}: use another --out")
+    report = report or {"machine": platform.platform(), "cpus": os.cpu_count(), "overrides": args.overrides}
+    report.setdefault("declared", {"lrs": LRS, "eps": EPS, "gammas": GAMMAS, "independent": INDEPENDENT})
+    common = ["--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", *sets(f"cache_dir={store / 'cache'}")]
+    overrides = BASE + args.overrides
+
+    def save() -> None:
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    # -- each method's sweep, on the first teacher
+    scales = report.setdefault("teacher_scales", {})
+    scales.setdefault("0", teacher_scale(overrides, store, 0))
+    save()
+    sweeps = report.setdefault("sweeps", {})
+    for method in METHODS:
+        if method not in sweeps:
+            sweeps[method] = tune(method, common, overrides, scales["0"])
+            save()
+
+    # -- every method at its pick, over each teacher's fine-tune seeds
+    compares = report.setdefault("compares", {})
+    for teacher in TEACHER_SEEDS:
+        if str(teacher) in compares:
+            continue
+        scales.setdefault(str(teacher), teacher_scale(overrides, store, teacher))
+        per_method = {m: picked(sweeps[m]["chosen"], m, scales[str(teacher)]) for m in METHODS}
+        compares[str(teacher)] = comparison(teacher, per_method, common, overrides, store)
+        save()
+    report["summary"] = summary([row for rows in compares.values() for row in rows["per_seed"]])
+    save()
+    print(markdown(report["summary"]))
+
+
+def teacher_scale(overrides: list[str], store: Path, teacher: int) -> float:
+    """The logit scale the teacher of pretrain.seed `teacher` learned, pretrained into the store's cache if missing."""
+    cfg = load_config(None, overrides + [f"cache_dir={store / 'cache'}", f"pretrain.seed={teacher}"])
+    ray.init(logging_level="WARNING", **local_ray_options())
+    try:
+        weights = teacher_weights(RunContext(cfg, f"sqlite:///{store / 'mlflow.db'}"))
+    finally:
+        ray.shutdown()
+    return logit_scale(create_clip(cfg.model.arch, weights))
+
+
+def space(method: str, lrs: list[float], scale: float) -> dict:
+    axes = {"train.lr": {"grid": lrs}, "train.attack.eps": {"grid": EPS}}
+    if method == "agft":
+        axes |= {"calibration.gamma": {"grid": GAMMAS}, "calibration.inv_tau": {"grid": [INV_TAU_PER_SCALE * scale]}}
+    return axes
+
+
+def tune(method: str, common: list[str], overrides: list[str], scale: float) -> dict:
+    """The method's sweep over the declared grid, widened once if its lr pick is on an edge."""
+    lrs, rounds = list(LRS), []
+    while True:
+        with tempfile.TemporaryDirectory() as tmp:
+            best = Path(tmp) / "best.yaml"
+            axes = space(method, lrs, scale)
+            seconds = agft(
+                "sweep",
+                *common,
+                *sets(*overrides, f"train.method={method}", f"sweep.space={json.dumps(axes)}"),
+                "--best-out",
+                str(best),
+            )
+            chosen = {key: _get(yaml.safe_load(best.read_text()), key) for key in axes}
+        rounds.append({"space": axes, "chosen": chosen, "seconds": seconds})
+        edge = chosen["train.lr"] in (min(lrs), max(lrs))
+        print(f"[methods apart] {method}: {chosen} ({'on an lr edge' if edge else 'inside'} {lrs})", flush=True)
+        if not edge or len(rounds) == 2:
+            return {"rounds": rounds, "chosen": chosen, "lr_edge": edge}
+        lrs = [min(lrs) / 3, *lrs] if chosen["train.lr"] == min(lrs) else [*lrs, max(lrs) * 3]
+
+
+def picked(chosen: dict, method: str, scale: float) -> dict:
+    """A method's picked values for one teacher: AGFT's 1/tau follows that teacher's own logit scale."""
+    return chosen | ({"calibration.inv_tau": INV_TAU_PER_SCALE * scale} if method == "agft" else {})
+
+
+def comparison(teacher: int, per_method: dict, common: list[str], overrides: list[str], store: Path) -> dict:
+    """`agft compare` of every method at its pick over SEEDS, on the teacher of pretrain.seed `teacher`."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = f"methods-apart-teacher{teacher}"
+    started = time.time()
+    seconds = agft(
+        "compare",
+        *common,
+        *sets(
+            *overrides,
+            f"experiment={experiment}",
+            f"pretrain.seed={teacher}",
+            f"compare.methods={json.dumps(list(METHODS))}",
+            f"compare.seeds={json.dumps(SEEDS)}",
+            f"compare.per_method={json.dumps(per_method)}",
+        ),
+        "--out",
+        str(store / f"compare-teacher{teacher}.md"),
+    )
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        f"tags.kind = 'compare' and attributes.start_time >= {int(started * 1000)}",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(client.download_artifacts(parent.info.run_id, "compare_per_seed.csv", tmp)) as f:
+            rows = [
+                {**r, "teacher": teacher, "clean": float(r["clean"]), "robust": float(r["robust"])}
+                for r in csv.DictReader(f)
+            ]
+    return {"per_method": per_method, "per_seed": rows, "seconds": seconds, "run": parent.info.run_id}
+
+
+def summary(per_seed: list[dict]) -> list[dict]:
+    """Per method: the headline (independent), same-scene and other-domain means of clean and robust accuracy, each
+    first averaged over its tasks within a (teacher, seed) run, then mean and standard error over the runs."""
+    groups = {"independent": INDEPENDENT, "same-scene": SAME_SCENE, "other-domain": OTHER_DOMAIN}
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in per_seed):
+        runs = {(r["teacher"], r["seed"]) for r in per_seed if r["method"] == method}
+        row = {"method": method, "runs": len(runs)}
+        for group, tasks in groups.items():
+            for kind in ("clean", "robust"):
+                means = [
+                    statistics.fmean(
+                        r[kind]
+                        for r in per_seed
+                        if r["method"] == method and (r["teacher"], r["seed"]) == run and r["dataset"] in tasks
+                    )
+                    for run in sorted(runs)
+                ]
+                error = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else None
+                row[f"{group} {kind}"] = [statistics.fmean(means), error]
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = [c for c in rows[0] if c not in ("method", "runs")]
+    lines = ["| method | runs | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for row in rows:
+        cells = [f"{100 * m:.2f}" + ("" if e is None else f" ± {100 * e:.2f}") for m, e in (row[c] for c in columns)]
+        lines.append(f"| {row['method']} | {row['runs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _get(raw: dict, key: str):
+    for part in key.split("."):
+        raw = raw[part]
+    return raw
+
+
+if __name__ == "__main__":
+    main()
