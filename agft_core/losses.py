@@ -51,31 +51,18 @@ def pmg_aft_loss(
     labels: torch.Tensor,
     alpha: float,
     beta: float,
+    form: str = "authors",
 ) -> torch.Tensor:
-    """PMG-AFT as its authors' code (PMG_AFT.py) computes it: CE on x_adv (batch mean), plus
-    nn.KLDivLoss(reduction="sum") of the frozen model's log-probabilities on x_adv (α) and of the student's on x (β)
-    against the adversarial student's probabilities: KL(adv ‖ other), summed over the batch."""
-    batch = len(adv_logits)
-    return F.cross_entropy(adv_logits, labels) + batch * (
-        alpha * kl_divergence(adv_logits, orig_adv_logits) + beta * kl_divergence(adv_logits, clean_logits)
-    )
-
-
-def pmg_aft_scaled_loss(
-    adv_logits: torch.Tensor,
-    orig_adv_logits: torch.Tensor,
-    clean_logits: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    beta: float,
-) -> torch.Tensor:
-    """PMG-AFT as agft computed it until 2026-12-06: CE on x_adv, plus KL(other ‖ adv) to the frozen model on x_adv
-    (α) and to the student on x (β), batch means."""
-    return (
-        F.cross_entropy(adv_logits, labels)
-        + alpha * kl_divergence(orig_adv_logits, adv_logits)
-        + beta * kl_divergence(clean_logits, adv_logits)
-    )
+    """PMG-AFT: CE on x_adv (batch mean), plus a KL term to the frozen model on x_adv (α) and one to the student on x
+    (β). form "authors", as its authors' code (PMG_AFT.py) computes them: nn.KLDivLoss(reduction="sum") of the other
+    model's log-probabilities against the adversarial student's probabilities, i.e. KL(adv ‖ other) summed over the
+    batch; form "scaled", as agft computed them until 2026-12-06: KL(other ‖ adv), batch means."""
+    ce = F.cross_entropy(adv_logits, labels)
+    if form == "authors":
+        return ce + len(adv_logits) * (
+            alpha * kl_divergence(adv_logits, orig_adv_logits) + beta * kl_divergence(adv_logits, clean_logits)
+        )
+    return ce + alpha * kl_divergence(orig_adv_logits, adv_logits) + beta * kl_divergence(clean_logits, adv_logits)
 
 
 def fare_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,6 @@ from agft_core.losses import (
     calibrated_targets,
     fare_loss,
     pmg_aft_loss,
-    pmg_aft_scaled_loss,
     tecoa_loss,
     tga_zsr_loss,
     zero_shot_logits,
@@ -102,11 +101,11 @@ class PMGAFT(Method):
 
 
 class PMGAFTScaled(PMGAFT):
-    """The form agft trained PMG-AFT with until 2026-12-06 (pmg_aft_scaled_loss), kept to compare with."""
+    """The form agft trained PMG-AFT with until 2026-12-06, kept to compare with: at the model's logit scale."""
 
     def objective(self, adv, orig_adv, clean, labels) -> torch.Tensor:
         logits = [self.logits(emb) for emb in (adv, orig_adv, clean)]
-        return pmg_aft_scaled_loss(*logits, labels, self.alpha, self.beta)
+        return pmg_aft_loss(*logits, labels, self.alpha, self.beta, form="scaled")
 
 
 class FARE(Method):

@@ -34,6 +34,13 @@ def store_args(tmp: str, cache_dir: str | None) -> list[str]:
     return ["--set", f"cache_dir={cache_dir or tmp + '/cache'}", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
 
 
+def field(config: dict, key: str):
+    """A config field of a loaded YAML by its dotted name, e.g. "train.lr"."""
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
 def sets(*overrides: str) -> list[str]:
     """--set FIELD=VALUE for each override."""
     return [arg for override in overrides for arg in ("--set", override)]

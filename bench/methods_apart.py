@@ -20,6 +20,7 @@ written to the JSON at once; the same command again goes on from the first unfin
 step (e.g. fewer epochs for a quick look; the JSON records them).
 """
 
+import argparse
 import csv
 import json
 import math
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import ray
 import yaml
-from agft_cli import agft, output, sets
+from agft_cli import agft, field, output, sets
 
 from agft_core.model import create_clip, logit_scale
 from pipeline.cli import local_ray_options
@@ -61,8 +62,6 @@ BASE = [
 
 
 def main() -> None:
-    import argparse
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", required=True, help="caches and MLflow store, kept between runs of this script")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE")
@@ -137,7 +136,7 @@ def tune(method: str, common: list[str], overrides: list[str], scale: float) -> 
                 "--best-out",
                 str(best),
             )
-            chosen = {key: _get(yaml.safe_load(best.read_text()), key) for key in axes}
+            chosen = {key: field(yaml.safe_load(best.read_text()), key) for key in axes}
         rounds.append({"space": axes, "chosen": chosen, "seconds": seconds})
         edge = chosen["train.lr"] in (min(lrs), max(lrs))
         print(f"[methods apart] {method}: {chosen} ({'on an lr edge' if edge else 'inside'} {lrs})", flush=True)
@@ -216,12 +215,6 @@ def markdown(rows: list[dict]) -> str:
         cells = [f"{100 * m:.2f}" + ("" if e is None else f" ± {100 * e:.2f}") for m, e in (row[c] for c in columns)]
         lines.append(f"| {row['method']} | {row['runs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _get(raw: dict, key: str):
-    for part in key.split("."):
-        raw = raw[part]
-    return raw
 
 
 if __name__ == "__main__":

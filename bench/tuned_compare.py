@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from agft_cli import agft, cli_parser, output, sets, store_args
+from agft_cli import agft, cli_parser, field, output, sets, store_args
 
 # Four trials per method: what each method's authors or the paper name as its knobs.
 SPACES = {
@@ -50,7 +50,7 @@ def main() -> None:
             one_pass = sets(f"sweep.space={json.dumps(space)}", "sweep.num_samples=1", "sweep.scheduler=fifo")
             seconds = agft("sweep", *common, *sets(f"train.method={method}"), *one_pass, "--best-out", str(best))
             chosen = yaml.safe_load(best.read_text())
-            tuned[method] = {key: _get(chosen, key) for key in space}
+            tuned[method] = {key: field(chosen, key) for key in space}
             report["sweeps"][method] = {"seconds": seconds, "chosen": tuned[method]}
             out.write_text(json.dumps(report, indent=2))  # a long run keeps each sweep's result
             print(f"sweep {method}: {tuned[method]} in {seconds}s", flush=True)
@@ -70,12 +70,6 @@ def main() -> None:
         report["table"] = table.read_text()
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out} and {table}")
-
-
-def _get(raw: dict, key: str):
-    for part in key.split("."):
-        raw = raw[part]
-    return raw
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from agft_core.attacks import pgd
 from agft_core.catalog import METHODS
-from agft_core.losses import attention_map, fare_loss, kl_divergence, pmg_aft_loss, pmg_aft_scaled_loss, tga_zsr_loss
+from agft_core.losses import attention_map, fare_loss, kl_divergence, pmg_aft_loss, tga_zsr_loss
 from agft_core.methods import adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale
 from pipeline.config.sections import AttackConfig
@@ -59,7 +59,7 @@ def test_pmg_aft_loss_by_hand_and_as_its_authors_code_writes_it():
     assert got.item() == pytest.approx(authors.item(), rel=1e-12)
 
 
-def test_pmg_aft_scaled_loss_by_hand():
+def test_pmg_aft_scaled_form_by_hand():
     alpha, beta = 0.7, 1.3
     ce = -sum(_log_softmax(ADV[i])[LABELS[i]] for i in range(2)) / 2
     expected = (
@@ -67,7 +67,7 @@ def test_pmg_aft_scaled_loss_by_hand():
         + alpha * sum(_kl(ORIG[i], ADV[i]) for i in range(2)) / 2
         + beta * sum(_kl(CLEAN[i], ADV[i]) for i in range(2)) / 2
     )
-    got = pmg_aft_scaled_loss(_t(ADV), _t(ORIG), _t(CLEAN), torch.tensor(LABELS), alpha, beta)
+    got = pmg_aft_loss(_t(ADV), _t(ORIG), _t(CLEAN), torch.tensor(LABELS), alpha, beta, form="scaled")
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
