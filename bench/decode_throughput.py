@@ -2,7 +2,7 @@
 ingest through each path, on the same generated ImageNet-sized JPEGs, and the CPU time one image's decode and
 preprocessing costs, from which docs/cluster.md sizes the CPUs per GPU of the paper run.
 
-Usage: .venv/bin/python bench/decode_throughput.py [--images 1000] [--out bench/results/decode_throughput.json]
+Usage: .venv/bin/python bench/decode_throughput.py [--images 1000 4000] [--out bench/results/decode_throughput.json]
 
 - decode cost: one process decodes and preprocesses (224 px, as for ViT-B/32) `--cost-images` JPEGs of 500 × 375
   (ImageNet's typical size), timed in CPU seconds;
@@ -10,6 +10,10 @@ Usage: .venv/bin/python bench/decode_throughput.py [--images 1000] [--out bench/
   the embedded tiny model (the build is bound by decoding, not by the model), its "teacher" step timed;
 - training ingest: the images of one epoch as a train worker gets them, decoded by a DataLoader with one worker
   process (loader) or streamed from Ray Data's decode actors (ray_data), without the train step.
+
+Each is timed on the first `--images` count and on the second, interleaved: the rate at each size includes what a
+path pays once (Ray Data's actors import torch before the first image), and the marginal rate, (n2 - n1) / (t2 - t1),
+is what a path sustains once started, which is what a build of a million images sees.
 """
 
 import argparse
@@ -82,13 +86,15 @@ def _config(root: Path, cache: Path, decode: str, images: int):
 
 
 def teacher_cache(root: Path, cache: Path, decode: str, images: int) -> float:
+    """Seconds of the teacher cache's build."""
     cfg = _config(root, cache, decode, images)
     ctx = RunContext(cfg, f"sqlite:///{cache}/mlflow.db", frozenset({"teacher"}), log=lambda line: None)
     prepare(ctx, training=True)
-    return round(images / ctx.seconds["teacher"], 1)
+    return ctx.seconds["teacher"]
 
 
 def training_ingest(root: Path, decode: str, images: int) -> float:
+    """Seconds from the ingest's start to the epoch's last batch."""
     cfg = _config(root, root / "unused", decode, images)
     spec = cfg.data.train.spec(cfg.data.world_seed)
     start = time.perf_counter()
@@ -99,34 +105,51 @@ def training_ingest(root: Path, decode: str, images: int) -> float:
         plan = streaming_plan(cfg, alive_nodes(), cfg.train.batch_size)
         stream = decoded_images(spec, 32, images, plan, shuffle_seed=0)
         seen = sum(len(batch["label"]) for batch in stream.iter_torch_batches(batch_size=64, drop_last=True))
-    return round(seen / (time.perf_counter() - start), 1)
+    assert seen == images // 64 * 64, seen
+    return time.perf_counter() - start
+
+
+STAGES = ("teacher_cache", "training_ingest")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--images", type=int, nargs=2, default=[1000, 4000], metavar=("N1", "N2"))
     parser.add_argument("--cost-images", type=int, default=200)
     parser.add_argument("--out", default="bench/results/decode_throughput.json")
     args = parser.parse_args()
+    small, large = args.images
+    seconds = {}
     with TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_jpegs(root, args.images)
+        write_jpegs(root, large)
         cost = decode_cost(root, args.cost_images)
         print(json.dumps({"decode": cost}), flush=True)
         ray.init(num_cpus=os.cpu_count(), logging_level="WARNING")
-        rates = {}
-        for decode in ("loader", "ray_data", "loader", "ray_data"):  # twice each, interleaved: warm workers
-            rates.setdefault(decode, []).append(
-                {
-                    "teacher_cache_images_per_s": teacher_cache(root, root / f"cache-{decode}", decode, args.images),
-                    "training_ingest_images_per_s": training_ingest(root, decode, args.images),
-                }
-            )
-            print(json.dumps({decode: rates[decode][-1]}), flush=True)
+        for decode in ("loader", "ray_data"):  # untimed: Ray's worker processes start and import torch once
+            teacher_cache(root, root / f"warm-{decode}", decode, small)
+        for n in (small, large):
+            for decode in ("loader", "ray_data"):
+                seconds[decode, "teacher_cache", n] = teacher_cache(root, root / f"cache-{decode}-{n}", decode, n)
+                seconds[decode, "training_ingest", n] = training_ingest(root, decode, n)
+                print(decode, n, {stage: round(seconds[decode, stage, n], 2) for stage in STAGES}, flush=True)
         ray.shutdown()
+    rates = {
+        decode: {
+            stage: {
+                "seconds": {n: round(seconds[decode, stage, n], 2) for n in (small, large)},
+                "images_per_s": {n: round(n / seconds[decode, stage, n], 1) for n in (small, large)},
+                "marginal_images_per_s": round(
+                    (large - small) / (seconds[decode, stage, large] - seconds[decode, stage, small]), 1
+                ),
+            }
+            for stage in STAGES
+        }
+        for decode in ("loader", "ray_data")
+    }
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "command": f"bench/decode_throughput.py --images {args.images} --cost-images {args.cost_images}",
+        "command": f"bench/decode_throughput.py --images {small} {large} --cost-images {args.cost_images}",
         "jpeg": "500 x 375, quality 90, preprocessed to 224 px for the cost and to the tiny model's 32 px for the rest",
         "decode_cost": cost,
         "rates": rates,
