@@ -160,6 +160,12 @@ class SweepResult:
     seconds: dict[str, float]
 
 
+def sweep_name(cfg: Config) -> str:
+    """The sweep's name and Tune directory: a run of the same config resumes it. What the sweep only logs (console
+    verbosity, system metrics' sampling) is left out: changing it resumes the same sweep."""
+    return f"sweep-{fingerprint(cfg.model_dump(mode='json', exclude={'verbose', 'system_metrics_interval'}))}"
+
+
 def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepResult:
     spec = cfg.sweep
     ctx = RunContext(cfg, tracking_uri, log=log)
@@ -170,8 +176,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     seconds = {"caches": time.perf_counter() - clock}
     # -- the parent run: new, or the one a resumed sweep started
     storage = ctx.storage("ray_tune")
-    # what the sweep logs, not what it trains (console verbosity, system metrics' sampling): the same sweep
-    name = f"sweep-{fingerprint(cfg.model_dump(mode='json', exclude={'verbose', 'system_metrics_interval'}))}"
+    name = sweep_name(cfg)
     sweep_dir = join(storage, name)
     parent_file = join(sweep_dir, PARENT_RUN_FILE)
     resumed = tune.Tuner.can_restore(sweep_dir) and exists(parent_file)

@@ -237,6 +237,15 @@ def _finished_trials(uri: str) -> list[tuple[str, str]]:
     return [(r.data.tags["trial_id"], r.info.run_id) for r in runs]
 
 
+def test_a_sweep_is_named_by_what_it_trains_not_by_what_it_only_logs():
+    from pipeline.sweep import sweep_name
+
+    name = sweep_name(load_config(None, TINY))
+    assert sweep_name(load_config(None, [*TINY, "verbose=true", "system_metrics_interval=null"])) == name
+    assert sweep_name(load_config(None, [*TINY, "train.lr=0.01"])) != name
+    assert sweep_name(load_config(None, [*TINY, "sweep.num_samples=2"])) != name
+
+
 def test_search_space_maps_every_domain_and_optuna_is_available():
     from ray import tune
 
