@@ -192,24 +192,21 @@ def _under(uri: str, page: str) -> str:
     return f"{uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://")) else page
 
 
-def run_page(uri: str, run_id: str) -> str:
-    """The run's page in the MLflow UI."""
+def run_pages(uri: str, run_id: str) -> tuple[str, str]:
+    """The run's page in the MLflow UI, and its experiment's training runs with agft's columns."""
     experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
-    return _under(uri, f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning")
-
-
-def runs_page(uri: str, run_id: str) -> str:
-    """The run's experiment in the MLflow UI: its training runs, with agft's columns."""
-    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
-    return _under(uri, f"#/experiments/{experiment_id}/runs?{VIEW_QUERY}")
+    return (
+        _under(uri, f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"),
+        _under(uri, f"#/experiments/{experiment_id}/runs?{VIEW_QUERY}"),
+    )
 
 
 def browse_hint(uri: str, run_id: str) -> list[str]:
     """Where to look at a run: its page and its experiment's runs on a tracking server, or the command that serves a
     local store and the pages it will serve (mlflow ui's default address)."""
-    pages = [run_page(uri, run_id), runs_page(uri, run_id)]
+    pages = run_pages(uri, run_id)
     if uri.startswith(("http://", "https://")):
-        return pages
+        return list(pages)
     return [
         f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{pages[0]}",
         f"http://127.0.0.1:5000/{pages[1]}",

@@ -572,7 +572,7 @@ def test_the_mlflow_ui_opens_on_the_runs_and_each_run_shows_its_models_source_an
     run = client.get_run(run_id)
     runs = len(client.search_runs([run.info.experiment_id]))  # those of the module's tests that ran before
     with mlflow_ui(uri) as address, chromium() as chrome:
-        chrome.get(f"{address}/{tracking.runs_page(uri, run_id)}")
+        chrome.get(f"{address}/{tracking.run_pages(uri, run_id)[1]}")
         page_text(chrome, f"{runs} matching runs", "finetuned_robust/mean")
         close_assistant(chrome)
         text = page_text(chrome, "train.method")
@@ -581,7 +581,7 @@ def test_the_mlflow_ui_opens_on_the_runs_and_each_run_shows_its_models_source_an
         for column in ("train.method", "calibration.gamma", "calibration.inv_tau", "finetuned_clean/mean"):
             assert column in text, column
 
-        chrome.get(f"{address}/{tracking.run_page(uri, run_id)}")
+        chrome.get(f"{address}/{tracking.run_pages(uri, run_id)[0]}")
         text = page_text(chrome, "Logged models (2)", "Description")
         chrome.save_screenshot(str(shots / "run.png"))
         assert run.data.tags["mlflow.source.git.commit"][:7] in text and run.data.tags["mlflow.source.name"] in text

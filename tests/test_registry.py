@@ -36,3 +36,19 @@ def test_two_runs_that_registered_the_original_at_once_leave_one_version(tmp_pat
         other_teacher.source,
         first.source,
     }
+
+
+def test_the_console_names_the_run_page_and_the_experiments_runs_view(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("pages")
+    run = client.create_run(experiment).info.run_id
+    assert tracking.browse_hint(uri, run) == [
+        f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/"
+        f"#/experiments/{experiment}/runs/{run}?workflowType=machine_learning",
+        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey=agft",
+    ]

@@ -82,7 +82,7 @@ def _headline_tags(rows: list[dict], model: str) -> dict[str, str]:
 def register_models(ctx: RunContext, prepared: Prepared, run_id: str, rows: list[dict], encoder: str) -> None:
     """The fine-tuned CLIP, and the original teacher when this run evaluated it, each tagged with its mean zero-shot
     accuracy in the run that registered it and that run's page; weights registered before keep their version."""
-    page = {"run": tracking.run_page(ctx.tracking_uri, run_id)}
+    page = {"run": tracking.run_pages(ctx.tracking_uri, run_id)[0]}
     tags = page | _headline_tags(rows, "finetuned")
     versions = {registry.FINETUNED: register_model(ctx, prepared, run_id, encoder, tags)}
     if "original_clean" in rows[0]:
