@@ -125,12 +125,14 @@ class _Progress(tune.Callback):
         the scheduler's decision: a trial ASHA stops keeps what it reported (the trial itself logs nothing)."""
         run_id = tracking.find_trial_run(self.uri, self.experiment, self.parent_run_id, trial.trial_id)
         tracking.log_history(self.uri, run_id, [{k: result[k] for k in ("epoch", *EPOCH_METRICS) if k in result}])
-        value = result.get(self.metric)
-        if value is not None and (self.best is None or self.sign * value > self.sign * self.best[1]):
-            self.best = (trial.trial_id, value)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        epochs = (trial.last_result or {}).get("epoch") or 0
+        last = trial.last_result or {}
+        epochs = last.get("epoch") or 0
+        # by the trial's last epoch, as the sweep picks its best (a better earlier epoch is not what it keeps)
+        value = last.get(self.metric)
+        if value is not None and (self.best is None or self.sign * value > self.sign * self.best[1]):
+            self.best = (trial.trial_id, value)
         done = epochs >= trial.config.get("train.epochs", self.max_epochs)
         self._close(trial, "FINISHED" if done else "KILLED")
         best = f"best so far: {self.best[0]} {self.metric}={self.best[1]:.4f}" if self.best else ""
