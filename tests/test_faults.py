@@ -131,39 +131,6 @@ def test_a_sigkilled_train_worker_is_replaced_and_the_run_equals_an_uninterrupte
         assert ours["loss"] == theirs["loss"] and ours["train_robust_acc"] == theirs["train_robust_acc"]
 
 
-@pytest.mark.slow
-def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every_epoch_once(tmp_path):
-    """`agft run` is SIGKILLed after its first epoch's checkpoint, on a cluster of its own; the same
-    command again resumes training from that checkpoint (epoch 1 is not trained twice) and its MLflow
-    run carries the whole history, each epoch once. The killed run is left as the killed driver left it."""
-    cmd, uri = agft_command("run", tmp_path, TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=driver-kill"])
-    with ray_cluster(head_cpus=2) as cluster:
-        env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            # rank 0 logs an epoch to MLflow, then reports its checkpoint: the kill waits for both
-            _wait_for(lambda: _logged_epochs(uri) and _checkpointed(tmp_path / "cache"), 400, "epoch 1's checkpoint")
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log = tmp_path / "resumed.log"
-        with log.open("w") as out:
-            code = subprocess.run(
-                cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, timeout=600
-            ).returncode
-    assert code == 0, log.read_text()[-4000:]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("driver-kill").experiment_id
-    killed, resumed = sorted(client.search_runs([experiment]), key=lambda r: r.info.start_time)
-    assert resumed.info.status == "FINISHED"
-    (first_epoch,) = client.get_metric_history(killed.info.run_id, "loss")
-    history = client.get_metric_history(resumed.info.run_id, "loss")
-    assert [m.step for m in history] == [1, 2, 3]
-    assert history[0].timestamp == first_epoch.timestamp  # epoch 1 came from the checkpoint
-
-
 def _checkpointed(cache: Path) -> bool:
     """Whether a fine-tune in the cache's Ray Train storage has a complete checkpoint, as a resumed run finds it."""
     return any(newest_checkpoint(str(run)) for run in (cache / "ray_train").glob("finetune-*"))
@@ -340,3 +307,36 @@ def test_two_runs_on_one_cache_dir_at_once_both_finish_with_one_whole_cache_each
     assert [r.info.status for r in finished] == ["FINISHED", "FINISHED"]
     accuracies = [{k: v for k, v in r.data.metrics.items() if "/" in k} for r in finished]
     assert accuracies[0] and accuracies[0] == accuracies[1]
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every_epoch_once(tmp_path):
+    """`agft run` is SIGKILLed after its first epoch's checkpoint, on a cluster of its own; the same
+    command again resumes training from that checkpoint (epoch 1 is not trained twice) and its MLflow
+    run carries the whole history, each epoch once. The killed run is left as the killed driver left it."""
+    cmd, uri = agft_command("run", tmp_path, TINY + [f"cache_dir={tmp_path / 'cache'}", "experiment=driver-kill"])
+    with ray_cluster(head_cpus=2) as cluster:
+        env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            # rank 0 logs an epoch to MLflow, then reports its checkpoint: the kill waits for both
+            _wait_for(lambda: _logged_epochs(uri) and _checkpointed(tmp_path / "cache"), 400, "epoch 1's checkpoint")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log = tmp_path / "resumed.log"
+        with log.open("w") as out:
+            code = subprocess.run(
+                cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, timeout=600
+            ).returncode
+    assert code == 0, log.read_text()[-4000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("driver-kill").experiment_id
+    killed, resumed = sorted(client.search_runs([experiment]), key=lambda r: r.info.start_time)
+    assert resumed.info.status == "FINISHED"
+    (first_epoch,) = client.get_metric_history(killed.info.run_id, "loss")
+    history = client.get_metric_history(resumed.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert history[0].timestamp == first_epoch.timestamp  # epoch 1 came from the checkpoint

@@ -150,6 +150,80 @@ def test_best_trials_model_is_registered_from_the_parent_run(swept, tmp_path):
     assert all(torch.equal(served[name], tensor) for name, tensor in tuned.items())
 
 
+def _tiny(cfg, *overrides: str):
+    """TINY on cfg's cache (warm from the fixture), with overrides."""
+    return load_config(None, [*TINY, f"cache_dir={cfg.cache_dir}", *overrides])
+
+
+def test_a_trial_that_cannot_be_placed_fails_and_the_sweep_goes_on(swept, tmp_path):
+    """3 workers of 1 CPU on a 2-CPU cluster without an autoscaler can never start: that trial ends
+    FAILED at once with the reason, and the next trial still runs (caches warm from the fixture)."""
+    cfg, uri, _, _ = swept
+    lines = []
+    cfg = _tiny(cfg, "experiment=sweep-placement", "sweep.space={train.num_workers: {grid: [3, 1]}}")
+    with deadline(SWEEP_DEADLINE_S):
+        result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
+    assert [(t["train.num_workers"], t["error"]) for t in result.trials] == [(3, True), (1, False)]
+    assert result.best_params == {"train.num_workers": 1}
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-placement").experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    status = {c.data.params["train.num_workers"]: c.info.status for c in children}
+    assert status == {"3": "FAILED", "1": "FINISHED"}
+
+
+def test_a_sweep_whose_trials_all_fail_ends_with_one_line_and_closed_runs(swept, tmp_path, capsys):
+    cfg, uri, _, _ = swept
+    args = ["sweep", "--tracking-uri", uri, "--best-out", str(tmp_path / "best.yaml")]
+    for o in TINY + [
+        f"cache_dir={cfg.cache_dir}",
+        "experiment=sweep-all-fail",
+        "sweep.space={train.num_workers: {grid: [3]}}",
+    ]:
+        args += ["--set", o]
+    capsys.readouterr()
+    with deadline(SWEEP_DEADLINE_S):
+        assert main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("agft:")]
+    assert len(err) == 1 and "none of the 1 trials" in err[0] and "train.num_workers=3 workers" in err[0]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-all-fail").experiment_id
+    assert {r.info.status for r in client.search_runs([experiment])} == {"FAILED"}
+    assert not (tmp_path / "best.yaml").exists()
+
+
+@pytest.mark.slow
+def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path):
+    """Two trials one after the other, on the training loss: the second learns at a negligible rate,
+    so its first-epoch loss is above the first trial's and ASHA (grace period 1, reduction 2) stops it
+    there, though the sweep as configured (train.epochs swept up to 3) would train it for 3 epochs."""
+    cfg, uri, _, _ = swept
+    lines = []
+    cfg = _tiny(
+        cfg,
+        "experiment=sweep-asha",
+        "sweep.max_concurrent_trials=1",
+        "train.warmup_epochs=0",
+        "sweep.space={train.lr: {grid: [0.01, 1.0e-9]}, train.epochs: {choice: [3]}}",
+        "sweep.metric=loss",
+        "sweep.mode=min",
+    )
+    assert cfg.max_epochs() == 3 and cfg.train.epochs == 2
+    with deadline(SWEEP_DEADLINE_S):
+        result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
+    assert [(t["train.lr"], t["epochs"]) for t in result.trials] == [(0.01, 3), (1.0e-9, 1)]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-asha").experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert {c.data.params["train.lr"]: c.info.status for c in children} == {"0.01": "FINISHED", "1e-09": "KILLED"}
+    # what the stopped trial reported is in its run: logged before Tune could see it and stop the trial
+    (stopped,) = [c for c in children if c.info.status == "KILLED"]
+    (reported,) = [t for t in result.trials if t["train.lr"] == 1.0e-9]
+    assert [(m.step, m.value) for m in client.get_metric_history(stopped.info.run_id, "loss")] == [
+        (1, pytest.approx(reported["loss"]))
+    ]
+
+
 @pytest.mark.parametrize(
     "space, needle",
     [
@@ -273,77 +347,3 @@ def test_search_space_maps_every_domain_and_optuna_is_available():
     assert type(_search_algorithm(optuna_cfg.sweep)).__name__ == "OptunaSearch"
     with pytest.raises(ConfigError, match="optuna"):
         load_config(None, ["sweep.search=optuna", "sweep.space={train.lr: {grid: [0.1]}}"])
-
-
-def _tiny(cfg, *overrides: str):
-    """TINY on cfg's cache (warm from the fixture), with overrides."""
-    return load_config(None, [*TINY, f"cache_dir={cfg.cache_dir}", *overrides])
-
-
-def test_a_trial_that_cannot_be_placed_fails_and_the_sweep_goes_on(swept, tmp_path):
-    """3 workers of 1 CPU on a 2-CPU cluster without an autoscaler can never start: that trial ends
-    FAILED at once with the reason, and the next trial still runs (caches warm from the fixture)."""
-    cfg, uri, _, _ = swept
-    lines = []
-    cfg = _tiny(cfg, "experiment=sweep-placement", "sweep.space={train.num_workers: {grid: [3, 1]}}")
-    with deadline(SWEEP_DEADLINE_S):
-        result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
-    assert [(t["train.num_workers"], t["error"]) for t in result.trials] == [(3, True), (1, False)]
-    assert result.best_params == {"train.num_workers": 1}
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("sweep-placement").experiment_id
-    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
-    status = {c.data.params["train.num_workers"]: c.info.status for c in children}
-    assert status == {"3": "FAILED", "1": "FINISHED"}
-
-
-def test_a_sweep_whose_trials_all_fail_ends_with_one_line_and_closed_runs(swept, tmp_path, capsys):
-    cfg, uri, _, _ = swept
-    args = ["sweep", "--tracking-uri", uri, "--best-out", str(tmp_path / "best.yaml")]
-    for o in TINY + [
-        f"cache_dir={cfg.cache_dir}",
-        "experiment=sweep-all-fail",
-        "sweep.space={train.num_workers: {grid: [3]}}",
-    ]:
-        args += ["--set", o]
-    capsys.readouterr()
-    with deadline(SWEEP_DEADLINE_S):
-        assert main(args) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("agft:")]
-    assert len(err) == 1 and "none of the 1 trials" in err[0] and "train.num_workers=3 workers" in err[0]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("sweep-all-fail").experiment_id
-    assert {r.info.status for r in client.search_runs([experiment])} == {"FAILED"}
-    assert not (tmp_path / "best.yaml").exists()
-
-
-@pytest.mark.slow
-def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path):
-    """Two trials one after the other, on the training loss: the second learns at a negligible rate,
-    so its first-epoch loss is above the first trial's and ASHA (grace period 1, reduction 2) stops it
-    there, though the sweep as configured (train.epochs swept up to 3) would train it for 3 epochs."""
-    cfg, uri, _, _ = swept
-    lines = []
-    cfg = _tiny(
-        cfg,
-        "experiment=sweep-asha",
-        "sweep.max_concurrent_trials=1",
-        "train.warmup_epochs=0",
-        "sweep.space={train.lr: {grid: [0.01, 1.0e-9]}, train.epochs: {choice: [3]}}",
-        "sweep.metric=loss",
-        "sweep.mode=min",
-    )
-    assert cfg.max_epochs() == 3 and cfg.train.epochs == 2
-    with deadline(SWEEP_DEADLINE_S):
-        result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
-    assert [(t["train.lr"], t["epochs"]) for t in result.trials] == [(0.01, 3), (1.0e-9, 1)]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("sweep-asha").experiment_id
-    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
-    assert {c.data.params["train.lr"]: c.info.status for c in children} == {"0.01": "FINISHED", "1e-09": "KILLED"}
-    # what the stopped trial reported is in its run: logged before Tune could see it and stop the trial
-    (stopped,) = [c for c in children if c.info.status == "KILLED"]
-    (reported,) = [t for t in result.trials if t["train.lr"] == 1.0e-9]
-    assert [(m.step, m.value) for m in client.get_metric_history(stopped.info.run_id, "loss")] == [
-        (1, pytest.approx(reported["loss"]))
-    ]
