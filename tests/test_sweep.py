@@ -347,3 +347,27 @@ def test_search_space_maps_every_domain_and_optuna_is_available():
     assert type(_search_algorithm(optuna_cfg.sweep)).__name__ == "OptunaSearch"
     with pytest.raises(ConfigError, match="optuna"):
         load_config(None, ["sweep.search=optuna", "sweep.space={train.lr: {grid: [0.1]}}"])
+
+
+def test_the_best_so_far_line_goes_by_each_trials_last_epoch_as_the_sweep_picks(tmp_path, capsys):
+    """Trial a's last epoch beats trial b's, though b had the best single epoch: the sweep keeps a trial's last
+    epoch, so the line names a. Tune's own Trial objects carry the results, through the callback's hooks."""
+    from ray.tune.experiment import Trial
+
+    from pipeline import tracking
+    from pipeline.sweep import _Progress
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, [*TINY, "experiment=best-line", "sweep.metric=val_robust_acc", "sweep.mode=max"])
+    parent = tracking.start_run(uri, cfg.experiment, {}, {})
+    progress = _Progress(cfg, uri, parent)
+    for trial_id, epochs in (("a", [0.30, 0.35]), ("b", [0.36, 0.34])):
+        trial = Trial("trainable", config={"train.epochs": 2}, trial_id=trial_id, stub=True)
+        tracking.trial_run(uri, cfg.experiment, parent, trial_id, {}, {})
+        for epoch, value in enumerate(epochs, start=1):
+            result = {"epoch": epoch, "loss": 1.0, "val_robust_acc": value}
+            progress.on_trial_result(0, [], trial, result)
+            trial.update_last_result(result)
+        progress.on_trial_complete(0, [], trial)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].endswith("best so far: a val_robust_acc=0.3500")
