@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 
 import ray
-import yaml
-from agft_cli import agft, field, output, sets
+from agft_cli import agft, output, sets
 
 from agft_core.model import create_clip, logit_scale
 from pipeline.cli import local_ray_options
@@ -45,6 +44,7 @@ METHODS = ("agft", "tecoa", "pmg_aft", "pmg_aft_scaled", "fare", "tga_zsr")
 LRS = [1.0e-4, 3.0e-4, 1.0e-3]
 EPS = ["2/255", "4/255"]
 GAMMAS = [0.4, 1.0]
+METRIC = "val_robust_acc"  # the selection score, sweep.metric in BASE
 INV_TAU_PER_SCALE = 1.8  # the paper's 1/tau = 180 over CLIP's logit scale of 100
 TEACHER_SEEDS, SEEDS = [0, 1], [0, 1, 2]
 SAME_SCENE = ("shapes", "colours", "backgrounds", "positions")
@@ -54,7 +54,7 @@ BASE = [
     "data.train.name=scenes",
     "data.zero_shot=" + json.dumps([{"name": name} for name in SAME_SCENE + OTHER_DOMAIN]),
     "train.validation.dataset={name: positions, split: train, limit: 512}",
-    "sweep.metric=val_robust_acc",
+    f"sweep.metric={METRIC}",
     "sweep.scheduler=fifo",
     "sweep.num_samples=1",
     "register_models=false",
@@ -87,7 +87,7 @@ def main() -> None:
     sweeps = report.setdefault("sweeps", {})
     for method in METHODS:
         if method not in sweeps:
-            sweeps[method] = tune(method, common, overrides, scales["0"])
+            sweeps[method] = tune(method, common, overrides, scales["0"], store)
             save()
 
     # -- every method at its pick, over each teacher's fine-tune seeds
@@ -122,27 +122,49 @@ def space(method: str, lrs: list[float], scale: float) -> dict:
     return axes
 
 
-def tune(method: str, common: list[str], overrides: list[str], scale: float) -> dict:
-    """The method's sweep over the declared grid, widened once if its lr pick is on an edge."""
-    lrs, rounds = list(LRS), []
+def tune(method: str, common: list[str], overrides: list[str], scale: float, store: Path) -> dict:
+    """The method's sweep over the declared grid, widened once if its lr pick is on an edge. The widening sweeps only
+    the new lr: the pick is the best last-epoch validation score over both rounds' trials (a trial is deterministic,
+    so the points of the first round would only repeat)."""
+    lrs, new_lrs, rounds, trials = list(LRS), list(LRS), [], []
     while True:
-        with tempfile.TemporaryDirectory() as tmp:
-            best = Path(tmp) / "best.yaml"
-            axes = space(method, lrs, scale)
-            seconds = agft(
-                "sweep",
-                *common,
-                *sets(*overrides, f"train.method={method}", f"sweep.space={json.dumps(axes)}"),
-                "--best-out",
-                str(best),
-            )
-            chosen = {key: field(yaml.safe_load(best.read_text()), key) for key in axes}
-        rounds.append({"space": axes, "chosen": chosen, "seconds": seconds})
+        axes = space(method, new_lrs, scale)
+        argv = [*overrides, f"train.method={method}", f"sweep.space={json.dumps(axes)}"]
+        with tempfile.TemporaryDirectory() as tmp:  # the pick is made below, over both rounds
+            seconds = agft("sweep", *common, *sets(*argv), "--best-out", f"{tmp}/best.yaml")
+        found = sweep_trials(store, argv, list(axes))
+        rounds.append({"space": axes, "seconds": seconds, "trials": found})
+        trials += found
+        best = max(trials, key=lambda t: t[METRIC])
+        chosen = {key: best[key] for key in axes}
         edge = chosen["train.lr"] in (min(lrs), max(lrs))
         print(f"[methods apart] {method}: {chosen} ({'on an lr edge' if edge else 'inside'} {lrs})", flush=True)
         if not edge or len(rounds) == 2:
-            return {"rounds": rounds, "chosen": chosen, "lr_edge": edge}
-        lrs = [min(lrs) / 3, *lrs] if chosen["train.lr"] == min(lrs) else [*lrs, max(lrs) * 3]
+            return {"rounds": rounds, "chosen": chosen, "lr_edge": edge, "lrs": lrs}
+        new_lrs = [min(lrs) / 3] if chosen["train.lr"] == min(lrs) else [max(lrs) * 3]
+        lrs = sorted(lrs + new_lrs)
+
+
+def sweep_trials(store: Path, argv: list[str], keys: list[str]) -> list[dict]:
+    """Each trial of the sweep that `agft sweep --set ARGV` ran in the store (its parent run is named after the
+    sweep): its values of `keys` and its last epoch's validation scores."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep import sweep_name
+
+    cfg = load_config(None, [f"cache_dir={store / 'cache'}", *argv])
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(cfg.experiment).experiment_id
+    parent = client.search_runs(
+        [experiment], f"tags.`mlflow.runName` = '{sweep_name(cfg)}' and tags.sweep = 'parent'", max_results=1
+    )[0]  # newest first
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return [
+        {key: float(child.data.params[key]) for key in keys}
+        | {name: child.data.metrics[name] for name in ("val_clean_acc", METRIC)}
+        for child in sorted(children, key=lambda c: c.data.tags["trial_id"])
+        if child.info.status == "FINISHED"
+    ]
 
 
 def picked(chosen: dict, method: str, scale: float) -> dict:
