@@ -63,10 +63,19 @@ BASE = [
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--store", required=True, help="caches and MLflow store, kept between runs of this script")
+    parser.add_argument("--store", help="caches and MLflow store, kept between runs of this script")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE")
     parser.add_argument("--out", default="bench/results/methods_apart.json")
+    parser.add_argument("--tables", action="store_true", help="print the tables of the JSON so far; run nothing")
     args = parser.parse_args()
+    if args.tables:
+        report = json.loads(Path(args.out).read_text())
+        print(sweeps_markdown(report.get("sweeps", {})))
+        if "summary" in report:
+            print("\n" + markdown(report["summary"]))
+        return
+    if not args.store:
+        parser.error("--store is required unless --tables")
     out, store = output(args.out), Path(args.store).resolve()
     store.mkdir(parents=True, exist_ok=True)
     report = json.loads(out.read_text()) if out.exists() else {}
@@ -236,6 +245,28 @@ def markdown(rows: list[dict]) -> str:
     for row in rows:
         cells = [f"{100 * m:.2f}" + ("" if e is None else f" ± {100 * e:.2f}") for m, e in (row[c] for c in columns)]
         lines.append(f"| {row['method']} | {row['runs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweeps_markdown(sweeps: dict) -> str:
+    """Every trial of each method's sweep: validation robust % (clean %) at each lr, a row per training ε (and γ for
+    AGFT); the pick in bold."""
+    lrs = sorted({t["train.lr"] for s in sweeps.values() for r in s["rounds"] for t in r["trials"]})
+    lines = ["| method | ε | γ | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 3) + "|"]
+    for method, tuned in sweeps.items():
+        trials = {}
+        for trial in (t for r in tuned["rounds"] for t in r["trials"]):
+            row = (trial["train.attack.eps"], trial.get("calibration.gamma"))
+            trials.setdefault(row, {})[trial["train.lr"]] = trial
+        for (eps, gamma), by_lr in sorted(trials.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            cells = []
+            for lr in lrs:
+                trial = by_lr.get(lr)
+                cell = f"{100 * trial[METRIC]:.1f} ({100 * trial['val_clean_acc']:.1f})" if trial else ""
+                picked = trial and all(trial[k] == v for k, v in tuned["chosen"].items())
+                cells.append(f"**{cell}**" if picked else cell)
+            row = f"| {method} | {round(eps * 255)}/255 | {'' if gamma is None else f'{gamma:g}'} | "
+            lines.append(row + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
