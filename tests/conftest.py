@@ -21,10 +21,10 @@ _skip_ray_noise()  # the console as `agft` keeps it: set before Ray is imported
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray in this process, up while the tests that ask for it (or for a fixture built on it) run one after
-    another: the two hooks below start it before such a test and stop it before any other. An idle local Ray costs
-    5-6 CPU-seconds a minute on this 2-core machine (2026-12-06), and a session-long one idled beside every test that
-    starts a Ray of its own, on each pytest worker."""
+    """A local Ray in this process, started (by the hook below) before the first test that asks for it or for a
+    fixture built on it, and stopped before a `slow` test that does not: those start Rays and servers of their own
+    for minutes, beside which an idle local Ray with its pooled workers burnt 5-9 CPU-seconds a minute on this
+    2-core machine (2026-12-06). Between quick tests it stays up: a restart costs its workers' imports again."""
     import ray
 
     return ray
@@ -42,7 +42,9 @@ def pytest_runtest_setup(item):
 @pytest.hookimpl(trylast=True)  # after the test's fixtures are torn down
 def pytest_runtest_teardown(item, nextitem):
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized() and (nextitem is None or "ray_local" not in nextitem.fixturenames):
+    if ray is None or not ray.is_initialized():
+        return
+    if nextitem is None or ("ray_local" not in nextitem.fixturenames and nextitem.get_closest_marker("slow")):
         ray.shutdown()
 
 
