@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from agft_core.cache import exists, filesystem, fingerprint, join, read_bytes, write_bytes
@@ -106,7 +107,6 @@ class _Progress(tune.Callback):
             cfg.max_epochs(),
         )
         self.uri, self.experiment, self.parent_run_id = uri, cfg.experiment, parent_run_id
-        self.best = None
 
     @staticmethod
     def log(line: str) -> None:  # not a stored callable: the Tuner pickles its callbacks
@@ -127,19 +127,26 @@ class _Progress(tune.Callback):
         tracking.log_history(self.uri, run_id, [{k: result[k] for k in ("epoch", *EPOCH_METRICS) if k in result}])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        epochs = last.get("epoch") or 0
-        # by the trial's last epoch, as the sweep picks its best (a better earlier epoch is not what it keeps)
-        value = last.get(self.metric)
-        if value is not None and (self.best is None or self.sign * value > self.sign * self.best[1]):
-            self.best = (trial.trial_id, value)
+        epochs = (trial.last_result or {}).get("epoch") or 0
         done = epochs >= trial.config.get("train.epochs", self.max_epochs)
         self._close(trial, "FINISHED" if done else "KILLED")
-        best = f"best so far: {self.best[0]} {self.metric}={self.best[1]:.4f}" if self.best else ""
         self.log(
             f"[sweep] trial {trial.trial_id} {'done' if done else 'stopped early by ASHA'} after {epochs} "
-            f"epochs; {best}"
+            f"epochs; {self._best_so_far(trials, trial)}"
         )
+
+    def _best_so_far(self, trials, completed) -> str:
+        """Over every ended trial, those a resumed sweep restored included, by its last epoch as the sweep picks
+        its best (a better earlier epoch is not what it keeps)."""
+        scored = [
+            (t.last_result[self.metric], t.trial_id)
+            for t in trials
+            if (t is completed or t.status == Trial.TERMINATED) and self.metric in (t.last_result or {})
+        ]
+        if not scored:
+            return ""
+        value, trial_id = max(scored, key=lambda s: self.sign * s[0])
+        return f"best so far: {trial_id} {self.metric}={value:.4f}"
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED")

@@ -349,9 +349,10 @@ def test_search_space_maps_every_domain_and_optuna_is_available():
         load_config(None, ["sweep.search=optuna", "sweep.space={train.lr: {grid: [0.1]}}"])
 
 
-def test_the_best_so_far_line_goes_by_each_trials_last_epoch_as_the_sweep_picks(tmp_path, capsys):
+def test_the_best_so_far_line_goes_by_each_trials_last_epoch_and_counts_restored_trials(tmp_path, capsys):
     """Trial a's last epoch beats trial b's, though b had the best single epoch: the sweep keeps a trial's last
-    epoch, so the line names a. Tune's own Trial objects carry the results, through the callback's hooks."""
+    epoch, so the line names a. Then trial r, ended before the sweep was resumed (restored, never completed in this
+    driver), beats both. Tune's own Trial objects carry the results, through the callback's hooks."""
     from ray.tune.experiment import Trial
 
     from pipeline import tracking
@@ -361,13 +362,23 @@ def test_the_best_so_far_line_goes_by_each_trials_last_epoch_as_the_sweep_picks(
     cfg = load_config(None, [*TINY, "experiment=best-line", "sweep.metric=val_robust_acc", "sweep.mode=max"])
     parent = tracking.start_run(uri, cfg.experiment, {}, {})
     progress = _Progress(cfg, uri, parent)
-    for trial_id, epochs in (("a", [0.30, 0.35]), ("b", [0.36, 0.34])):
-        trial = Trial("trainable", config={"train.epochs": 2}, trial_id=trial_id, stub=True)
+    trials = []
+
+    def trial(trial_id: str, epochs: list[float]) -> Trial:
+        made = Trial("trainable", config={"train.epochs": 2}, trial_id=trial_id, stub=True)
         tracking.trial_run(uri, cfg.experiment, parent, trial_id, {}, {})
+        trials.append(made)
         for epoch, value in enumerate(epochs, start=1):
             result = {"epoch": epoch, "loss": 1.0, "val_robust_acc": value}
-            progress.on_trial_result(0, [], trial, result)
-            trial.update_last_result(result)
-        progress.on_trial_complete(0, [], trial)
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[-1].endswith("best so far: a val_robust_acc=0.3500")
+            progress.on_trial_result(0, trials, made, result)
+            made.update_last_result(result)
+        return made
+
+    for trial_id, epochs in (("a", [0.30, 0.35]), ("b", [0.36, 0.34])):
+        progress.on_trial_complete(0, trials, ended := trial(trial_id, epochs))
+        ended.set_status(Trial.TERMINATED)  # as Tune marks it once its callbacks return
+    assert capsys.readouterr().out.splitlines()[-1].endswith("best so far: a val_robust_acc=0.3500")
+
+    trial("r", [0.38, 0.40]).set_status(Trial.TERMINATED)
+    progress.on_trial_complete(0, trials, trial("c", [0.20, 0.25]))
+    assert capsys.readouterr().out.splitlines()[-1].endswith("best so far: r val_robust_acc=0.4000")
