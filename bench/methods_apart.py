@@ -256,17 +256,17 @@ def sweeps_markdown(sweeps: dict) -> str:
     for method, tuned in sweeps.items():
         trials = {}
         for trial in (t for r in tuned["rounds"] for t in r["trials"]):
-            row = (trial["train.attack.eps"], trial.get("calibration.gamma"))
-            trials.setdefault(row, {})[trial["train.lr"]] = trial
+            setting = (trial["train.attack.eps"], trial.get("calibration.gamma"))
+            trials.setdefault(setting, {})[trial["train.lr"]] = trial
         for (eps, gamma), by_lr in sorted(trials.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
             cells = []
             for lr in lrs:
                 trial = by_lr.get(lr)
                 cell = f"{100 * trial[METRIC]:.1f} ({100 * trial['val_clean_acc']:.1f})" if trial else ""
-                picked = trial and all(trial[k] == v for k, v in tuned["chosen"].items())
-                cells.append(f"**{cell}**" if picked else cell)
-            row = f"| {method} | {round(eps * 255)}/255 | {'' if gamma is None else f'{gamma:g}'} | "
-            lines.append(row + " | ".join(cells) + " |")
+                is_pick = trial and all(trial[k] == v for k, v in tuned["chosen"].items())
+                cells.append(f"**{cell}**" if is_pick else cell)
+            head = f"| {method} | {round(eps * 255)}/255 | {'' if gamma is None else f'{gamma:g}'} | "
+            lines.append(head + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
