@@ -5,57 +5,27 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ray_cluster import free_port
+from mlflow_server import running_mlflow
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-BIN = Path(sys.executable).parent
 PAGE_TIMEOUT = 120  # a loaded 2-core machine renders MLflow's UI in seconds, its first page in tens of them
 
 
 @contextmanager
 def mlflow_ui(store_uri: str) -> Iterator[str]:
     """`mlflow server` (what `mlflow ui` starts) on store_uri; yields its address."""
-    port = free_port()
-    with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", store_uri, "--host", "127.0.0.1"]
-            + ["--port", str(port), "--workers", "1"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            address, deadline = f"http://127.0.0.1:{port}", time.time() + 180
-            while not _answers(f"{address}/health"):
-                if server.poll() is not None or time.time() > deadline:
-                    log.seek(0)
-                    raise AssertionError(f"mlflow server did not come up: {log.read()[-3000:]}")
-                time.sleep(1)
+    with tempfile.TemporaryDirectory(prefix="mlflowui") as root:
+        with running_mlflow(["--backend-store-uri", store_uri], Path(root) / "server.log") as address:
             yield address
-        finally:
-            server.terminate()
-            server.wait(60)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,38 @@ def status_without_credentials(uri: str) -> int | None:
         return None
 
 
+def start_mlflow(args: list[str], port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`mlflow server ARGS` on 127.0.0.1:PORT in a session of its own, its output in `log`; returned once it answers
+    an API call (401 counts: it is up, and asks for credentials)."""
+    with log.open("w") as out:  # the child holds its own copy
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.time() + 180
+    while status_without_credentials(f"http://127.0.0.1:{port}") not in (200, 401):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"mlflow server did not come up: {log.read_text()[-3000:]}")
+        time.sleep(1)
+    return proc
+
+
+@contextmanager
+def running_mlflow(args: list[str], log: Path, env: dict | None = None, port: int | None = None) -> Iterator[str]:
+    """start_mlflow (on a free port unless given); yields its address, and stops it on the way out."""
+    port = port or free_port()
+    proc = start_mlflow(args, port, log, env)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 @contextmanager
 def mlflow_server():
     with ExitStack() as stack:
@@ -99,38 +132,8 @@ def mlflow_server():
             "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         }
-        log = (root / "server.log").open("w")
-        proc = subprocess.Popen(
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--app-name",
-                "basic-auth",
-                "--backend-store-uri",
-                f"{store}mlflow",
-                "--artifacts-destination",
-                (root / "artifacts").as_uri(),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--allowed-hosts",
-                f"127.0.0.1:{port},localhost:{port}",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        stack.callback(proc.wait, 60)
-        stack.callback(proc.terminate)
-        uri = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while status_without_credentials(uri) not in (200, 401):
-            assert proc.poll() is None and time.time() < deadline, (
-                f"mlflow server did not come up: {(root / 'server.log').read_text()[-3000:]}"
-            )
-            time.sleep(2)
+        args = ["--app-name", "basic-auth", "--backend-store-uri", f"{store}mlflow"]
+        args += ["--artifacts-destination", (root / "artifacts").as_uri()]
+        args += ["--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
+        uri = stack.enter_context(running_mlflow(args, root / "server.log", env, port))
         yield Server(uri, "admin", password, root / "artifacts")
