@@ -91,7 +91,7 @@ def main() -> None:
 
     # -- each method's sweep, on the first teacher
     scales = report.setdefault("teacher_scales", {})
-    scales.setdefault("0", teacher_scale(overrides, store, 0))
+    checked_scale(scales, overrides, store, 0)
     save()
     sweeps = report.setdefault("sweeps", {})
     for method in METHODS:
@@ -104,13 +104,22 @@ def main() -> None:
     for teacher in TEACHER_SEEDS:
         if str(teacher) in compares:
             continue
-        scales.setdefault(str(teacher), teacher_scale(overrides, store, teacher))
+        checked_scale(scales, overrides, store, teacher)
         per_method = {m: picked(sweeps[m]["chosen"], m, scales[str(teacher)]) for m in METHODS}
         compares[str(teacher)] = comparison(teacher, per_method, common, overrides, store)
         save()
     report["summary"] = summary([row for rows in compares.values() for row in rows["per_seed"]])
     save()
     print(markdown(report["summary"]))
+
+
+def checked_scale(scales: dict, overrides: list[str], store: Path, teacher: int) -> None:
+    """Record the logit scale of teacher `teacher` in `scales`, or, where the JSON already has it, check that this
+    store's teacher is the same one: the sweeps picked on it, and a store that was lost is pretrained anew."""
+    scale = teacher_scale(overrides, store, teacher)
+    recorded = scales.setdefault(str(teacher), scale)
+    if not math.isclose(recorded, scale, rel_tol=1e-6):
+        raise SystemExit(f"teacher {teacher}: logit scale {scale} here, {recorded} in the JSON: not the same teacher")
 
 
 def teacher_scale(overrides: list[str], store: Path, teacher: int) -> float:
