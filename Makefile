@@ -28,6 +28,8 @@ lint: $(STAMP)
 
 # Two pytest workers (more on a bigger machine): much of a test's time is Ray processes starting and waiting on
 # each other, so two workers help even on 2 cores (2026-12-06, fresh clone: pytest 35 min serial, 24.6 min so).
+# Three on 2 cores were no faster (2026-12-07, fresh clones an hour apart: pytest 1 773 s against 1 770 s, the CPUs
+# 91 % busy) and Ray nodes then missed their start-up deadlines.
 test: lint
 	$(VENV)/bin/python -m pytest --numprocesses auto --maxprocesses 4 --dist loadgroup
 
