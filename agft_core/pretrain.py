@@ -24,6 +24,14 @@ def native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def resolve_amp(amp: str) -> str:
+    """pretrain.amp's "auto": bf16 on a CPU with native bf16, where it is faster than fp32; off elsewhere, where
+    emulated bf16 pretrained 12x slower than fp32 (2026-12-07, an AMD EPYC without avx512_bf16)."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16() else "off"
+
+
 def pretrain_clip(
     arch: str,
     images: np.ndarray,
@@ -33,13 +41,14 @@ def pretrain_clip(
     batch_size: int,
     lr: float,
     seed: int,
-    amp: str = "bf16",
+    amp: str = "auto",
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> nn.Module:
     """A randomly initialised `arch` whose image and text towers are trained together, on the CPU, with
     open_clip's ClipLoss (in fp32, on the outputs of towers run under precision.autocast(amp)); the seed fixes the init
     and the data order. The lr warms up over the first 1/20 of the steps, then decays on a cosine. Returns it in
     eval mode."""
+    amp = resolve_amp(amp)
     if amp == "bf16" and not native_bf16():
         warnings.warn(
             "pretrain.amp=bf16 on a CPU without native bf16 instructions is emulated and slow; "

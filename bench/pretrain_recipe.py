@@ -22,7 +22,7 @@ from agft_core import world
 from agft_core.datasets import load_dataset
 from agft_core.evaluate import embed_images
 from agft_core.model import ImageEncoder, class_text_embeddings, create_clip, preprocess_cfg
-from agft_core.pretrain import pretrain_clip
+from agft_core.pretrain import pretrain_clip, resolve_amp
 from pipeline.cli import with_config
 from pipeline.config.loading import load_config
 
@@ -63,7 +63,7 @@ def main() -> None:
         "epochs": cfg.pretrain.epochs,
         "batch_size": cfg.pretrain.batch_size,
         "lr": cfg.pretrain.lr,
-        "amp": cfg.pretrain.amp,
+        "amp": resolve_amp(cfg.pretrain.amp),  # the JSON says which precision ran
     }
     corpus = world.generate("corpus", "pretrain", cfg.pretrain.corpus_size, cfg.data.world_seed)
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "base": base, "variants": {}}

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from agft_core.pretrain import resolve_amp
 from pipeline.cli import main
 from pipeline.config.loading import load_config
 from pipeline.config.sections import ConfigError
@@ -243,8 +244,21 @@ def test_amp_off_written_bare_in_yaml_is_the_string_off(tmp_path):
 
 def test_the_teacher_cache_key_is_every_pretrain_field_and_nothing_the_fine_tune_sets():
     cfg = load_config(None, [])
-    other = {"corpus_size": 7, "epochs": 3, "batch_size": 5, "lr": 0.1, "seed": 9, "amp": "off"}
+    amp = "off" if resolve_amp(cfg.pretrain.amp) == "bf16" else "bf16"  # the other precision than the default's
+    other = {"corpus_size": 7, "epochs": 3, "batch_size": 5, "lr": 0.1, "seed": 9, "amp": amp}
     for field in type(cfg.pretrain).model_fields:  # a new field without a value here fails: key it, then list it
         changed = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={field: other[field]})})
         assert pretrain_key(changed) != pretrain_key(cfg), field
     assert pretrain_key(load_config(None, ["seed=5", "train.lr=0.1", "train.amp=off"])) == pretrain_key(cfg)
+
+
+def test_pretrain_amp_auto_is_keyed_as_the_precision_it_resolves_to(monkeypatch):
+    """auto pretrains in bf16 on a CPU with native bf16 and in fp32 elsewhere, and the teacher's key says which: on a
+    native-bf16 CPU, auto finds the bf16 teacher cached before auto existed."""
+    from agft_core import pretrain
+
+    keys = {amp: pretrain_key(load_config(None, [f"pretrain.amp={amp}"])) for amp in ("off", "bf16")}
+    assert keys["off"] != keys["bf16"]
+    for native, precision in ((True, "bf16"), (False, "off")):
+        monkeypatch.setattr(pretrain, "native_bf16", lambda native=native: native)
+        assert pretrain_key(load_config(None, ["pretrain.amp=auto"])) == keys[precision]

@@ -51,8 +51,11 @@ def test_pretraining_precision_changes_the_teacher_and_emulated_bf16_is_a_warnin
 
     fp32 = state_digest(run("off"))
     monkeypatch.setattr(pretrain, "native_bf16", lambda: False)
+    assert state_digest(run("auto")) == fp32  # auto, without native bf16: fp32, and no warning
     with pytest.warns(UserWarning, match="pretrain.amp=off is faster here"):
         bf16 = state_digest(run("bf16"))
     assert bf16 != fp32
+    monkeypatch.setattr(pretrain, "native_bf16", lambda: True)
+    assert state_digest(run("auto")) == bf16
     run("off")
     assert not [w for w in recwarn if "pretrain.amp" in str(w.message)]

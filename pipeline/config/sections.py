@@ -85,10 +85,11 @@ class PretrainConfig(Section):
     batch_size: int = Field(256, gt=1)
     lr: float = Field(2e-3, gt=0)
     seed: int = Field(0, description="the teacher's own seed: `seed` varies the fine-tune, not the teacher")
-    amp: Annotated[Literal["off", "bf16"], off_for_false] = Field(
-        "bf16",
-        description="bf16 autocast of the towers (pretraining runs on the CPU): off on a CPU without native "
-        "bf16, where bf16 is emulated and slower",
+    amp: Annotated[Literal["auto", "off", "bf16"], off_for_false] = Field(
+        "auto",
+        description="autocast of the towers (pretraining runs on the CPU): auto is bf16 where the CPU of the "
+        "machine that starts the run has native bf16 (avx512_bf16 or AMX), off (fp32) elsewhere, where bf16 is "
+        "emulated and 12x slower",
     )
 
 

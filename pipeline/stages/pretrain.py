@@ -7,7 +7,7 @@ import ray
 
 from agft_core import world
 from agft_core.cache import CacheEntry
-from agft_core.pretrain import VERSION
+from agft_core.pretrain import VERSION, resolve_amp
 from pipeline.cluster import alive_nodes
 from pipeline.config.schema import Config
 from pipeline.context import RunContext
@@ -15,14 +15,20 @@ from pipeline.remote import get
 from tasks.pretrain import pretrain_teacher
 
 
+def settings(cfg: Config) -> dict:
+    """Every pretrain field, pretrain.amp's auto resolved on this machine: the teacher's key names the precision
+    it was pretrained in (a teacher keyed so before auto existed is found again), and the task is told it."""
+    return cfg.pretrain.model_dump() | {"amp": resolve_amp(cfg.pretrain.amp)}
+
+
 def cache_key(cfg: Config) -> dict:
-    """Every pretrain field, the model, the world and the pretraining code's version."""
+    """Every pretrain setting, the model, the world and the pretraining code's version."""
     return {
         "arch": cfg.model.arch,
         "recipe": VERSION,  # the key's name predates "version": renaming it would orphan every cached teacher
         "world": world.fingerprint(),
         "world_seed": cfg.data.world_seed,
-        "pretrain": cfg.pretrain.model_dump(),
+        "pretrain": settings(cfg),
     }
 
 
@@ -38,10 +44,10 @@ def teacher_weights(ctx: RunContext) -> str | None:
     if not ctx.cached("pretrain", entry):
         with entry.attempt() as attempt:
             task = pretrain_teacher.options(num_cpus=_biggest_node_cpus())
-            settings = ctx.cfg.pretrain.model_dump()
+            world_seed = ctx.cfg.data.world_seed
             entry.commit(
                 attempt,
-                get(task.remote(model.arch, world_seed=ctx.cfg.data.world_seed, out_dir=attempt, settings=settings)),
+                get(task.remote(model.arch, world_seed=world_seed, out_dir=attempt, settings=settings(ctx.cfg))),
             )
     return entry.files()[0]
 
