@@ -15,7 +15,7 @@ Declared before any result (issue 30), and not to be changed after seeing number
 
 Usage: .venv/bin/python bench/methods_apart.py --store DIR [--set FIELD=VALUE ...]
                                               [--out bench/results/methods_apart.json]
-DIR keeps the caches and the MLflow store. Each finished step (a method's sweep, a teacher seed's comparison) is
+DIR keeps the caches and the MLflow store. Each finished step (a method's sweep, one fine-tune of the comparison) is
 written to the JSON at once; the same command again goes on from the first unfinished step. --set applies to every
 step (e.g. fewer epochs for a quick look; the JSON records them).
 """
@@ -51,6 +51,7 @@ SAME_SCENE = ("shapes", "colours", "backgrounds", "positions")
 OTHER_DOMAIN = ("digits", "letters", "handwritten")
 INDEPENDENT = ("positions", *OTHER_DOMAIN)  # a scenes label fixes colour, shape and background, not these
 BASE = [
+    "pretrain.amp=bf16",  # the sweeps' teacher, pretrained when bf16 was the default; auto is fp32 on some CPUs
     "data.train.name=scenes",
     "data.zero_shot=" + json.dumps([{"name": name} for name in SAME_SCENE + OTHER_DOMAIN]),
     "train.validation.dataset={name: positions, split: train, limit: 512}",
@@ -99,16 +100,18 @@ def main() -> None:
             sweeps[method] = tune(method, common, overrides, scales["0"], store)
             save()
 
-    # -- every method at its pick, over each teacher's fine-tune seeds
+    # -- every method at its pick, over each teacher's fine-tune seeds: seed by seed, each run kept as it ends
     compares = report.setdefault("compares", {})
     for teacher in TEACHER_SEEDS:
-        if str(teacher) in compares:
-            continue
         checked_scale(scales, overrides, store, teacher)
         per_method = {m: picked(sweeps[m]["chosen"], m, scales[str(teacher)]) for m in METHODS}
-        compares[str(teacher)] = comparison(teacher, per_method, common, overrides, store)
-        save()
-    report["summary"] = summary([row for rows in compares.values() for row in rows["per_seed"]])
+        ran = compares.setdefault(str(teacher), {"per_method": per_method, "runs": []})
+        for seed in SEEDS:
+            for method in METHODS:
+                if not any(r["method"] == method and r["seed"] == seed for r in ran["runs"]):
+                    ran["runs"].append(compare_run(teacher, method, seed, per_method[method], common, overrides, store))
+                    save()
+    report["summary"] = summary([row for ran in compares.values() for run in ran["runs"] for row in run["rows"]])
     save()
     print(markdown(report["summary"]))
 
@@ -190,8 +193,13 @@ def picked(chosen: dict, method: str, scale: float) -> dict:
     return chosen | ({"calibration.inv_tau": INV_TAU_PER_SCALE * scale} if method == "agft" else {})
 
 
-def comparison(teacher: int, per_method: dict, common: list[str], overrides: list[str], store: Path) -> dict:
-    """`agft compare` of every method at its pick over SEEDS, on the teacher of pretrain.seed `teacher`."""
+def compare_run(
+    teacher: int, method: str, seed: int, values: dict, common: list[str], overrides: list[str], store: Path
+) -> dict:
+    """`agft compare` of one method at its pick and one fine-tune seed, on the teacher of pretrain.seed `teacher`:
+    one run at a time, so that a run that ended is kept in the JSON when the store is lost. Its rows: the fine-tune's
+    clean and robust accuracy on each task, and at seed SEEDS[0] the original teacher's (as one compare of every seed
+    evaluates it, once, at its first seed)."""
     from mlflow.tracking import MlflowClient
 
     experiment = f"methods-apart-teacher{teacher}"
@@ -203,12 +211,12 @@ def comparison(teacher: int, per_method: dict, common: list[str], overrides: lis
             *overrides,
             f"experiment={experiment}",
             f"pretrain.seed={teacher}",
-            f"compare.methods={json.dumps(list(METHODS))}",
-            f"compare.seeds={json.dumps(SEEDS)}",
-            f"compare.per_method={json.dumps(per_method)}",
+            f"compare.methods={json.dumps([method])}",
+            f"compare.seeds={json.dumps([seed])}",
+            f"compare.per_method={json.dumps({method: values})}",
         ),
         "--out",
-        str(store / f"compare-teacher{teacher}.md"),
+        str(store / f"compare-teacher{teacher}-{method}-seed{seed}.md"),
     )
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     (parent,) = client.search_runs(
@@ -218,10 +226,11 @@ def comparison(teacher: int, per_method: dict, common: list[str], overrides: lis
     with tempfile.TemporaryDirectory() as tmp:
         with open(client.download_artifacts(parent.info.run_id, "compare_per_seed.csv", tmp)) as f:
             rows = [
-                {**r, "teacher": teacher, "clean": float(r["clean"]), "robust": float(r["robust"])}
+                {**r, "teacher": teacher, "seed": seed, "clean": float(r["clean"]), "robust": float(r["robust"])}
                 for r in csv.DictReader(f)
+                if r["method"] == method or seed == SEEDS[0]
             ]
-    return {"per_method": per_method, "per_seed": rows, "seconds": seconds, "run": parent.info.run_id}
+    return {"method": method, "seed": seed, "rows": rows, "seconds": seconds, "run": parent.info.run_id}
 
 
 def summary(per_seed: list[dict]) -> list[dict]:
