@@ -83,7 +83,7 @@ def _wait(address, env, submission, timeout=600) -> str:  # a loaded CI machine 
             answer = exc
         if isinstance(answer, requests.Response) and answer.ok and answer.json()["status"] in FINAL:
             return answer.json()["status"]
-        time.sleep(3)
+        time.sleep(1)  # one HTTP call to the dashboard: a poll costs next to nothing, a late one a wait
     raise AssertionError(f"job {submission} did not finish in {timeout}s (last answer: {answer})")
 
 
