@@ -90,39 +90,43 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(report, indent=1) + "\n")
 
+    scales, checked = report.setdefault("teacher_scales", {}), set()
+
+    def scale(teacher: int) -> float:
+        """The logit scale of the store's teacher `teacher`, recorded in the JSON, or checked against the JSON's:
+        the sweeps picked on that teacher. Looked at once per run of this script, and only when a step still needs
+        the teacher: a lost store pretrains it anew, which can take hours."""
+        if teacher not in checked:
+            found = teacher_scale(overrides, store, teacher)
+            recorded = scales.setdefault(str(teacher), found)
+            if not math.isclose(recorded, found, rel_tol=1e-6):
+                raise SystemExit(f"teacher {teacher}: logit scale {found} here, {recorded} in the JSON: not the same")
+            checked.add(teacher)
+            save()
+        return scales[str(teacher)]
+
     # -- each method's sweep, on the first teacher
-    scales = report.setdefault("teacher_scales", {})
-    checked_scale(scales, overrides, store, 0)
-    save()
     sweeps = report.setdefault("sweeps", {})
     for method in METHODS:
         if method not in sweeps:
-            sweeps[method] = tune(method, common, overrides, scales["0"], store)
+            sweeps[method] = tune(method, common, overrides, scale(TEACHER_SEEDS[0]), store)
             save()
 
     # -- every method at its pick, over each teacher's fine-tune seeds: seed by seed, each run kept as it ends
     compares = report.setdefault("compares", {})
     for teacher in TEACHER_SEEDS:
-        checked_scale(scales, overrides, store, teacher)
-        per_method = {m: picked(sweeps[m]["chosen"], m, scales[str(teacher)]) for m in METHODS}
-        ran = compares.setdefault(str(teacher), {"per_method": per_method, "runs": []})
-        for seed in SEEDS:
-            for method in METHODS:
-                if not any(r["method"] == method and r["seed"] == seed for r in ran["runs"]):
-                    ran["runs"].append(compare_run(teacher, method, seed, per_method[method], common, overrides, store))
-                    save()
+        ran = compares.get(str(teacher), {}).get("runs", [])
+        missing = [(s, m) for s in SEEDS for m in METHODS if not any(r["method"] == m and r["seed"] == s for r in ran)]
+        if not missing:
+            continue
+        per_method = {m: picked(sweeps[m]["chosen"], m, scale(teacher)) for m in METHODS}
+        ran = compares.setdefault(str(teacher), {"per_method": per_method, "runs": []})["runs"]
+        for seed, method in missing:
+            ran.append(compare_run(teacher, method, seed, per_method[method], common, overrides, store))
+            save()
     report["summary"] = summary([row for ran in compares.values() for run in ran["runs"] for row in run["rows"]])
     save()
     print(markdown(report["summary"]))
-
-
-def checked_scale(scales: dict, overrides: list[str], store: Path, teacher: int) -> None:
-    """Record the logit scale of teacher `teacher` in `scales`, or, where the JSON already has it, check that this
-    store's teacher is the same one: the sweeps picked on it, and a store that was lost is pretrained anew."""
-    scale = teacher_scale(overrides, store, teacher)
-    recorded = scales.setdefault(str(teacher), scale)
-    if not math.isclose(recorded, scale, rel_tol=1e-6):
-        raise SystemExit(f"teacher {teacher}: logit scale {scale} here, {recorded} in the JSON: not the same teacher")
 
 
 def teacher_scale(overrides: list[str], store: Path, teacher: int) -> float:
