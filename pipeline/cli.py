@@ -122,13 +122,17 @@ def local_ray_options() -> dict:
     """ray.init's options for a Ray started by this process: its dashboard on a port of its own, named to its
     workers. Ray Train's placement-group cleaner asks the state API whether the trainer's controller lives, and
     the state API guesses "the" local Ray (the last `ray start`, or any GCS process here): beside a second Ray on
-    the machine it asks the wrong one, and leaks or removes the trainer's placement group."""
+    the machine it asks the wrong one, and leaks or removes the trainer's placement group.
+
+    Without Ray Train's preemption watcher: an actor per fine-tune that waits for an autoscaler to drain a node,
+    and this Ray has neither an autoscaler nor a node that outlives this process (2-3 CPU-s a fine-tune here)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return {"dashboard_port": port, "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
+    env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    return {"dashboard_port": port, "runtime_env": {"env_vars": env_vars}}
 
 
 def _start_ray(address: str | None, verbose: bool) -> None:

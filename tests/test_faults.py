@@ -119,6 +119,12 @@ def test_a_sigkilled_train_worker_is_replaced_and_the_run_equals_an_uninterrupte
     ), console
     assert "Traceback" not in console and "A worker died" not in console and "gloo" not in console, console
     assert killed["pid"] not in _train_worker_pids()
+    # the Ray agft starts for itself (local_ray_options, as ray_local is) has no autoscaler to drain a node, and
+    # its fine-tunes run no preemption watcher: restarting the worker group did not need one
+    watchers = list_actors(
+        address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "PreemptionWatcher")]
+    )
+    assert not watchers, watchers
     assert [m["epoch"] for m in history] == [1, 2, 3]
     assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")] == [1, 2, 3]
     # train.keep_checkpoints of the 3, and no checkpoint of the attempt the kill interrupted
