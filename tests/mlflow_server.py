@@ -86,7 +86,11 @@ def status_without_credentials(uri: str) -> int | None:
 
 def start_mlflow(args: list[str], port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
     """`mlflow server ARGS` on 127.0.0.1:PORT in a session of its own, its output in `log`; returned once it answers
-    an API call (401 counts: it is up, and asks for credentials)."""
+    an API call (401 counts: it is up, and asks for credentials).
+
+    Its job execution is off: agft submits no MLflow server jobs, and their runner and queue consumers (a dozen
+    processes polling the store) cost 44 CPU-s in a server's first 40 s against 9 without (2026-12-07, 2 cores)."""
+    env = {**(os.environ if env is None else env), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("w") as out:  # the child holds its own copy
         proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *args],
