@@ -57,11 +57,13 @@ def test_one_run_stats_each_image_once_and_records_the_subset_its_limit_took(tmp
         str(tmp_path / "summary.json"),
     ] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    done = subprocess.run(traced(command, log, STAT_CALLS), env=env, capture_output=True, text=True, timeout=600)
+    images = sorted(str(p) for p in data.rglob("*.png"))
+    done = subprocess.run(
+        traced(command, log, STAT_CALLS, images), env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     # one listing per dataset per run: the describe step's, reused by every task that reads the images
-    images = sorted(str(p) for p in data.rglob("*.png"))
     counts = stats_under(log, data)
     assert {path: n for path, n in counts.items() if n > 1 and path in images} == {}
     assert set(images) <= set(counts)  # the listing did stat them: the trace sees these calls
