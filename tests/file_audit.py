@@ -18,10 +18,10 @@ OPEN_CALLS, STAT_CALLS = "open,openat,openat2", "stat,lstat,newfstatat,statx"
 STATTED = re.compile(r'(?:stat|statx|newfstatat)\((?:AT_FDCWD, )?"([^"]+)"')
 
 
-def traced(command: list[str], log: Path, calls: str = OPEN_CALLS, paths: list[Path] = ()) -> list[str]:
+def traced(command: list[str], log: Path, calls: str = OPEN_CALLS, paths: list[str] = ()) -> list[str]:
     """`command` under strace, every system call of `calls` it and its children make written to `log`; with
-    `paths`, only the calls on those paths (strace decodes and writes the others too, otherwise: a run's imports
-    stat about 860 000 times, a 98 MB log and 58 CPU-s of strace for a test that looks at 130 images)."""
+    `paths`, only the calls on those paths. (Without, strace decodes and writes every one: a run's imports stat
+    about 860 000 times, a 98 MB log, and the stat-counting test took 11 CPU-s more.)"""
     strace = shutil.which("strace")
     assert strace, "the file-access tests need strace (.ci/run installs it)"
     only = [arg for path in paths for arg in ("-P", str(path))]
