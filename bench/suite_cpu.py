@@ -2,9 +2,10 @@
 MLflow servers, Ray's own daemons. On the 2-core CI machine the suite keeps both cores busy, so its wall time follows
 its CPU-seconds, and this says which processes to make fewer or cheaper.
 
-Runs a command (by default the suite as `make test` runs it), reads every new process's CPU time from /proc once a
-second, and writes the totals per kind to JSON. A process that lives under a second is missed; the totals are what
-the kernel charged each process seen (user + system), so they hold whatever else the machine did meanwhile.
+Runs a command (by default `make test`, what CI runs: lint, then the suite), reads every new process's CPU time
+from /proc once a second, and writes the totals per kind to JSON. A process that lives under a second is missed;
+the totals are what the kernel charged each process seen (user + system), so they hold whatever else the machine
+did meanwhile.
 
     .venv/bin/python bench/suite_cpu.py                      # -> bench/results/suite_cpu.json
     .venv/bin/python bench/suite_cpu.py -- .venv/bin/python -m pytest tests/test_e2e.py
@@ -21,7 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-SUITE = [sys.executable, "-m", "pytest", "--numprocesses", "auto", "--maxprocesses", "4", "--dist", "loadgroup"]
+SUITE = ["make", "--no-print-directory", "test"]  # the Makefile's pytest options, not a copy of them
 TICK = os.sysconf("SC_CLK_TCK")
 
 # (substring of the command line, kind), first match wins; Ray workers name themselves `ray::<task or actor>`
@@ -30,6 +31,7 @@ KINDS = [
     ("bin/agft ", "agft driver"),
     ("exec(eval(sys.stdin", "pytest worker"),
     ("-m pytest", "pytest"),
+    ("ruff", "ruff"),
     ("gcs_server", "ray gcs"),
     ("raylet", "ray raylet"),
     ("dashboard", "ray dashboard"),
@@ -83,8 +85,9 @@ def measure(command: list[str]) -> dict:
         time.sleep(1)
     totals, counts = Counter(), Counter()
     for pid, seconds in cpu.items():
-        totals[kind(names[pid])] += seconds
-        counts[kind(names[pid])] += 1
+        name = kind(names[pid])
+        totals[name] += seconds
+        counts[name] += 1
     return {
         "command": command,
         "returncode": proc.returncode,

@@ -24,7 +24,7 @@ def traced(command: list[str], log: Path, calls: str = OPEN_CALLS, paths: list[s
     about 860 000 times, a 98 MB log, and the stat-counting test took 11 CPU-s more.)"""
     strace = shutil.which("strace")
     assert strace, "the file-access tests need strace (.ci/run installs it)"
-    only = [arg for path in paths for arg in ("-P", str(path))]
+    only = [arg for path in paths for arg in ("-P", path)]
     return [strace, "-f", "-qq", "--seccomp-bpf", "-e", f"trace={calls}", *only, "-o", str(log), *command]
 
 
