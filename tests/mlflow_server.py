@@ -130,6 +130,7 @@ def mlflow_server():
             "[mlflow]\ndefault_permission = READ\n"
             f"database_uri = {store}mlflow_auth\nadmin_username = admin\nadmin_password = {password}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 300\n"  # as deploy/mlflow has it: a password is hashed once, not per request
         )
         env = {
             **os.environ,

@@ -179,6 +179,8 @@ def test_mlflow_server_has_postgres_stores_object_store_and_auth_with_no_passwor
     assert "--artifacts-destination s3://" in command and "--app-name basic-auth" in command
     assert "--allowed-hosts" in command
     assert re.search(r"database_uri = %s.*postgresql://\S+/mlflow_auth", command)  # auth store: PostgreSQL
+    # each request's password check is cached, not an scrypt hash (~0.1 s of CPU) per metric or artifact call
+    assert int(re.search(r"auth_cache_ttl_seconds = (\d+)\\n", command).group(1)) > 0
     env = {e["name"]: e for e in container["env"]}
     assert "secretKeyRef" in env["MLFLOW_ADMIN_PASSWORD"]["valueFrom"]
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
