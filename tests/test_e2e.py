@@ -449,7 +449,7 @@ def test_baselines_that_need_the_frozen_encoder_train_under_ddp(first, store, me
 
 
 def test_gamma_auto_is_fitted_on_the_teacher_cache_logged_and_trained_with(first, store, tmp_path):
-    result, lines = _run(store, "calibration.gamma=auto", "train.epochs=1")
+    result, lines = _run(store, "calibration.gamma=auto", "train.epochs=1", "train.num_workers=1")
     assert result.cache_hits["teacher shapes"] and result.cache_hits["train"] is False
     client = MlflowClient(store[1])
     run = client.get_run(result.run_id)
@@ -510,7 +510,7 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
     assert (
         matrix(
             "experiment=eval-autoattack",
-            "data.zero_shot=[{name: colours, limit: 16}]",
+            "data.zero_shot=[{name: colours, limit: 8}]",
             "eval.matrix.attacks=[pgd, autoattack]",
         )
         == 0
@@ -545,7 +545,7 @@ def test_autoattack_on_a_two_class_dataset_runs_without_apgd_t_and_says_so(first
 
     before = len(eval_runs())
     argv = ["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"] + _sets(
-        TINY + ["data.zero_shot=[{name: sizes, limit: 16}]", "eval.matrix.steps=2"]
+        TINY + ["data.zero_shot=[{name: sizes, limit: 8}]", "eval.matrix.steps=2"]
     )
     assert main(argv + ["--set", "eval.matrix.attacks=[autoattack-rand]"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

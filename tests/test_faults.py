@@ -25,6 +25,7 @@ from pipeline import tracking
 from pipeline.checkpoints import ENCODER_FILE, HISTORY_FILE, newest_checkpoint
 from pipeline.cli import main
 from pipeline.config.loading import load_config
+from pipeline.config.schema import with_overrides
 from pipeline.context import RunContext
 from pipeline.run import prepare
 from pipeline.stages import finetune
@@ -36,12 +37,16 @@ TINY = [
     ONE_ZERO_SHOT,
     "train.epochs=3",
     "train.batch_size=32",
-    "train.num_workers=2",
+    "train.num_workers=2",  # the worker-kill test's DDP group; the other tests train one worker (ONE_WORKER)
     "train.validation=null",
     "eval.attack.steps=2",
     "eval.quick=null",
     "eval.batch_size=64",
 ]
+# Where the fault is not in the worker group, one worker trains: a second tests nothing more there, and its process
+# (imports, DDP) doubled what the train workers cost: 28 CPU-s against 14 in each tracking-server test, 53 against
+# 24 in the killed-driver test (bench/suite_cpu.py --by-test, 2026-12-07, 2 cores).
+ONE_WORKER = "train.num_workers=1"
 
 
 def _checkpoints(directory: Path) -> list[Path]:
@@ -158,7 +163,7 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
     """The server is SIGKILLed after epoch 1 is logged and restarted after epoch 2's checkpoint: training
     goes on meanwhile (the rank-0 worker warns and keeps the epoch), and the record ends with every
     epoch exactly once, epoch 2 included, at the time it was trained."""
-    _, _, cfg = prepared
+    cfg = with_overrides(prepared[2], {"train.num_workers": 1})  # ONE_WORKER
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_mlflow(tmp_path, port)
@@ -210,17 +215,8 @@ def test_a_tracking_server_that_never_comes_back_is_one_line_and_a_rerun_complet
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    argv = [
-        "run",
-        "--tracking-uri",
-        uri,
-        "--set",
-        f"cache_dir={cfg.cache_dir}",
-        "--set",
-        "experiment=gone",
-        "--set",
-        "train.epochs=2",
-    ] + [a for o in TINY if not o.startswith("train.epochs") for a in ("--set", o)]
+    overrides = [*TINY, f"cache_dir={cfg.cache_dir}", "experiment=gone", "train.epochs=2", ONE_WORKER]  # last wins
+    argv = ["run", "--tracking-uri", uri] + [a for o in overrides for a in ("--set", o)]
     server = _start_mlflow(tmp_path, port)
     # killed once training has checkpointed an epoch: the run's record and the fine-tune are under way (killed
     # as the run appears, the driver's next call may fail before training starts, and nothing is kept to check)
@@ -279,7 +275,7 @@ def test_two_runs_on_one_cache_dir_at_once_both_finish_with_one_whole_cache_each
             f"cache_dir={tmp_path / 'cache'}",
             "experiment=together",
             "model.weights=random",
-            "train.num_workers=1",
+            ONE_WORKER,
             "train.epochs=1",
         ],
     )
@@ -309,7 +305,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_and_the_new_run_holds_every
     command again resumes training from that checkpoint (epoch 1 is not trained twice) and its MLflow
     run carries the whole history, each epoch once. The killed run is left as the killed driver left it."""
     epochs = 5  # room for the epochs a dead driver's workers still train before Ray reaps them (2 s and more here)
-    overrides = [f"cache_dir={tmp_path / 'cache'}", "experiment=driver-kill", f"train.epochs={epochs}"]
+    overrides = [f"cache_dir={tmp_path / 'cache'}", "experiment=driver-kill", f"train.epochs={epochs}", ONE_WORKER]
     cmd, uri = agft_command("run", tmp_path, TINY + overrides)
     with ray_cluster(head_cpus=2) as cluster:
         env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
