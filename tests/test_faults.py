@@ -25,7 +25,6 @@ from pipeline import tracking
 from pipeline.checkpoints import ENCODER_FILE, HISTORY_FILE, newest_checkpoint
 from pipeline.cli import main
 from pipeline.config.loading import load_config
-from pipeline.config.schema import with_overrides
 from pipeline.context import RunContext
 from pipeline.run import prepare
 from pipeline.stages import finetune
@@ -163,7 +162,7 @@ def test_a_tracking_server_that_dies_mid_run_and_comes_back_loses_nothing(prepar
     """The server is SIGKILLed after epoch 1 is logged and restarted after epoch 2's checkpoint: training
     goes on meanwhile (the rank-0 worker warns and keeps the epoch), and the record ends with every
     epoch exactly once, epoch 2 included, at the time it was trained."""
-    cfg = with_overrides(prepared[2], {"train.num_workers": 1})  # ONE_WORKER
+    cfg = load_config(None, [*TINY, f"cache_dir={prepared[2].cache_dir}", ONE_WORKER])
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_mlflow(tmp_path, port)
