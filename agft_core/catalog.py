@@ -112,6 +112,14 @@ def architectures() -> list[str]:
     return sorted(_arch_configs())
 
 
+def missing_transformers(arch: str) -> bool:
+    """Whether open_clip would build the arch's text tower or tokenizer with Hugging Face transformers (roberta,
+    mt5, nllb, SigLIP's tokenizers), and transformers is not installed: it is no dependency of agft's."""
+    text = json.loads(_arch_configs()[arch].read_text()).get("text_cfg", {})
+    uses_it = bool(text.get("hf_model_name") or text.get("hf_tokenizer_name"))
+    return uses_it and importlib.util.find_spec("transformers") is None
+
+
 def has_vit_tower(arch: str) -> bool:
     """Whether the image tower is open_clip's own ViT (patch tokens and a projection), not a ResNet or timm."""
     vision = json.loads(_arch_configs()[arch].read_text()).get("vision_cfg", {}) if arch in _arch_configs() else {}

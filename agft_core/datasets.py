@@ -31,15 +31,26 @@ from agft_core.errors import InputError, first_line
 from agft_core.subsets import known_labels, subset_indices
 
 
+def clip_classnames(key: str) -> list[str]:
+    """CLIP's curated class names of a zero-shot dataset (clip-benchmark's key), as clip-benchmark ships them.
+    Installed without its dependencies (pyproject's [tool.agft]), as `make setup` and the image do."""
+    try:
+        return _clip_benchmark_classnames()[key]
+    except ModuleNotFoundError:
+        raise InputError(
+            f"{key}: its class names are CLIP's curated ones, read from clip-benchmark, which is not installed; "
+            "install it without its dependencies: pip install --no-deps clip-benchmark"
+        ) from None
+
+
 @cache
-def clip_classnames() -> dict[str, list[str]]:
-    """CLIP's curated class names of the zero-shot datasets, as clip-benchmark ships them."""
+def _clip_benchmark_classnames() -> dict[str, list[str]]:
     return json.loads(resources.files("clip_benchmark.datasets").joinpath("en_classnames.json").read_text())
 
 
 def _curated(name: str, key: str, own: list[str]) -> dict[str, str]:
     """The dataset's own class folders (sorted, as CLIP's list is) -> CLIP's curated name."""
-    curated = clip_classnames()[key]
+    curated = clip_classnames(key)
     if len(curated) != len(own):
         raise InputError(
             f"{name}: found {len(own)} class folders, but CLIP's curated names (clip-benchmark's "
@@ -195,7 +206,7 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         if spec.kind == "flowers102":  # CLIP's names fix three of torchvision's ("pink-yellow dahlia?")
             return (
                 images,
-                clip_classnames()["flowers"],
+                clip_classnames("flowers"),
                 [Path(f) for f in images._image_files],
                 lambda i: images._image_files[i],
             )
@@ -210,7 +221,7 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         images = tvd.PCAM(str(root), split=spec.split, transform=transform)
         folder = root / "pcam"
         files = sorted(folder.glob(f"camelyonpatch_level_2_split_{spec.split}_*.h5"))
-        return images, clip_classnames()["pcam"], files, lambda i: f"{files[0]} item {i}"
+        return images, clip_classnames("pcam"), files, lambda i: f"{files[0]} item {i}"
     if spec.kind == "eurosat":
         images = tvd.ImageFolder(str(root / "eurosat" / "2750"), transform=transform)
         files = [Path(p) for p, _ in images.samples]

