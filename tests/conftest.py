@@ -20,6 +20,10 @@ os.environ.setdefault("RAY_enable_metrics_collection", "0")
 # (Ray's threshold for "many"), every 0.5 s above; at 0.5 s an idle local Ray's monitors took 1.8 CPU-s in 100 s
 # instead of 2.7 (2026-12-07). A new worker's first lines reach the driver up to 0.4 s later.
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+# Torch computes on one thread in the test processes, as it does in Ray's workers: two pytest workers already share
+# the 2 cores, and torch's second thread made an in-process AutoAttack test 10.1 -> 15.8 CPU-s at the same wall time
+# (2026-12-07). Tasks that are granted more CPUs still use them (tasks/common.py sets their threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 _skip_ray_noise()  # the console as `agft` keeps it: set before Ray is imported
 
 
