@@ -62,14 +62,20 @@ class Cluster:
     node_temps: list[str] = field(default_factory=list)
 
 
-def _start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def _start(args: list[str], env: dict, temp: str) -> subprocess.Popen:
+    """`ray start` of one node, its console in <temp>/ray-start.log (for the error if it dies)."""
+    with open(Path(temp) / "ray-start.log", "w") as log:
+        return subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+            env=env,
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _console(temp: str) -> str:
+    return (Path(temp) / "ray-start.log").read_text()[-2000:]
 
 
 def _stop(nodes: list[subprocess.Popen]) -> None:
@@ -85,12 +91,16 @@ def _stop(nodes: list[subprocess.Popen]) -> None:
 
 
 @contextmanager
-def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
-    """workers: one dict per worker node, e.g. {"num-cpus": 2, "num-gpus": 1} (GPUs declared, not real)."""
+def ray_cluster(head_cpus: int = 2, workers: list[dict] = (), preemption_watcher: bool = False):
+    """workers: one dict per worker node, e.g. {"num-cpus": 2, "num-gpus": 1} (GPUs declared, not real).
+    preemption_watcher: Ray Train's, an actor per fine-tune that waits for an autoscaler to drain a node; these
+    nodes have no autoscaler, so by default it is off, as in the Ray `agft` starts for itself
+    (pipeline.cli.local_ray_options): 2-3 CPU-s a fine-tune. Drivers and job drivers read it from `env`."""
     token = secrets.token_hex(32)
     temp = tempfile.mkdtemp(prefix="raytest", dir="/tmp")  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{env['PATH']}"}
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = str(int(preemption_watcher))
     gcs_port, dashboard_port = free_port(), free_port()
     cluster = Cluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", env, temp)
     # Ray's own processes find their cluster through RAY_ADDRESS; without it, Ray Train's placement
@@ -113,6 +123,7 @@ def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
                 *(f"--{flag}={free_port()}" for flag in PORT_FLAGS),
             ],
             nodes_env,
+            temp,
         )
         nodes = [head]
         stack.callback(_stop, nodes)
@@ -120,26 +131,35 @@ def ray_cluster(head_cpus: int = 2, workers: list[dict] = ()):
         # agent, which can come up later on a loaded machine: probe with a job that does nothing.
         deadline = time.time() + 300  # a loaded CI machine, not a test of speed
         while (probe := _submit_nothing(cluster)) is not True:
-            assert time.time() < deadline and head.poll() is None, f"the Ray head did not come up: {probe}"
+            assert time.time() < deadline and head.poll() is None, (
+                f"the Ray head did not come up: {probe}, {_console(temp)}"
+            )
             time.sleep(2)
         for count, resources in enumerate(workers, start=2):  # one at a time: two joining at once lost one
-            cluster.node_temps.append(tempfile.mkdtemp(prefix=f"raytest{count}-", dir="/tmp"))
-            node = _start(
-                [
-                    f"--address={cluster.gcs_address}",
-                    f"--temp-dir={cluster.node_temps[-1]}",
-                    *(f"--{k}={v}" for k, v in resources.items()),
-                    *(f"--{flag}={free_port()}" for flag in PORT_FLAGS),
-                ],
-                nodes_env,
-            )
-            nodes.append(node)
-            deadline = time.time() + 300
-            while _alive_nodes(cluster) < count:
-                assert time.time() < deadline and node.poll() is None, (
-                    f"worker node {count - 1} did not join: {_alive_nodes(cluster)} nodes alive"
+            # A worker node's `ray start` died once on a loaded machine (2026-12-07, its console not kept): it is
+            # started once more, on new ports, and a second death fails with its console.
+            for attempt in (1, 2):
+                node_temp = tempfile.mkdtemp(prefix=f"raytest{count}-", dir="/tmp")
+                cluster.node_temps.append(node_temp)
+                node = _start(
+                    [
+                        f"--address={cluster.gcs_address}",
+                        f"--temp-dir={node_temp}",
+                        *(f"--{k}={v}" for k, v in resources.items()),
+                        *(f"--{flag}={free_port()}" for flag in PORT_FLAGS),
+                    ],
+                    nodes_env,
+                    node_temp,
                 )
-                time.sleep(2)
+                nodes.append(node)
+                deadline = time.time() + 300
+                while _alive_nodes(cluster) < count and node.poll() is None:
+                    assert time.time() < deadline, f"worker node {count - 1} did not join: {_console(node_temp)}"
+                    time.sleep(2)
+                if node.poll() is None:
+                    break
+                assert attempt == 1, f"worker node {count - 1} died twice starting: {_console(node_temp)}"
+                print(f"worker node {count - 1} died starting, started again: {_console(node_temp)}")
         yield cluster
 
 

@@ -36,8 +36,9 @@ TINY = [
 @pytest.fixture(scope="module")
 def head():
     # 3 CPUs: the trainer's 2 workers and one eval task fit at once, so the original's eval runs beside
-    # the fine-tune (declared; Ray does not check them against the machine's cores)
-    with ray_cluster(head_cpus=3) as cluster:
+    # the fine-tune (declared; Ray does not check them against the machine's cores). With Ray Train's preemption
+    # watcher, as on a user's cluster: the job's log is checked for its noise.
+    with ray_cluster(head_cpus=3, preemption_watcher=True) as cluster:
         yield cluster.dashboard, cluster.env, cluster.temp
 
 
