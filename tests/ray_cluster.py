@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+from tiny import sets
 
 BIN = Path(sys.executable).parent
 PORT_FLAGS = (
@@ -189,7 +190,7 @@ def agft_command(command: str, store: Path, overrides: list[str], *flags: str) -
     uri = f"sqlite:///{store / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()
     argv = [str(BIN / "agft"), command, "--tracking-uri", uri, *flags]
-    return argv + [arg for o in overrides for arg in ("--set", o)], uri
+    return argv + sets(overrides), uri
 
 
 def state(cluster: Cluster, kind: str) -> list[dict]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from tiny import sets
 
 from agft_core.cache import CacheEntry, embedding_table, join, write_parquet
 from agft_core.catalog import EMBEDDED_ARCH, EMBEDDED_ARCH_DIR
@@ -120,7 +121,7 @@ def _config_file(files: Path, name: str, text: str) -> Path:
 
 def _random_with(*overrides: str) -> list[str]:
     """RANDOM and --set FIELD=VALUE for each override."""
-    return RANDOM + [arg for override in overrides for arg in ("--set", override)]
+    return RANDOM + sets(list(overrides))
 
 
 # (id, argv after the command, text the error line must contain). {files} and {port} are filled in.
@@ -255,7 +256,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ray_local, world, capf
     tracking = [] if "--tracking-uri" in argv else ["--tracking-uri", uri]
     before = _snapshot(store)
     capfd.readouterr()
-    code = main([command, *tracking, "--set", f"cache_dir={store / 'cache'}", *_sets(SMALL), *argv])
+    code = main([command, *tracking, "--set", f"cache_dir={store / 'cache'}", *sets(SMALL), *argv])
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("agft:")]
     assert code == 2, err[-3000:]
@@ -267,10 +268,6 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ray_local, world, capf
     assert "Traceback" not in err
     assert _snapshot(store) == before
     assert not (files / "pwned").exists()
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
 
 
 def test_the_catalogue_covers_at_least_thirty_kinds():

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 from mlflow.tracking import MlflowClient
-from tiny import TEACHER
+from tiny import TEACHER, sets
 
 from pipeline.cli import main
 
@@ -30,7 +30,7 @@ def test_compare_writes_nested_runs_and_a_mean_std_table(ray_local, tmp_path, ca
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "compare.md"
     argv = ["compare", "--tracking-uri", uri, "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}"]
-    assert main(argv + [a for o in TINY for a in ("--set", o)]) == 0
+    assert main(argv + sets(TINY)) == 0
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("agft").experiment_id
     (parent,) = client.search_runs([experiment], "tags.kind = 'compare'")

@@ -26,6 +26,7 @@ from browser import chromium, close_assistant, mlflow_ui, page_text
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
+from tiny import sets
 from torchvision import transforms as T
 
 from agft_core import world
@@ -51,11 +52,6 @@ TINY = [
     "eval.batch_size=64",
     "system_metrics_interval=1",
 ]
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    """--set FIELD=VALUE for each override, as the CLI takes them."""
-    return [arg for o in overrides for arg in ("--set", o)]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +82,7 @@ def first(ray_local, store):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        code = main(["run", "--set", f"cache_dir={root / 'cache'}", "--summary", str(summary)] + _sets(TINY))
+        code = main(["run", "--set", f"cache_dir={root / 'cache'}", "--summary", str(summary)] + sets(TINY))
     finally:
         os.chdir(cwd)
     assert code == 0 and (root / "mlflow.db").is_file()
@@ -430,7 +426,7 @@ def test_cache_checkpoints_and_artifacts_on_file_uris(first, store, tmp_path):
 def test_batch_larger_than_a_workers_share_is_one_clear_error(first, store, capsys):
     root, uri = store
     code = main(
-        ["run", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"] + _sets(TINY + ["train.batch_size=200"])
+        ["run", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"] + sets(TINY + ["train.batch_size=200"])
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -484,7 +480,7 @@ def test_eval_matrix_covers_every_cell_and_agrees_with_the_run(first, store, tmp
                 "--checkpoint",
                 f"agft={checkpoint}",
             ]
-            + _sets(TINY + matrix_overrides + list(overrides))
+            + sets(TINY + matrix_overrides + list(overrides))
         )
 
     assert matrix("eval.matrix.attacks=[pgd, cw, apgd-ce]") == 0
@@ -544,7 +540,7 @@ def test_autoattack_on_a_two_class_dataset_runs_without_apgd_t_and_says_so(first
         )
 
     before = len(eval_runs())
-    argv = ["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"] + _sets(
+    argv = ["eval", "--tracking-uri", uri, "--set", f"cache_dir={root / 'cache'}"] + sets(
         TINY + ["data.zero_shot=[{name: sizes, limit: 8}]", "eval.matrix.steps=2"]
     )
     assert main(argv + ["--set", "eval.matrix.attacks=[autoattack-rand]"]) == 2

@@ -18,7 +18,7 @@ from mlflow_server import start_mlflow
 from ray.util.state import list_actors
 from ray_cluster import agft_command, free_port, ray_cluster
 from safetensors.torch import load_file
-from tiny import ONE_ZERO_SHOT, TEACHER
+from tiny import ONE_ZERO_SHOT, TEACHER, sets
 
 from agft_core.cache import CacheEntry
 from pipeline import tracking
@@ -215,7 +215,7 @@ def test_a_tracking_server_that_never_comes_back_is_one_line_and_a_rerun_complet
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     overrides = [*TINY, f"cache_dir={cfg.cache_dir}", "experiment=gone", "train.epochs=2", ONE_WORKER]  # last wins
-    argv = ["run", "--tracking-uri", uri] + [a for o in overrides for a in ("--set", o)]
+    argv = ["run", "--tracking-uri", uri] + sets(overrides)
     server = _start_mlflow(tmp_path, port)
     # killed once training has checkpointed an epoch: the run's record and the fine-tune are under way (killed
     # as the run appears, the driver's next call may fail before training starts, and nothing is kept to check)

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_server import mlflow_server, status_without_credentials
 from PIL import Image
 from ray_cluster import dashboard_api, ray_cli, ray_cluster, state
-from tiny import ONE_ZERO_SHOT, TEACHER
+from tiny import ONE_ZERO_SHOT, TEACHER, sets
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -229,10 +229,7 @@ def test_real_path_job_on_a_multi_node_gpu_cluster_logs_to_a_tracking_server(gpu
             "eval.attack.steps=1",
             "eval.quick=null",
         ]
-        args = traced(
-            ["agft", "run", "--tracking-uri", server.uri, "--verbose"] + [a for o in overrides for a in ("--set", o)],
-            audit,
-        )
+        args = traced(["agft", "run", "--tracking-uri", server.uri, "--verbose"] + sets(overrides), audit)
         submission = f"agft-gpu-{secrets.token_hex(4)}"
         submitted = _job_submit(gpu_cluster.dashboard, submission, runtime_env, args, gpu_cluster.env)
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]

@@ -12,6 +12,7 @@ import pytest
 from file_audit import STAT_CALLS, stats_under, traced
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from tiny import sets
 
 CLASSES = 10
 
@@ -55,7 +56,7 @@ def test_one_run_stats_each_image_once_and_records_the_subset_its_limit_took(tmp
         uri,
         "--summary",
         str(tmp_path / "summary.json"),
-    ] + [a for o in overrides for a in ("--set", o)]
+    ] + sets(overrides)
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     images = sorted(str(p) for p in data.rglob("*.png"))
     done = subprocess.run(

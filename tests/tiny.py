@@ -1,4 +1,10 @@
-"""Sizes the end-to-end tests share: a teacher pretrained in seconds and one small zero-shot set."""
+"""Sizes the end-to-end tests share (a teacher pretrained in seconds and one small zero-shot set), and how they
+reach the CLI."""
 
 TEACHER = ["pretrain.corpus_size=256", "pretrain.epochs=1", "pretrain.batch_size=64"]
 ONE_ZERO_SHOT = "data.zero_shot=[{name: colours, limit: 32}]"
+
+
+def sets(overrides: list[str]) -> list[str]:
+    """--set FIELD=VALUE for each override, as `agft` takes them."""
+    return [arg for override in overrides for arg in ("--set", override)]
