@@ -121,7 +121,7 @@ def _config_file(files: Path, name: str, text: str) -> Path:
 
 def _random_with(*overrides: str) -> list[str]:
     """RANDOM and --set FIELD=VALUE for each override."""
-    return RANDOM + sets(list(overrides))
+    return RANDOM + sets(overrides)
 
 
 # (id, argv after the command, text the error line must contain). {files} and {port} are filled in.
