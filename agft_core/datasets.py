@@ -38,8 +38,8 @@ def clip_classnames(key: str) -> list[str]:
         return _clip_benchmark_classnames()[key]
     except ModuleNotFoundError:
         raise InputError(
-            f"{key}: its class names are CLIP's curated ones, read from clip-benchmark, which is not installed; "
-            "install it without its dependencies: pip install --no-deps clip-benchmark"
+            f"the class names are CLIP's curated ones (clip-benchmark's {key!r}), read from clip-benchmark, which is "
+            "not installed; install it without its dependencies: pip install --no-deps clip-benchmark"
         ) from None
 
 

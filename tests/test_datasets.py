@@ -234,7 +234,8 @@ def test_curated_names_without_clip_benchmark_are_one_line_saying_how_to_install
         monkeypatch.setitem(sys.modules, module, None)
     _clip_benchmark_classnames.cache_clear()
     try:
-        with pytest.raises(InputError, match=r"^eurosat: .* pip install --no-deps clip-benchmark$"):
+        missing = r"^the class names .*\(clip-benchmark's 'eurosat'\).* pip install --no-deps clip-benchmark$"
+        with pytest.raises(InputError, match=missing):
             load_dataset(DatasetSpec("eurosat", "eurosat", "all", str(tmp_path)), 16)
     finally:
         _clip_benchmark_classnames.cache_clear()
