@@ -136,12 +136,27 @@ def by_test(seen: dict[str, dict], timeline: list[dict]) -> dict[str, dict]:
             test = next((t["test"] for t in runs.get(worker, ()) if t["start"] <= moment <= t["end"]), None)
             charged.setdefault(test or "(outside any test)", Counter())[kind(process["cmdline"])] += seconds
     totals = sorted(charged, key=lambda test: -sum(charged[test].values()))
+    when = {t["test"]: t for t in timeline}
+    workers = sorted(runs)
     return {
         test: {
             "cpu_s": round(sum(charged[test].values()), 1),
+            **_when(when.get(test), workers),
             "by_kind": {name: round(seconds, 1) for name, seconds in charged[test].most_common() if seconds >= 0.5},
         }
         for test in totals
+    }
+
+
+def _when(test: dict | None, workers: list[int]) -> dict:
+    """Which pytest worker ran the test (0, 1, ...), and when (epoch seconds): the tail of the suite, where one
+    worker runs alone, shows in these."""
+    if test is None or test["start"] is None:
+        return {}
+    return {
+        "worker": workers.index(test["pid"]),
+        "start": round(test["start"], 1),
+        "wall_s": round(test["end"] - test["start"], 1),
     }
 
 
