@@ -52,6 +52,11 @@ def cache_entry(ctx: RunContext, prepared: Prepared) -> CacheEntry:
             "val_text": val_text.fingerprint if val_text else None,
             "seed": cfg.seed,
             "val_robust": cfg.eval.robust if val_text else None,  # what the history's val_robust_acc counts
+            # the images themselves: a method without a teacher cache has no other key that holds them
+            "train_data": prepared.infos["train"].identity,
+            "val_data": prepared.infos["val"].identity if val_text else None,
+            "decode": cfg.data.decode,  # the order the images come in: a DistributedSampler's or Ray Data's stream
+            "val_batch_size": cfg.eval.batch_size if val_text else None,  # the validation attack's random starts
             "train": cfg.train.model_dump(mode="json", exclude=NOT_IN_KEY),
             "calibration": calibration.model_dump(mode="json"),
             "world_size": cfg.train.num_workers,
