@@ -237,8 +237,10 @@ class ImageEncoder(nn.Module):
     def __init__(self, visual: nn.Module, mean, std, size: int, interpolation: str = "bicubic"):
         super().__init__()
         self.visual, self.size, self.interpolation = visual, size, interpolation
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # on the tower's device: an encoder built from a CLIP already on a GPU is whole there
+        device = next(visual.parameters()).device
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_clip(cls, model: nn.Module) -> ImageEncoder:

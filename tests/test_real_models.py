@@ -207,3 +207,11 @@ def _gelu_twin(clip):
     twin = create_clip("ViT-B-32", None)
     twin.load_state_dict(clip.state_dict())
     return twin
+
+
+def test_an_image_encoder_is_built_on_its_towers_device():
+    """A CLIP moved to a GPU, then wrapped (as the served model does): its normalisation too is on that device, else
+    every request would mix a CUDA tensor with CPU ones. The meta device stands in for the GPU here."""
+    clip = create_clip("agft-tiny-vit", None).to("meta")
+    encoder = ImageEncoder.from_clip(clip)
+    assert {t.device.type for t in [*encoder.parameters(), *encoder.buffers()]} == {"meta"}
