@@ -203,10 +203,7 @@ def _train(inputs: TrainInputs, context) -> None:
     start_epoch, history = 0, []
     checkpoint, state = resume_point(ray.train.get_checkpoint(), inputs.newest_on_disk, device)
     if checkpoint:
-        encoder.load_state_dict(state["encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch, history = state["epoch"] + 1, json.loads(state["history"])
+        start_epoch, history = restore(state, encoder, optimizer, schedule, scaler)
 
     # -- the method
     model = prepare_model(encoder, move_to_device=device)
@@ -278,14 +275,26 @@ def _train(inputs: TrainInputs, context) -> None:
             ray.train.report(metrics)
 
 
+def restore(state: dict, encoder, optimizer, schedule, scaler: torch.amp.GradScaler) -> tuple[int, list[dict]]:
+    """A checkpoint's state loaded into the fine-tune's parts: the epoch to start from and the history so far."""
+    encoder.load_state_dict(state["encoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    if state.get("scaler"):  # empty when saved by a disabled scaler (not fp16 on CUDA), absent in older checkpoints
+        scaler.load_state_dict(state["scaler"])
+    return state["epoch"] + 1, json.loads(state["history"])
+
+
 def _report_with_checkpoint(trainee: Trainee, arch: str, epoch: int, history: list[dict], metrics: dict) -> None:
-    """Rank 0's report: the epoch's metrics with a checkpoint of the student, the optimizer, the schedule and the
-    history, from which a restarted run resumes."""
+    """Rank 0's report: the epoch's metrics with a checkpoint of the student, the optimizer, the schedule, fp16's
+    loss scale (a resumed run would otherwise start again from 2^16 and skip steps finding it) and the history,
+    from which a restarted run resumes."""
     encoder = trainee.raw
     state = {
         "encoder": encoder.state_dict(),
         "optimizer": trainee.optimizer.state_dict(),
         "schedule": trainee.schedule.state_dict(),
+        "scaler": trainee.scaler.state_dict(),
         "epoch": epoch,
         "history": json.dumps(history),
     }

@@ -2,6 +2,7 @@
 warm-up, then 0.5 (1 + cos(π (s − w) / (T − w)))."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +58,34 @@ def test_ddp_all_reduces_the_gradients_in_the_format_asked_for(process_group, co
 
 def test_one_worker_without_ddp_has_no_gradients_to_compress():
     assert not compress_gradients(torch.nn.Linear(2, 2), "bf16")
+
+
+def test_a_checkpoint_keeps_fp16s_loss_scale_and_a_resumed_run_starts_from_it(monkeypatch):
+    """GradScaler's scale halves on each overflowing step; a run resumed without it would start again from 2^16 and
+    skip steps finding the scale anew. CPU scalers compute the same arithmetic as CUDA's."""
+    import ray.train
+
+    from pipeline.checkpoints import STATE_FILE
+    from pipeline.train import Trainee, _report_with_checkpoint, restore
+
+    def parts():
+        encoder = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+        return encoder, optimizer, warmup_cosine(optimizer, 1, 10), torch.amp.GradScaler("cpu", init_scale=2.0**16)
+
+    encoder, optimizer, schedule, scaler = parts()
+    for _ in range(3):  # three overflows: 2^16 -> 2^13
+        scaler.scale(encoder(torch.full((1, 4), math.inf)).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    trainee = Trainee(encoder, encoder, None, optimizer, schedule, scaler, torch.zeros(2, 4), None)
+    saved = {}
+
+    def report(metrics, checkpoint):
+        saved.update(torch.load(Path(checkpoint.path) / STATE_FILE, weights_only=True))
+
+    monkeypatch.setattr(ray.train, "report", report)
+    _report_with_checkpoint(trainee, "agft-tiny-vit", 0, [{"epoch": 1}], {"epoch": 1})
+    resumed = parts()
+    assert restore(saved, *resumed) == (1, [{"epoch": 1}])
+    assert resumed[3].get_scale() == 2.0**13
