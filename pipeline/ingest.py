@@ -7,8 +7,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-import ray.train
 import torch
+from ray.data import DataIterator
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -51,8 +51,8 @@ class StreamedIngest:
     so every worker takes the same number of steps; the order is not bit-reproducible (blocks arrive as they are
     decoded)."""
 
-    def __init__(self, cfg: Config, size: int, world_size: int):
-        self.shard = ray.train.get_dataset_shard(STREAMED)
+    def __init__(self, shard: DataIterator, cfg: Config, size: int, world_size: int, device: torch.device):
+        self.shard, self.device = shard, device
         self.batch_size, self.seed = cfg.train.batch_size, cfg.seed
         self.steps = size // world_size // cfg.train.batch_size
 
@@ -62,6 +62,7 @@ class StreamedIngest:
     def epoch(self, epoch: int) -> Iterator[tuple]:
         batches = self.shard.iter_torch_batches(
             batch_size=self.batch_size,
+            device=self.device,  # Ray's default is Ray Train's GPU, also where CUDA is missing (resources.cpu_fallback)
             drop_last=True,
             local_shuffle_buffer_size=4 * self.batch_size,
             local_shuffle_seed=self.seed + epoch,

@@ -47,7 +47,7 @@ from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from agft_core.optim import compress_gradients, warmup_cosine
 from pipeline.checkpoints import ENCODER_FILE, EPOCH_END, HISTORY_FILE, STATE_FILE, resume_point
 from pipeline.config.schema import Config, TrainConfig
-from pipeline.ingest import LoaderIngest, StreamedIngest
+from pipeline.ingest import STREAMED, LoaderIngest, StreamedIngest
 from tasks.common import ModelSource, cpu_fallback, say
 
 EPOCH_METRICS = ("loss", "train_robust_acc", "lr", "val_clean_acc", "val_robust_acc")  # what each epoch reports
@@ -190,7 +190,7 @@ def _train(inputs: TrainInputs, context) -> None:
 
     # -- data, optimizer, schedule
     if cfg.data.decode == "ray_data":
-        ingest = StreamedIngest(cfg, inputs.train_images, world_size)
+        ingest = StreamedIngest(ray.train.get_dataset_shard(STREAMED), cfg, inputs.train_images, world_size, device)
     else:
         images = load_dataset(cfg.data.train.spec(cfg.data.world_seed), teacher.image_size).images
         ingest = LoaderIngest(cfg, images, rank, world_size, device)

@@ -17,6 +17,7 @@ from agft_core.model import ImageEncoder, create_clip
 from pipeline.cluster import streaming_plan
 from pipeline.config.loading import load_config
 from pipeline.context import RunContext
+from pipeline.ingest import StreamedIngest
 from pipeline.run import prepare, run
 
 IMAGES = 100  # not a multiple of the batch: the last block is short
@@ -74,6 +75,16 @@ def test_the_streaming_plan_puts_a_model_actor_on_each_gpu_slot_and_decoders_on_
     assert (plan.embedders, plan.decoders, plan.batch_size) == (32, 56, 64)
     on_cpus = streaming_plan(load_config(None, []), [{"CPU": 2.0}], 64)
     assert (on_cpus.embedders, on_cpus.decoders, on_cpus.task_gpus) == (1, 2, 0)
+
+
+def test_a_streamed_batch_is_on_the_workers_device_not_on_rays_guess(ray_local):
+    """Ray's iter_torch_batches puts batches on Ray Train's GPU by default, also on a node without CUDA where the
+    worker computes on its CPU (resources.cpu_fallback). The meta device stands in for the worker's own here."""
+    rows = [{"pixels": np.zeros((3, 2, 2), np.float32), "label": i % 2, "index": i} for i in range(8)]
+    cfg = load_config(None, ["train.batch_size=4"])
+    ingest = StreamedIngest(ray.data.from_items(rows).iterator(), cfg, 8, 1, torch.device("meta"))
+    batches = list(ingest.epoch(0))
+    assert len(batches) == 2 and {t.device.type for batch in batches for t in batch} == {"meta"}
 
 
 def test_training_reads_a_ray_data_stream_split_evenly_over_its_workers(ray_local, tmp_path):
