@@ -145,6 +145,7 @@ CASES = [
     ("unknown-pretrained-tag", ["--set", "model.arch=ViT-B-32", "--set", "model.weights=laion9b"], "laion9b"),
     ("missing-pretrained-weights", ["--set", "model.arch=ViT-B-32", "--set", "model.weights=openai"], "model.weights"),
     ("gpus-fraction-above-one", ["--set", "resources.task_gpus=1.5"], "resources.task_gpus"),
+    ("gpus-more-than-one-per-task", ["--set", "resources.task_gpus=2"], "resources.task_gpus"),
     ("unsupported-cache-scheme", ["--set", "cache_dir=ftp://host/cache"], "cache_dir"),
     ("same-zero-shot-name-twice", ["--set", "data.zero_shot=[{name: colours}, {name: colours}]"], "colours"),
     ("uniform-axis-on-integer", ["--set", "sweep.space={train.epochs: {uniform: [1, 3]}}"], "sweep.space.train.epochs"),

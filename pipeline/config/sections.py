@@ -311,7 +311,7 @@ class ResourcesConfig(Section):
 
     @field_validator("task_gpus")
     @classmethod
-    def _whole_above_one(cls, gpus: float) -> float:
-        if gpus > 1 and not float(gpus).is_integer():
-            raise ValueError(f"{gpus} GPUs: Ray takes a fraction up to 1 or a whole number")
+    def _one_gpu_at_most(cls, gpus: float) -> float:
+        if gpus > 1:  # the task computes on the first GPU Ray gives it: more would sit idle
+            raise ValueError(f"{gpus} GPUs: a task computes on one GPU; give at most 1 (a fraction packs tasks)")
         return gpus
