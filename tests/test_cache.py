@@ -1,3 +1,4 @@
+import functools
 import json
 import multiprocessing
 import time
@@ -156,6 +157,30 @@ def test_locations_accept_paths_and_pyarrow_uris_only():
     assert "unsupported URI scheme ftp://" in check_location("ftp://host/cache")
 
 
+@functools.cache
+def _fine_tune_key(method: str, *overrides: str) -> str:
+    """The fine-tune's cache key for the embedded default with these overrides, from what the stages before it hand
+    on, built here without Ray: the datasets described by agft_core, the teacher's digest and caches stand-ins."""
+    from agft_core.datasets import load_dataset
+    from pipeline.config.loading import load_config
+    from pipeline.context import Datasets, Prepared, RunContext, Teacher
+    from pipeline.stages.finetune import cache_entry
+
+    base = [f"train.method={method}", "data.train.limit=128", "train.validation.dataset.limit=32"]
+    cfg = load_config(None, [*base, *overrides])
+    seed = cfg.data.world_seed
+    specs = {"train": cfg.data.train.spec(seed), "val": cfg.train.validation.dataset.spec(seed)}
+    infos = {name: load_dataset(spec, 32).info() for name, spec in specs.items()}
+    teacher_cache = CacheEntry("cache", "teacher", {"dataset": infos["train"].identity})
+    prepared = Prepared(
+        teacher=Teacher(cfg.model.arch, None, "digest", {"size": (32, 32)}),
+        datasets=Datasets(specs, infos, []),
+        texts={name: CacheEntry("cache", "text", {"classes": infos[name].classnames}) for name in infos},
+        teacher_cache=teacher_cache if method == "agft" else None,
+    )
+    return cache_entry(RunContext(cfg, "sqlite:///unused.db"), prepared).fingerprint
+
+
 @pytest.mark.parametrize("method", ["tecoa", "agft"])
 @pytest.mark.parametrize(
     "change",
@@ -167,29 +192,8 @@ def test_locations_accept_paths_and_pyarrow_uris_only():
         "eval.batch_size=16",
     ],
 )
-def test_the_fine_tune_key_follows_the_images_it_trains_and_validates_on(tmp_path, method, change):
+def test_the_fine_tune_key_follows_the_images_it_trains_and_validates_on(method, change):
     """Whatever the method reads: without a teacher cache (TeCoA), the training set's identity reaches the key only
     if the key holds it. The data order (loader's sampler or Ray Data's stream) and the validation's batches (its
     attack's random starts) change the encoder or its history too."""
-    from agft_core.datasets import load_dataset
-    from pipeline.config.loading import load_config
-    from pipeline.context import Datasets, Prepared, RunContext, Teacher
-    from pipeline.stages.finetune import cache_entry
-
-    def key(*overrides: str) -> str:
-        base = [f"train.method={method}", "data.train.limit=128", "train.validation.dataset.limit=32"]
-        cfg = load_config(None, [*base, *overrides])
-        seed = cfg.data.world_seed
-        specs = {"train": cfg.data.train.spec(seed), "val": cfg.train.validation.dataset.spec(seed)}
-        infos = {name: load_dataset(spec, 32).info() for name, spec in specs.items()}
-        prepared = Prepared(
-            teacher=Teacher(cfg.model.arch, None, "digest", {"size": (32, 32)}),
-            datasets=Datasets(specs, infos, []),
-            texts={name: CacheEntry(tmp_path, "text", {"classes": infos[name].classnames}) for name in infos},
-            teacher_cache=CacheEntry(tmp_path, "teacher", {"dataset": infos["train"].identity})
-            if method == "agft"
-            else None,
-        )
-        return cache_entry(RunContext(cfg, "sqlite:///unused.db"), prepared).fingerprint
-
-    assert key(change) != key()
+    assert _fine_tune_key(method, change) != _fine_tune_key(method)
