@@ -41,7 +41,7 @@ from agft_core.calibration import Calibration
 from agft_core.catalog import METHOD_SPECS
 from agft_core.datasets import load_dataset
 from agft_core.errors import first_line
-from agft_core.evaluate import zero_shot_accuracy
+from agft_core.evaluate import zero_shot_counts
 from agft_core.methods import Method, adversarial_step, build_method
 from agft_core.model import ImageEncoder, create_clip, logit_scale, save_weights
 from agft_core.optim import compress_gradients, warmup_cosine
@@ -142,7 +142,8 @@ def validate(trainee: Trainee, cfg: Config, shard: Dataset, text: torch.Tensor, 
     """Clean and robust (train.validation.attack) accuracy on this worker's share of the validation set, added to
     the epoch's totals."""
     attack, device = cfg.train.validation.attack, text.device
-    scores = zero_shot_accuracy(
+    # counts, not fractions: a worker's share may hold no image (fewer validation images than workers)
+    counts = zero_shot_counts(
         trainee.raw,
         text,
         trainee.method.scale,
@@ -155,8 +156,7 @@ def validate(trainee: Trainee, cfg: Config, shard: Dataset, text: torch.Tensor, 
         generator=torch.Generator(device).manual_seed(cfg.seed + rank),
         loader_workers=cfg.resources.loader_processes(cfg.train.cpus_per_worker),
     )
-    n = scores["n"]
-    totals.add(val_clean_correct=scores["clean"] * n, val_robust_correct=scores[cfg.eval.robust] * n, val_images=n)
+    totals.add(val_clean_correct=counts["clean"], val_robust_correct=counts[cfg.eval.robust], val_images=counts["n"])
 
 
 def train_loop(inputs: TrainInputs) -> None:

@@ -150,3 +150,36 @@ def test_methods_that_need_the_frozen_encoder_say_so(tiny):
     _, text, scale = tiny
     with pytest.raises(ValueError, match="fare needs the frozen teacher"):
         build_method("fare", text, scale, gamma=0.4, inv_tau=30.0)
+
+
+def test_validation_adds_counts_and_a_worker_with_no_validation_image_adds_zeros():
+    """16 workers, 8 validation images: ranks 8-15 hold none and must add nothing rather than divide by zero; the
+    others add their images' counts, which the epoch sums over the workers before it divides."""
+    from torch.utils.data import Subset, TensorDataset
+
+    from pipeline.config.loading import load_config
+    from pipeline.train import Totals, Trainee, validate
+
+    torch.manual_seed(0)
+    encoder = ImageEncoder(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)), [0.5] * 3, [0.25] * 3, 8
+    )
+    text = F.normalize(torch.randn(3, 4), dim=-1)
+    method = build_method("tecoa", text, 100.0, gamma=1.0, inv_tau=100.0)
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    trainee = Trainee(encoder, encoder, method, optimizer, None, None, text, None)
+    images = TensorDataset(torch.rand(8, 3, 8, 8), torch.arange(8) % 3)
+    cfg = load_config(None, ["train.validation.attack.eps=0"])  # an ε of 0: robust equals clean
+    for rank in (2, 9):
+        totals = Totals(torch.device("cpu"))
+        validate(trainee, cfg, Subset(images, range(rank, len(images), 16)), text, rank, totals)
+        if rank < len(images):
+            x, y = images[rank]
+            correct = float((encoder(x[None]) @ text.T).argmax(-1).item() == y)
+            assert (totals["val_images"], totals["val_clean_correct"], totals["val_robust_correct"]) == (
+                1,
+                correct,
+                correct,
+            )
+        else:
+            assert (totals["val_images"], totals["val_clean_correct"], totals["val_robust_correct"]) == (0, 0, 0)
