@@ -218,8 +218,10 @@ class CacheEntry:
         """Seals the files of one attempt (from begin()) as this cache, with one write of the manifest:
         a reader finds the previous manifest or this one, never a mix. When two builds commit, the last
         one wins; each manifest names only its own attempt's complete files, and the other attempt's
-        files stay for whoever read its manifest. Attempts abandoned more than STALE_ATTEMPT_S ago go."""
+        files stay for whoever read its manifest. Attempts abandoned more than STALE_ATTEMPT_S ago go, but not
+        the one this manifest replaces, however old: it was the cache until now, and a reader may hold its files."""
         name = basename(attempt)
+        replaced = self._attempts_named()
         files = [{**f, "name": f"{name}/{f['name']}"} for f in files]
         rows = sum(f["rows"] or 0 for f in files)
         manifest = {
@@ -232,14 +234,21 @@ class CacheEntry:
             **(extra or {}),
         }
         replace_bytes(self.file(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
-        self._prune(keep=name)
+        self._prune(keep={name, *replaced})
 
-    def _prune(self, keep: str) -> None:
+    def _attempts_named(self) -> set[str]:
+        """The attempts whose files the current manifest names (none when it is missing or unreadable)."""
+        try:
+            return {f["name"].split("/")[0] for f in self.manifest()["files"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+
+    def _prune(self, keep: set[str]) -> None:
         fs, directory = filesystem(self.location)
         horizon = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() - STALE_ATTEMPT_S))
         for info in fs.get_file_info(pafs.FileSelector(directory)):
             if info.base_name.startswith(ATTEMPT_PREFIX):
-                if info.base_name != keep and info.base_name[len(ATTEMPT_PREFIX) :] < horizon:
+                if info.base_name not in keep and info.base_name[len(ATTEMPT_PREFIX) :] < horizon:
                     fs.delete_dir(info.path)
             elif info.base_name != MANIFEST and not info.base_name.endswith(".partial"):
                 fs.delete_file(info.path)  # a file of the layout before attempts, which no manifest names now

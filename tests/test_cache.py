@@ -107,6 +107,21 @@ def test_rebuild_replaces_a_corrupt_cache_and_abandoned_attempts_are_pruned(tmp_
     assert running.is_dir() and not abandoned.exists()
 
 
+def test_a_rebuild_keeps_the_files_of_the_entry_it_replaces_however_old(tmp_path):
+    """A run that found a two-day-old entry reads its files while another run rebuilds it (--rerun): the old
+    attempt is past the abandoned-attempt horizon, but it was the cache until the new manifest, so it stays."""
+    entry = _entry(tmp_path)
+    old = join(entry.location, "attempt-20000101T000000-old00000")
+    Path(old).mkdir(parents=True)
+    ones = embedding_table({"index": np.arange(3)}, np.ones((3, 2)))
+    entry.commit(old, [write_parquet(ones, join(old, "part-00000.parquet"))])
+    held = entry.files()  # what the first run's tasks read
+    _build(entry, [np.full((3, 2), 2.0, np.float32)])
+    assert entry.files() != held and embeddings_of(read_parquet(held)).tolist() == [[1.0, 1.0]] * 3
+    _build(entry, [np.full((3, 2), 3.0, np.float32)])  # replaced twice: now it goes
+    assert not Path(old).exists()
+
+
 def test_a_manifest_whose_row_counts_lie_is_detected(tmp_path):
     entry = _entry(tmp_path)
     _build(entry, [np.ones((4, 2), np.float32), np.ones((4, 2), np.float32)])
