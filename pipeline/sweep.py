@@ -175,6 +175,16 @@ def sweep_name(cfg: Config) -> str:
     return f"sweep-{fingerprint(cfg.model_dump(mode='json', exclude={'verbose', 'system_metrics_interval'}))}"
 
 
+def sweep_directory(cfg: Config, prepared: Prepared) -> str:
+    """The sweep's Tune directory: its name, and what its trials train on, the teacher's weights and the training and
+    validation images. The same config resumes its sweep only on the same inputs; a weights file or a dataset
+    changed in place starts a new sweep beside the old one, which stays as it was."""
+    trained_on = {"weights": prepared.teacher.digest} | {
+        key: prepared.infos[key].identity for key in ("train", "val") if key in prepared.infos
+    }
+    return f"{sweep_name(cfg)}-{fingerprint(trained_on)[:8]}"
+
+
 def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepResult:
     spec = cfg.sweep
     ctx = RunContext(cfg, tracking_uri, log=log)
@@ -185,8 +195,8 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     seconds = {"caches": time.perf_counter() - clock}
     # -- the parent run: new, or the one a resumed sweep started
     storage = ctx.storage("ray_tune")
-    name = sweep_name(cfg)
-    sweep_dir = join(storage, name)
+    name, directory = sweep_name(cfg), sweep_directory(cfg, prepared)
+    sweep_dir = join(storage, directory)
     parent_file = join(sweep_dir, PARENT_RUN_FILE)
     resumed = tune.Tuner.can_restore(sweep_dir) and exists(parent_file)
     # A sweep reads the training and validation sets; it evaluates no zero-shot set
@@ -209,7 +219,7 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     if resumed:
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
     else:
-        tuner = _tuner(ctx, trainable, name, storage, parent_run_id)
+        tuner = _tuner(ctx, trainable, directory, storage, parent_run_id)
     fs, path = filesystem(sweep_dir)
     fs.create_dir(path, recursive=True)
     write_bytes(parent_file, parent_run_id.encode())

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from tiny import prepared_by_hand
 
 from agft_core.cache import CacheEntry, embedding_table, embeddings_of, join, read_parquet, write_parquet
 from agft_core.catalog import check_location
@@ -174,25 +175,14 @@ def test_locations_accept_paths_and_pyarrow_uris_only():
 
 @functools.cache
 def _fine_tune_key(method: str, *overrides: str) -> str:
-    """The fine-tune's cache key for the embedded default with these overrides, from what the stages before it hand
-    on, built here without Ray: the datasets described by agft_core, the teacher's digest and caches stand-ins."""
-    from agft_core.datasets import load_dataset
+    """The fine-tune's cache key for the embedded default with these overrides."""
     from pipeline.config.loading import load_config
-    from pipeline.context import Datasets, Prepared, RunContext, Teacher
+    from pipeline.context import RunContext
     from pipeline.stages.finetune import cache_entry
 
     base = [f"train.method={method}", "data.train.limit=128", "train.validation.dataset.limit=32"]
     cfg = load_config(None, [*base, *overrides])
-    seed = cfg.data.world_seed
-    specs = {"train": cfg.data.train.spec(seed), "val": cfg.train.validation.dataset.spec(seed)}
-    infos = {name: load_dataset(spec, 32).info() for name, spec in specs.items()}
-    teacher_cache = CacheEntry("cache", "teacher", {"dataset": infos["train"].identity})
-    prepared = Prepared(
-        teacher=Teacher(cfg.model.arch, None, "digest", {"size": (32, 32)}),
-        datasets=Datasets(specs, infos, []),
-        texts={name: CacheEntry("cache", "text", {"classes": infos[name].classnames}) for name in infos},
-        teacher_cache=teacher_cache if method == "agft" else None,
-    )
+    prepared = prepared_by_hand(cfg, teacher_cache=method == "agft")
     return cache_entry(RunContext(cfg, "sqlite:///unused.db"), prepared).fingerprint
 
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_tasks
 from ray_cluster import agft_command, ray_cluster
 from safetensors.torch import load_file
-from tiny import ONE_ZERO_SHOT, TEACHER
+from tiny import ONE_ZERO_SHOT, TEACHER, prepared_by_hand
 
 from pipeline.checkpoints import newest_checkpoint
 from pipeline.cli import main
@@ -318,6 +318,19 @@ def test_a_sweep_is_named_by_what_it_trains_not_by_what_it_only_logs():
     assert sweep_name(load_config(None, [*TINY, "verbose=true", "system_metrics_interval=null"])) == name
     assert sweep_name(load_config(None, [*TINY, "train.lr=0.01"])) != name
     assert sweep_name(load_config(None, [*TINY, "sweep.num_samples=2"])) != name
+
+
+def test_a_sweep_resumes_only_on_the_weights_and_images_it_trained_on():
+    """The same config over a weights file or a dataset changed in place: its finished trials trained on the old
+    ones, so the sweep starts anew in a directory of its own instead of restoring them."""
+    from pipeline.sweep import sweep_directory, sweep_name
+
+    cfg = load_config(None, [*TINY, "data.train.limit=64"])
+    directory = sweep_directory(cfg, prepared_by_hand(cfg))
+    assert directory.startswith(sweep_name(cfg)) and directory == sweep_directory(cfg, prepared_by_hand(cfg))
+    assert sweep_directory(cfg, prepared_by_hand(cfg, digest="other weights")) != directory
+    other_images = prepared_by_hand(load_config(None, [*TINY, "data.train.limit=32"]))
+    assert sweep_directory(cfg, other_images) != directory
 
 
 def test_search_space_maps_every_domain_and_optuna_is_available():
