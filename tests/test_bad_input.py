@@ -145,11 +145,11 @@ CASES = [
     ("unknown-pretrained-tag", ["--set", "model.arch=ViT-B-32", "--set", "model.weights=laion9b"], "laion9b"),
     ("missing-pretrained-weights", ["--set", "model.arch=ViT-B-32", "--set", "model.weights=openai"], "model.weights"),
     ("gpus-fraction-above-one", ["--set", "resources.task_gpus=1.5"], "resources.task_gpus"),
-    ("gpus-more-than-one-per-task", ["--set", "resources.task_gpus=2"], "resources.task_gpus"),
     ("unsupported-cache-scheme", ["--set", "cache_dir=ftp://host/cache"], "cache_dir"),
     ("same-zero-shot-name-twice", ["--set", "data.zero_shot=[{name: colours}, {name: colours}]"], "colours"),
     ("uniform-axis-on-integer", ["--set", "sweep.space={train.epochs: {uniform: [1, 3]}}"], "sweep.space.train.epochs"),
     ("grace-period-above-epochs", ["--set", "sweep.grace_period=5", "--set", "train.epochs=2"], "sweep.grace_period"),
+    ("gpus-more-than-one-per-task", ["--set", "resources.task_gpus=2"], "resources.task_gpus"),
     ("unreachable-tracking-server", ["--tracking-uri", "http://127.0.0.1:{port}"], "--tracking-uri"),
     ("unreachable-ray-address", ["--address", "127.0.0.1:{port}"], "--address"),
     # found by the Ray tasks that read the data and the weights, before anything is written
