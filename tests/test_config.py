@@ -276,3 +276,11 @@ def test_pretrain_amp_auto_is_keyed_as_the_precision_it_resolves_to(monkeypatch)
     for native, precision in ((True, "bf16"), (False, "off")):
         monkeypatch.setattr(pretrain, "native_bf16", lambda native=native: native)
         assert pretrain_key(load_config(None, ["pretrain.amp=auto"])) == keys[precision]
+
+
+def test_a_task_asks_for_one_gpu_at_most():
+    """A task computes on the first GPU Ray gives it: a second would sit idle, so the config refuses it (on any
+    machine: the CLI's bad-input case is refused on this GPU-less one anyway, for asking for GPUs at all)."""
+    assert load_config(None, ["resources.task_gpus=1"]).resources.task_gpus == 1
+    with pytest.raises(ConfigError, match="resources.task_gpus"):
+        load_config(None, ["resources.task_gpus=2"])
