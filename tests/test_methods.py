@@ -170,16 +170,13 @@ def test_validation_adds_counts_and_a_worker_with_no_validation_image_adds_zeros
     trainee = Trainee(encoder, encoder, method, optimizer, None, None, text, None)
     images = TensorDataset(torch.rand(8, 3, 8, 8), torch.arange(8) % 3)
     cfg = load_config(None, ["train.validation.attack.eps=0"])  # an ε of 0: robust equals clean
-    for rank in (2, 9):
+
+    def added(rank: int) -> tuple[float, float, float]:
         totals = Totals(torch.device("cpu"))
         validate(trainee, cfg, Subset(images, range(rank, len(images), 16)), text, rank, totals)
-        if rank < len(images):
-            x, y = images[rank]
-            correct = float((encoder(x[None]) @ text.T).argmax(-1).item() == y)
-            assert (totals["val_images"], totals["val_clean_correct"], totals["val_robust_correct"]) == (
-                1,
-                correct,
-                correct,
-            )
-        else:
-            assert (totals["val_images"], totals["val_clean_correct"], totals["val_robust_correct"]) == (0, 0, 0)
+        return totals["val_images"], totals["val_clean_correct"], totals["val_robust_correct"]
+
+    x, y = images[2]
+    correct = float((encoder(x[None]) @ text.T).argmax(-1).item() == y)
+    assert added(2) == (1, correct, correct)
+    assert added(9) == (0, 0, 0)
