@@ -37,6 +37,9 @@ class MethodSpec:
     loss_weights: tuple[float, float] | None = None  # its (α, β) defaults, as train.<name>.alpha / .beta
     weights_meaning: str = ""  # what α and β weigh, for the config reference
     needs_vit: bool = False  # reads the ViT's tokens (attention maps)
+    # Set when its loss or training attack changes: enters its fine-tunes' cache key, so that an encoder trained
+    # the old way is not found. Methods never revised have none, and their keys stay as they were.
+    revision: str | None = None
 
 
 def _recipe(optimizer: str, lr: float, weight_decay: float = 0.0, eps: float = 1 / 255, steps: int = 2) -> dict:
@@ -59,7 +62,8 @@ METHOD_SPECS = {
                         published=_recipe("sgd", 1e-5)),
     "pmg_aft": MethodSpec("PMGAFT", frozen_encoder=True, teacher_cache=False, calibrated=False,
                           published=_recipe("sgd", 5e-5), loss_weights=(1.0, 1.0),
-                          weights_meaning="α: KL to the frozen model on x_adv; β: KL to the student on x"),
+                          weights_meaning="α: KL to the frozen model on x_adv; β: KL to the student on x",
+                          revision="authors-final-2024-05-29"),
     "pmg_aft_scaled": MethodSpec("PMGAFTScaled", frozen_encoder=True, teacher_cache=False, calibrated=False,
                                  published=_recipe("sgd", 5e-5), loss_weights=(1.0, 1.0),
                                  weights_meaning="α: KL to the frozen model on x_adv; β: KL to the student on x"),

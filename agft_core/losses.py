@@ -54,15 +54,12 @@ def pmg_aft_loss(
     form: str = "authors",
 ) -> torch.Tensor:
     """PMG-AFT: CE on x_adv (batch mean), plus a KL term to the frozen model on x_adv (α) and one to the student on x
-    (β). form "authors", as its authors' code (PMG_AFT.py) computes them: nn.KLDivLoss(reduction="sum") of the other
-    model's log-probabilities against the adversarial student's probabilities, i.e. KL(adv ‖ other) summed over the
-    batch; form "scaled", as agft computed them until 2026-12-06: KL(other ‖ adv), batch means."""
-    ce = F.cross_entropy(adv_logits, labels)
-    if form == "authors":
-        return ce + len(adv_logits) * (
-            alpha * kl_divergence(adv_logits, orig_adv_logits) + beta * kl_divergence(adv_logits, clean_logits)
-        )
-    return ce + alpha * kl_divergence(orig_adv_logits, adv_logits) + beta * kl_divergence(clean_logits, adv_logits)
+    (β), each KL(other ‖ adv). form "authors", as its authors' final PMG_AFT.py (2024-05-29) computes them:
+    nn.KLDivLoss(reduction="sum") of the adversarial student's log-probabilities against the other model's
+    probabilities, i.e. summed over the batch (their first release had the two arguments the other way round);
+    form "scaled", as agft computed them until 2026-12-06: batch means."""
+    kl = alpha * kl_divergence(orig_adv_logits, adv_logits) + beta * kl_divergence(clean_logits, adv_logits)
+    return F.cross_entropy(adv_logits, labels) + (len(adv_logits) * kl if form == "authors" else kl)
 
 
 def fare_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

@@ -84,14 +84,21 @@ class AGFT(Method):
 
 
 class PMGAFT(Method):
+    """As its authors' code computes it: the training attack's CE and every term of the loss on the cosine logits,
+    unscaled (their attack_pgd and train on multiGPU_CLIP's logits_per_image)."""
+
+    form, loss_scale = "authors", 1.0
+
     def __init__(self, text, scale, teacher: nn.Module, alpha: float, beta: float):
         super().__init__(text, scale)
         self.teacher, self.alpha, self.beta = teacher, alpha, beta
 
+    def attack_loss(self, student, z, labels, state):
+        return tecoa_loss(student(z), labels, self.text, self.loss_scale)
+
     def objective(self, adv, orig_adv, clean, labels) -> torch.Tensor:
-        """As its authors' code computes it: every term on the cosine logits, unscaled."""
-        cos = [zero_shot_logits(emb, self.text, 1.0) for emb in (adv, orig_adv, clean)]
-        return pmg_aft_loss(*cos, labels, self.alpha, self.beta)
+        logits = [zero_shot_logits(emb, self.text, self.loss_scale) for emb in (adv, orig_adv, clean)]
+        return pmg_aft_loss(*logits, labels, self.alpha, self.beta, form=self.form)
 
     def loss(self, model, x, x_adv, labels, state):
         adv, clean = model(torch.cat([x_adv, x])).float().chunk(2)
@@ -103,9 +110,11 @@ class PMGAFT(Method):
 class PMGAFTScaled(PMGAFT):
     """The form agft trained PMG-AFT with until 2026-12-06, kept to compare with: at the model's logit scale."""
 
-    def objective(self, adv, orig_adv, clean, labels) -> torch.Tensor:
-        logits = [self.logits(emb) for emb in (adv, orig_adv, clean)]
-        return pmg_aft_loss(*logits, labels, self.alpha, self.beta, form="scaled")
+    form = "scaled"
+
+    def __init__(self, text, scale, teacher: nn.Module, alpha: float, beta: float):
+        super().__init__(text, scale, teacher, alpha, beta)
+        self.loss_scale = scale
 
 
 class FARE(Method):

@@ -10,7 +10,10 @@ Declared before any result (issue 30), and not to be changed after seeing number
   1/tau = 1.8 x the teacher's own logit scale (the paper's ratios); selected on val_robust_acc of `positions`' train
   split (512 images), never a reported test set; a pick on an lr edge widens the lr grid once, and the edges are
   reported;
-- PMG-AFT as its authors' code computes it (pmg_aft), and agft's earlier form (pmg_aft_scaled);
+- PMG-AFT as its authors' code computes it (pmg_aft), and agft's earlier form (pmg_aft_scaled). Issue 30 described
+  the authors' first release (KL(adv || other)); their final PMG_AFT.py (2024-05-29) computes KL(other || adv), and
+  pmg_aft follows it since 2026-12-07 (docs/changes.md). Changed after the first sweeps' pmg_aft rows, not after
+  seeing any result of the final form;
 - 2 teacher seeds x 3 fine-tune seeds; mean and standard error over the 6 runs.
 
 Usage: .venv/bin/python bench/methods_apart.py --store DIR [--set FIELD=VALUE ...]

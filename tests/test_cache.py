@@ -174,8 +174,8 @@ def test_locations_accept_paths_and_pyarrow_uris_only():
 
 
 @functools.cache
-def _fine_tune_key(method: str, *overrides: str) -> str:
-    """The fine-tune's cache key for the embedded default with these overrides."""
+def _fine_tune_entry(method: str, *overrides: str) -> CacheEntry:
+    """The fine-tune's cache entry for the embedded default with these overrides."""
     from pipeline.config.loading import load_config
     from pipeline.context import RunContext
     from pipeline.stages.finetune import cache_entry
@@ -183,7 +183,11 @@ def _fine_tune_key(method: str, *overrides: str) -> str:
     base = [f"train.method={method}", "data.train.limit=128", "train.validation.dataset.limit=32"]
     cfg = load_config(None, [*base, *overrides])
     prepared = prepared_by_hand(cfg, teacher_cache=method == "agft")
-    return cache_entry(RunContext(cfg, "sqlite:///unused.db"), prepared).fingerprint
+    return cache_entry(RunContext(cfg, "sqlite:///unused.db"), prepared)
+
+
+def _fine_tune_key(method: str, *overrides: str) -> str:
+    return _fine_tune_entry(method, *overrides).fingerprint
 
 
 @pytest.mark.parametrize("method", ["tecoa", "agft"])
@@ -202,3 +206,12 @@ def test_the_fine_tune_key_follows_the_images_it_trains_and_validates_on(method,
     if the key holds it. The data order (loader's sampler or Ray Data's stream) and the validation's batches (its
     attack's random starts) change the encoder or its history too."""
     assert _fine_tune_key(method, change) != _fine_tune_key(method)
+
+
+def test_a_revised_method_keys_its_fine_tunes_apart_and_the_others_keep_their_keys():
+    """pmg_aft's loss and training attack changed on 2026-12-07 (its spec's revision): an encoder it trained before
+    is not found. A method never revised has no revision in its key: its cached fine-tunes are found as before."""
+    from agft_core.catalog import METHOD_SPECS
+
+    assert _fine_tune_entry("pmg_aft").inputs["method_revision"] == METHOD_SPECS["pmg_aft"].revision
+    assert not {"method_revision"} & {*_fine_tune_entry("tecoa").inputs, *_fine_tune_entry("pmg_aft_scaled").inputs}

@@ -42,21 +42,38 @@ def _t(v):
 
 
 def test_pmg_aft_loss_by_hand_and_as_its_authors_code_writes_it():
-    """KL(adv ‖ other) summed over the batch, by hand; and the authors' nn.KLDivLoss(reduction="sum") of the other
-    model's log-probabilities against the adversarial probabilities."""
+    """KL(other ‖ adv) summed over the batch, by hand; and as the authors' final PMG_AFT.py writes it:
+    nn.KLDivLoss(reduction="sum") of the adversarial log-probabilities against the other model's probabilities."""
     alpha, beta = 0.7, 1.3
     ce = -sum(_log_softmax(ADV[i])[LABELS[i]] for i in range(2)) / 2
-    to_orig, to_clean = sum(_kl(ADV[i], ORIG[i]) for i in range(2)), sum(_kl(ADV[i], CLEAN[i]) for i in range(2))
+    to_orig, to_clean = sum(_kl(ORIG[i], ADV[i]) for i in range(2)), sum(_kl(CLEAN[i], ADV[i]) for i in range(2))
     expected = ce + alpha * to_orig + beta * to_clean
     got = pmg_aft_loss(_t(ADV), _t(ORIG), _t(CLEAN), torch.tensor(LABELS), alpha, beta)
     assert got.item() == pytest.approx(expected, rel=1e-12)
-    kl_sum, adv_probs = torch.nn.KLDivLoss(reduction="sum"), F.softmax(_t(ADV), dim=1)
+    kl_sum, adv_log_probs = torch.nn.KLDivLoss(reduction="sum"), F.log_softmax(_t(ADV), dim=1)
     authors = (
         F.cross_entropy(_t(ADV), torch.tensor(LABELS))
-        + alpha * kl_sum(F.log_softmax(_t(ORIG), dim=1), adv_probs)
-        + beta * kl_sum(F.log_softmax(_t(CLEAN), dim=1), adv_probs)
+        + alpha * kl_sum(adv_log_probs, F.softmax(_t(ORIG), dim=1))
+        + beta * kl_sum(adv_log_probs, F.softmax(_t(CLEAN), dim=1))
     )
     assert got.item() == pytest.approx(authors.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("method, scale", [("pmg_aft", 1.0), ("pmg_aft_scaled", 100.0)])
+def test_pmg_aft_attacks_on_the_logits_it_trains_on(method, scale):
+    """The authors' attack_pgd maximises the CE of the cosine logits, unscaled, like their loss; the scaled form
+    attacks at the model's logit scale."""
+    torch.manual_seed(0)
+    text = F.normalize(torch.randn(3, 8), dim=-1)
+    linear = torch.nn.Linear(12, 8)
+
+    def student(z):  # an encoder's output is L2-normalised, as ImageEncoder's is
+        return F.normalize(linear(z), dim=-1)
+
+    adapted = build_method(method, text, 100.0, gamma=1.0, inv_tau=1.0, teacher=torch.nn.Linear(12, 8))
+    z, labels = torch.randn(4, 12), torch.tensor([0, 1, 2, 0])
+    expected = F.cross_entropy(scale * student(z) @ text.T, labels)
+    assert adapted.attack_loss(student, z, labels, None).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_pmg_aft_scaled_form_by_hand():

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agft_core.cache import CacheEntry, describe_file, filesystem, join, upload
+from agft_core.catalog import METHOD_SPECS
 from pipeline import tracking
 from pipeline.checkpoints import ENCODER_FILE, HISTORY_FILE
 from pipeline.context import Prepared, RunContext
@@ -41,6 +42,7 @@ def cache_entry(ctx: RunContext, prepared: Prepared) -> CacheEntry:
     cfg = ctx.cfg
     calibration = resolved(cfg, prepared.calibration).calibration  # the fine-tune is keyed by the γ it uses
     val_text = prepared.texts.get("val")
+    revision = METHOD_SPECS[cfg.train.method].revision
     return CacheEntry(
         ctx.cache_root,
         "finetune",
@@ -60,6 +62,7 @@ def cache_entry(ctx: RunContext, prepared: Prepared) -> CacheEntry:
             "train": cfg.train.model_dump(mode="json", exclude=NOT_IN_KEY),
             "calibration": calibration.model_dump(mode="json"),
             "world_size": cfg.train.num_workers,
+            **({"method_revision": revision} if revision else {}),
         },
     )
 
