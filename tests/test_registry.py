@@ -1,4 +1,5 @@
-"""The original teacher is registered once per weights digest, also when two runs register it at once."""
+"""What runs register: the original teacher once per weights digest, also when two runs register it at once; nothing
+while a cell is incomplete."""
 
 import io
 
@@ -52,3 +53,24 @@ def test_the_console_names_the_run_page_and_the_experiments_runs_view(tmp_path):
         f"#/experiments/{experiment}/runs/{run}?workflowType=machine_learning",
         f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey=agft",
     ]
+
+
+def test_a_run_with_an_incomplete_cell_registers_nothing_and_says_so(tmp_path):
+    """A version's tags hold the run's mean accuracies: with a cell incomplete (an eval shard failed after its
+    retries) there is no mean to tag it with, and the run goes on to its one-line error instead of crashing here."""
+    from pipeline.config.loading import load_config
+    from pipeline.context import RunContext
+    from pipeline.stages.evaluate import INCOMPLETE
+    from pipeline.stages.publish import register_models
+
+    uri, lines = f"sqlite:///{tmp_path / 'mlflow.db'}", []
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("agft")).info.run_id
+    ctx = RunContext(load_config(None, [f"cache_dir={tmp_path / 'cache'}"]), uri, log=lines.append)
+    cells = {"finetuned_clean": 0.5, "finetuned_robust": INCOMPLETE}
+    rows = [{"dataset": "colours", **cells}, {"dataset": "mean", **cells}]
+    register_models(ctx, None, run_id, rows, str(tmp_path / "encoder.safetensors"))
+    assert lines == [
+        "[registry] nothing registered: some cells are incomplete; the rerun that completes them registers"
+    ]
+    assert client.search_registered_models() == []

@@ -15,6 +15,7 @@ from pipeline.config.loading import dump_yaml
 from pipeline.config.sections import ROBUST_MEANING
 from pipeline.context import Prepared, RunContext
 from pipeline.remote import get
+from pipeline.stages.evaluate import INCOMPLETE
 from tasks.describe import file_digest
 from tasks.publish import SERVED_CLIP, SERVED_EXAMPLE, servable_clip
 
@@ -81,7 +82,11 @@ def _headline_tags(rows: list[dict], model: str) -> dict[str, str]:
 
 def register_models(ctx: RunContext, prepared: Prepared, run_id: str, rows: list[dict], encoder: str) -> None:
     """The fine-tuned CLIP, and the original teacher when this run evaluated it, each tagged with its mean zero-shot
-    accuracy in the run that registered it and that run's page; weights registered before keep their version."""
+    accuracy in the run that registered it and that run's page; weights registered before keep their version.
+    Nothing is registered while a cell is incomplete: a version's tags would hold a mean over the cells measured."""
+    if any(INCOMPLETE in row.values() for row in rows):
+        ctx.log("[registry] nothing registered: some cells are incomplete; the rerun that completes them registers")
+        return
     page = {"run": tracking.run_pages(ctx.tracking_uri, run_id)[0]}
     tags = page | _headline_tags(rows, "finetuned")
     versions = {registry.FINETUNED: register_model(ctx, prepared, run_id, encoder, tags)}
