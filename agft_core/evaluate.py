@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from agft_core.attacks import apgd_ce, autoattack, cw_margin_loss, pgd
 from agft_core.catalog import FIXED_STEP_ATTACKS, ROBUST_DEFINITIONS
 from agft_core.losses import zero_shot_logits
-from agft_core.precision import evaluation_precision
+from agft_core.precision import evaluation_precision, tf32
 
 
 def batches(
@@ -91,44 +91,45 @@ def zero_shot_counts(
     classifier = ZeroShotClassifier(encoder.float().eval(), text_emb.to(device).float(), scale, precision)
     counts = dict.fromkeys(("clean", *ROBUST_DEFINITIONS), 0)
     total = 0
-    for x, y in batches(images, batch_size, indices, device=device, loader_workers=loader_workers):
-        x = x.float()
-        with torch.no_grad():
-            clean_ok = classifier(x).argmax(-1) == y
-        if attack in FIXED_STEP_ATTACKS:
-            loss = F.cross_entropy if attack == "pgd" else cw_margin_loss
-            x_adv = pgd(
-                lambda z: loss(classifier(z), y),  # noqa: B023 - pgd calls it within this iteration
-                x,
-                eps,
-                alpha,
-                steps,
-                generator=generator,
-            )
-        else:
-            seed = int(
-                torch.randint(
-                    0, 2**31, (1,), generator=generator, device=generator.device if generator is not None else "cpu"
-                )
-            )
-            x_adv = (
-                apgd_ce(classifier, x, y, eps, steps, restarts=restarts, seed=seed)
-                if attack == "apgd-ce"
-                else autoattack(
-                    classifier,
+    with tf32(precision):  # the attacks' backward passes too, not only the classifier's forwards
+        for x, y in batches(images, batch_size, indices, device=device, loader_workers=loader_workers):
+            x = x.float()
+            with torch.no_grad():
+                clean_ok = classifier(x).argmax(-1) == y
+            if attack in FIXED_STEP_ATTACKS:
+                loss = F.cross_entropy if attack == "pgd" else cw_margin_loss
+                x_adv = pgd(
+                    lambda z: loss(classifier(z), y),  # noqa: B023 - pgd calls it within this iteration
                     x,
-                    y,
                     eps,
-                    version=attack.partition("-")[2] or "standard",
-                    seed=seed,
-                    batch_size=batch_size,
+                    alpha,
+                    steps,
+                    generator=generator,
                 )
-            )
-        with torch.no_grad():
-            adv_ok = classifier(x_adv).argmax(-1) == y
-        for name, ok in robust_outcomes(clean_ok, adv_ok).items():
-            counts[name] += int(ok.sum())
-        total += len(y)
+            else:
+                seed = int(
+                    torch.randint(
+                        0, 2**31, (1,), generator=generator, device=generator.device if generator is not None else "cpu"
+                    )
+                )
+                x_adv = (
+                    apgd_ce(classifier, x, y, eps, steps, restarts=restarts, seed=seed)
+                    if attack == "apgd-ce"
+                    else autoattack(
+                        classifier,
+                        x,
+                        y,
+                        eps,
+                        version=attack.partition("-")[2] or "standard",
+                        seed=seed,
+                        batch_size=batch_size,
+                    )
+                )
+            with torch.no_grad():
+                adv_ok = classifier(x_adv).argmax(-1) == y
+            for name, ok in robust_outcomes(clean_ok, adv_ok).items():
+                counts[name] += int(ok.sum())
+            total += len(y)
     return counts | {"n": total}
 
 

@@ -29,13 +29,21 @@ def autocast(precision: str, device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def evaluation_precision(precision: str, device: torch.device) -> Iterator[None]:
-    """fp32: TF32 off (the reported default); tf32: CUDA's matrix products and convolutions in TF32; bf16 and
-    fp16: autocast. The process's TF32 flags are restored on the way out."""
+def tf32(precision: str) -> Iterator[None]:
+    """CUDA's matrix products and convolutions in TF32 for precision "tf32", in full fp32 for any other, until the
+    way out, where the process's flags are restored. torch reads the flags as each kernel starts, backward passes
+    included: an attack's gradients follow them only if its backward runs inside this block."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
-        with autocast(precision, device):
-            yield
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@contextmanager
+def evaluation_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """fp32: TF32 off (the reported default); tf32: CUDA's matrix products and convolutions in TF32; bf16 and
+    fp16: autocast."""
+    with tf32(precision), autocast(precision, device):
+        yield

@@ -62,6 +62,55 @@ def test_bf16_attacks_move_the_logits_and_fp32_is_bit_exact_to_a_plain_forward()
     assert torch.allclose(rounded.float(), plain, atol=0.05)
 
 
+class _RecordsTf32InBackward(torch.autograd.Function):
+    """The identity, noting CUDA's TF32 matmul flag each time its backward runs."""
+
+    seen: list[bool] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        _RecordsTf32InBackward.seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return grad
+
+
+class _Tf32Probe(torch.nn.Module):
+    def forward(self, x):
+        return _RecordsTf32InBackward.apply(x)
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce"])
+@pytest.mark.parametrize(("precision", "flag_outside"), [("tf32", False), ("fp32", True)])
+def test_the_attacks_gradients_are_computed_in_the_evaluations_precision(attack, precision, flag_outside):
+    """torch reads the TF32 flags when a kernel starts, the attack's backward passes included: they must run
+    under the evaluation's flags (fp32: TF32 off, what every reported number used), not the process's."""
+    torch.manual_seed(0)
+    encoder, text = Encoder(), torch.nn.functional.normalize(torch.randn(4, 6), dim=-1)
+    encoder.layer = torch.nn.Sequential(_Tf32Probe(), encoder.layer)
+    _RecordsTf32InBackward.seen = []
+    torch.backends.cuda.matmul.allow_tf32 = flag_outside
+    try:
+        zero_shot_counts(
+            encoder,
+            text,
+            10.0,
+            _images(),
+            eps=2 / 255,
+            alpha=1 / 255,
+            steps=3,
+            batch_size=6,
+            attack=attack,
+            precision=precision,
+            generator=torch.Generator().manual_seed(0),
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert _RecordsTf32InBackward.seen and set(_RecordsTf32InBackward.seen) == {precision == "tf32"}
+
+
 @pytest.mark.parametrize("before", [False, True])
 def test_tf32_is_on_only_inside_a_tf32_evaluation_and_restored_after(before):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = before
