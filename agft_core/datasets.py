@@ -192,6 +192,11 @@ def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path],
         return images, classnames, files, lambda i: files[i]
     if spec.kind == "sun397":
         images = tvd.SUN397(str(root), transform=transform)
+        # torchvision lists the images in the file system's order (rglob), which differs between copies of the data
+        # (each node's own): the shards of a cell index into this list, so it is put in one order, the paths'
+        order = sorted(range(len(images._image_files)), key=lambda i: str(images._image_files[i]))
+        images._image_files = [images._image_files[i] for i in order]
+        images._labels = [images._labels[i] for i in order]
         files = list(images._image_files)
         return images, [c.replace("_", " ").replace("/", " ") for c in images.classes], files, lambda i: files[i]
     if spec.kind in ("dtd", "food101", "pets", "aircraft", "flowers102", "cars"):

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -301,6 +302,28 @@ def test_sun397_reads_its_class_list(tmp_path):
     _jpeg(base / "a" / "apartment_building" / "outdoor" / "sun_bbb.jpg")
     data = load_dataset(DatasetSpec("sun397", "sun397", "all", str(tmp_path)), 16)
     _check(data, 2, ["abbey", "apartment building outdoor"], "This is a photo of a {}.")
+
+
+def test_sun397_indexes_its_images_in_one_order_whatever_the_file_systems(tmp_path, monkeypatch):
+    """torchvision lists SUN397 in the file system's order: two copies of it (two nodes' own) must still give each
+    index the same image, or a cell's shards, scored on different nodes, count some images twice."""
+    base = tmp_path / "SUN397"
+    base.mkdir()
+    (base / "ClassName.txt").write_text("/a/abbey\n/b/beach\n")
+    for name in ("sun_a1", "sun_a2", "sun_a3"):
+        _jpeg(base / "a" / "abbey" / f"{name}.jpg")
+    for name in ("sun_b1", "sun_b2"):
+        _jpeg(base / "b" / "beach" / f"{name}.jpg")
+    spec = DatasetSpec("sun397", "sun397", "all", str(tmp_path))
+
+    def labels():
+        data = load_dataset(spec, 16)
+        return [data.images[i][1] for i in range(len(data.images))], data.identity
+
+    listed = labels()
+    rglob = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: reversed(sorted(rglob(self, pattern))))
+    assert labels() == listed and listed[0] == [0, 0, 0, 1, 1]
 
 
 def test_flowers102_reads_its_mat_label_and_split_files(tmp_path, no_md5):
