@@ -8,6 +8,7 @@ MLflow run, and is scheduled by ASHA on the per-epoch validation metric.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -128,7 +129,7 @@ class _Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = (trial.last_result or {}).get("epoch") or 0
-        done = epochs >= trial.config.get("train.epochs", self.max_epochs)
+        done = trained_every_epoch(trial.last_result or {}, trial.config, self.max_epochs)
         self._close(trial, "FINISHED" if done else "KILLED")
         self.log(
             f"[sweep] trial {trial.trial_id} {'done' if done else 'stopped early by ASHA'} after {epochs} "
@@ -136,16 +137,19 @@ class _Progress(tune.Callback):
         )
 
     def _best_so_far(self, trials, completed) -> str:
-        """Over every ended trial, those a resumed sweep restored included, by its last epoch as the sweep picks
-        its best (a better earlier epoch is not what it keeps)."""
-        scored = [
-            (t.last_result[self.metric], t.trial_id)
+        """Over every ended trial, those a resumed sweep restored included, by its last epoch and among those that
+        trained every epoch where any did, as the sweep picks its best (best_trial)."""
+        ended = [
+            t
             for t in trials
             if (t is completed or t.status == Trial.TERMINATED) and self.metric in (t.last_result or {})
         ]
-        if not scored:
+        finished = [t for t in ended if trained_every_epoch(t.last_result, t.config, self.max_epochs)]
+        if not ended:
             return ""
-        value, trial_id = max(scored, key=lambda s: self.sign * s[0])
+        value, trial_id = max(
+            ((t.last_result[self.metric], t.trial_id) for t in finished or ended), key=lambda s: self.sign * s[0]
+        )
         return f"best so far: {trial_id} {self.metric}={value:.4f}"
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -229,14 +233,14 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     # -- the best trial: its config, its model, the report
     clock = time.perf_counter()
     trials = [_trial_row(r, cfg, prepared.calibration, spec.metric) for r in grid]
-    if not any(not r.error and (r.metrics or {}).get(spec.metric) is not None for r in grid):
+    best = best_trial(list(grid), spec, cfg.max_epochs())
+    if best is None:
         tracking.finish_run(tracking_uri, parent_run_id, "FAILED")
         first_error = next((r.error for r in grid if r.error), None)
         raise SweepFailed(
             f"sweep: none of the {len(trials)} trials reported {spec.metric}; the first error: "
             f"{_last_line(first_error)}"
         )
-    best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True)
     best_out.write_text(dump_yaml(with_overrides(cfg, best.config)))
     if cfg.register_models:
         _register_best(ctx, prepared, parent_run_id, storage, best)
@@ -245,6 +249,26 @@ def sweep(cfg: Config, tracking_uri: str, best_out: Path, log=print) -> SweepRes
     return SweepResult(
         parent_run_id, trials, dict(best.config), best_out, ctx.hits, {k: round(v, 2) for k, v in seconds.items()}
     )
+
+
+def trained_every_epoch(metrics: dict, trial_config: dict, max_epochs: int) -> bool:
+    """Whether a trial reported its last epoch (its own train.epochs where the search sets it): the last value of
+    a trial ASHA stopped is from an earlier epoch than a finished trial's."""
+    return (metrics.get("epoch") or 0) >= trial_config.get("train.epochs", max_epochs)
+
+
+def best_trial(results: list[tune.Result], spec: SweepConfig, max_epochs: int) -> tune.Result | None:
+    """The sweep's pick: the best spec.metric at the last epoch among the trials that trained every epoch without
+    an error (a trial that failed after a good epoch has no model of its config to give; one ASHA stopped is
+    measured earlier in its training than the others), or among every trial without an error if none did."""
+    scored = [
+        r
+        for r in results
+        if not r.error and isinstance(value := (r.metrics or {}).get(spec.metric), float | int) and math.isfinite(value)
+    ]
+    finished = [r for r in scored if trained_every_epoch(r.metrics, r.config, max_epochs)]
+    sign = 1 if spec.mode == "max" else -1
+    return max(finished or scored, key=lambda r: sign * r.metrics[spec.metric], default=None)
 
 
 def _tuner(ctx: RunContext, trainable, name: str, storage: str, parent_run_id: str) -> tune.Tuner:

@@ -13,6 +13,7 @@ import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from ray import tune
 from ray.util.state import list_tasks
 from ray_cluster import agft_command, ray_cluster
 from safetensors.torch import load_file
@@ -23,7 +24,7 @@ from pipeline.cli import main
 from pipeline.config.checks import check_sweep
 from pipeline.config.loading import load_config
 from pipeline.config.sections import ConfigError
-from pipeline.sweep import sweep
+from pipeline.sweep import best_trial, sweep
 
 # The search as shipped (random search, ASHA, as many trials at once as the cluster holds trainers), on tiny
 # sizes: trainers of one worker, so that two trials run at once on the 2-CPU test cluster.
@@ -239,6 +240,33 @@ def test_bad_search_space_is_one_clear_error_before_any_trial(tmp_path, monkeypa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _result(metric: float, epoch: int, error: Exception | None = None, **config) -> tune.Result:
+    return tune.Result({"val_robust_acc": metric, "epoch": epoch, "config": config}, None, error, "/unused")
+
+
+def test_the_pick_is_a_trial_that_trained_every_epoch_without_an_error():
+    """Not a trial that failed after a good epoch (its config does not train to the end), nor one ASHA stopped at
+    epoch 1 (measured earlier in its training than the finished ones); among every error-free trial if none
+    finished."""
+    spec = load_config(None, []).sweep
+    finished = _result(0.40, 3, **{"calibration.gamma": 0.3})
+    failed = _result(0.90, 2, RuntimeError("out of memory"), **{"calibration.gamma": 0.6})
+    stopped = _result(0.55, 1, **{"calibration.gamma": 0.9})
+    assert best_trial([failed, stopped, finished], spec, max_epochs=3) is finished
+    assert best_trial([failed, stopped], spec, max_epochs=3) is stopped
+    # a trial whose search set its own train.epochs finished at that epoch
+    short = _result(0.50, 2, **{"train.epochs": 2})
+    assert best_trial([finished, short], spec, max_epochs=3) is short
+    assert best_trial([failed], spec, max_epochs=3) is None
+
+
+def test_the_sweep_mode_is_the_one_its_metric_improves_in():
+    assert load_config(None, ["sweep.metric=loss"]).sweep.mode == "min"
+    assert load_config(None, []).sweep.mode == "max"
+    with pytest.raises(ConfigError, match="sweep.*mode max would pick the worst trial by loss"):
+        load_config(None, ["sweep.metric=loss", "sweep.mode=max"])
 
 
 def test_sweep_needs_a_space_and_a_validation_set():

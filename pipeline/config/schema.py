@@ -186,7 +186,7 @@ class CompareConfig(Section):
 class SweepConfig(Section):
     space: dict[str, Domain] = {}
     metric: Literal["val_robust_acc", "val_clean_acc", "train_robust_acc", "loss"] = "val_robust_acc"
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field("max", description="set from the metric: min for the loss, max for accuracies")
     search: Literal["random", "optuna"] = "random"  # grid axes (grid: [..]) are expanded by either
     num_samples: int = Field(
         4,
@@ -200,6 +200,21 @@ class SweepConfig(Section):
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, gt=0, description="epochs before ASHA may stop a trial")
     reduction_factor: float = Field(2, gt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_of_the_metric(cls, raw: Any) -> Any:
+        """The mode the metric improves in: min for the loss, max for an accuracy. A config that says the other is
+        refused: ASHA would stop the best trials and the sweep pick the worst."""
+        if not isinstance(raw, dict):
+            return raw
+        metric = raw.get("metric", "val_robust_acc")
+        improves = "min" if metric == "loss" else "max"
+        if raw.get("mode", improves) != improves:
+            raise ValueError(
+                f"mode {raw['mode']} would pick the worst trial by {metric}; leave it out or set {improves}"
+            )
+        return {**raw, "mode": improves}
 
 
 class Config(Section):
