@@ -27,12 +27,10 @@ def _images(n=12):
     return torch.utils.data.TensorDataset(torch.rand(n, 3, 8, 8, generator=g), torch.arange(n) % 4)
 
 
-@pytest.mark.parametrize("attack", ["pgd", "apgd-ce"])  # AutoAttack calls the same classifier, in 20 s
-@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
-def test_every_forward_of_an_evaluation_runs_in_its_precision(attack, precision, dtype):
-    torch.manual_seed(0)
-    encoder, text = Encoder(), torch.nn.functional.normalize(torch.randn(4, 6), dim=-1)
-    counts = zero_shot_counts(
+def _evaluate(encoder, attack: str, precision: str) -> dict:
+    """A 3-step attack's evaluation of 12 images on 4 classes."""
+    text = torch.nn.functional.normalize(torch.randn(4, 6), dim=-1)
+    return zero_shot_counts(
         encoder,
         text,
         10.0,
@@ -45,6 +43,14 @@ def test_every_forward_of_an_evaluation_runs_in_its_precision(attack, precision,
         precision=precision,
         generator=torch.Generator().manual_seed(0),
     )
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce"])  # AutoAttack calls the same classifier, in 20 s
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_every_forward_of_an_evaluation_runs_in_its_precision(attack, precision, dtype):
+    torch.manual_seed(0)
+    encoder = Encoder()
+    counts = _evaluate(encoder, attack, precision)
     assert counts["n"] == 12
     # the clean pass, the attack's passes (which turn autocast off around themselves) and the final one
     assert len(encoder.dtypes) > 4 and set(encoder.dtypes) == {dtype}
@@ -88,24 +94,12 @@ def test_the_attacks_gradients_are_computed_in_the_evaluations_precision(attack,
     """torch reads the TF32 flags when a kernel starts, the attack's backward passes included: they must run
     under the evaluation's flags (fp32: TF32 off, what every reported number used), not the process's."""
     torch.manual_seed(0)
-    encoder, text = Encoder(), torch.nn.functional.normalize(torch.randn(4, 6), dim=-1)
+    encoder = Encoder()
     encoder.layer = torch.nn.Sequential(_Tf32Probe(), encoder.layer)
     _RecordsTf32InBackward.seen = []
     torch.backends.cuda.matmul.allow_tf32 = flag_outside
     try:
-        zero_shot_counts(
-            encoder,
-            text,
-            10.0,
-            _images(),
-            eps=2 / 255,
-            alpha=1 / 255,
-            steps=3,
-            batch_size=6,
-            attack=attack,
-            precision=precision,
-            generator=torch.Generator().manual_seed(0),
-        )
+        _evaluate(encoder, attack, precision)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
     assert _RecordsTf32InBackward.seen and set(_RecordsTf32InBackward.seen) == {precision == "tf32"}
