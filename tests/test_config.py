@@ -284,3 +284,14 @@ def test_a_task_asks_for_one_gpu_at_most():
     assert load_config(None, ["resources.task_gpus=1"]).resources.task_gpus == 1
     with pytest.raises(ConfigError, match="resources.task_gpus"):
         load_config(None, ["resources.task_gpus=2"])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [("compare.seeds=[0, 1, 1]", "compare.seeds"), ("compare.methods=[agft, tecoa, agft]", "compare.methods")],
+)
+def test_a_comparison_names_each_seed_and_method_once(override, field):
+    """A repeated seed trained again from the cache, and its mean ± std counted it once while the caption counted it
+    twice ("over 3 seeds" for 2)."""
+    with pytest.raises(ConfigError, match=rf"{field}: each at most once; repeated: (1|agft)$"):
+        load_config(None, [override])

@@ -182,6 +182,15 @@ class CompareConfig(Section):
         "{tecoa: {train.lr: 2.0e-4}, agft: {calibration.gamma: 0.7}}",
     )
 
+    @field_validator("methods", "seeds")
+    @classmethod
+    def _each_once(cls, values: list) -> list:
+        """A repeat would run again from the cache and count once in the table, whose caption counts it twice."""
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"each at most once; repeated: {', '.join(map(str, repeated))}")
+        return values
+
 
 class SweepConfig(Section):
     space: dict[str, Domain] = {}
