@@ -114,7 +114,7 @@ def test_a_killed_shard_is_reported_in_one_line_and_the_others_are_kept(ray_loca
     failed = len(ctx.failures)
     assert 1 <= failed <= len(running), (running, lines)
     assert all(
-        re.fullmatch(r"\[eval\] eval colours \[\d+:\d+\] \(original, pgd\) failed after 0 retries: .+", line)
+        re.fullmatch(r"\[eval\] eval colours \[\d+:\d+\] \(original, pgd, ε 4/255\) failed after 0 retries: .+", line)
         for line in ctx.failures
     ), ctx.failures
     (row,) = out["rows"]

@@ -177,8 +177,9 @@ def _row(ctx: RunContext, pending: Pending, cell: tuple, shards: list[Shard], co
 
 
 def _bar(pending: Pending, shard: Shard) -> str:
-    start, stop = shard.images
-    return f"eval {pending.names[shard.dataset]} [{start}:{stop}] ({shard.encoder}, {shard.attack[0]})"
+    """A shard's name on the timeline and in its failure line: `agft eval` runs one attack at several ε."""
+    (start, stop), (attack, eps) = shard.images, shard.attack[:2]
+    return f"eval {pending.names[shard.dataset]} [{start}:{stop}] ({shard.encoder}, {attack}, ε {eps * 255:g}/255)"
 
 
 def room_beside(ctx: RunContext) -> bool:
