@@ -87,11 +87,15 @@ class PMGAFT(Method):
     """As its authors' code computes it: the training attack's CE and every term of the loss on the cosine logits,
     unscaled (their attack_pgd and train on multiGPU_CLIP's logits_per_image)."""
 
-    form, loss_scale = "authors", 1.0
+    form = "authors"
 
     def __init__(self, text, scale, teacher: nn.Module, alpha: float, beta: float):
         super().__init__(text, scale)
         self.teacher, self.alpha, self.beta = teacher, alpha, beta
+
+    @property
+    def loss_scale(self) -> float:
+        return 1.0
 
     def attack_loss(self, student, z, labels, state):
         return tecoa_loss(student(z), labels, self.text, self.loss_scale)
@@ -112,9 +116,9 @@ class PMGAFTScaled(PMGAFT):
 
     form = "scaled"
 
-    def __init__(self, text, scale, teacher: nn.Module, alpha: float, beta: float):
-        super().__init__(text, scale, teacher, alpha, beta)
-        self.loss_scale = scale
+    @property
+    def loss_scale(self) -> float:
+        return self.scale
 
 
 class FARE(Method):
