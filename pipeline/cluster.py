@@ -55,7 +55,7 @@ def room_beside_training(cfg: Config, nodes: list[dict[str, float]]) -> bool:
 def streaming_plan(cfg: Config, nodes: list[dict[str, float]], batch_size: int) -> Streaming:
     """How a Ray Data stream spreads over the nodes: decode actors on any node's CPUs, as many as they hold (Ray
     Data grows the pool while CPUs are free), and for the teacher cache one model actor per task slot holding a
-    GPU (one on the CPUs without task_gpus)."""
+    GPU; without task_gpus the decoders embed what they decode."""
     task = task_resources(cfg)
     embedders = sum(_fits(task, node) for node in nodes) if cfg.resources.task_gpus else 1
     return Streaming(
@@ -65,6 +65,7 @@ def streaming_plan(cfg: Config, nodes: list[dict[str, float]], batch_size: int) 
         task_cpus=cfg.resources.task_cpus,
         task_gpus=cfg.resources.task_gpus,
         batch_size=batch_size,
+        fused=not cfg.resources.task_gpus,
     )
 
 

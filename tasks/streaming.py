@@ -1,6 +1,7 @@
 """Ray Data streams of decoded images (data.decode: ray_data): CPU actors on any node decode the training images,
-GPU actors embed them for the teacher cache, and train workers read their split of the same stream. Apart from
-tasks/caches.py so that a task that does not stream never imports Ray Data."""
+GPU actors embed them for the teacher cache (on a cluster without GPUs, the decoders embed what they decode), and
+train workers read their split of the same stream. Apart from tasks/caches.py so that a task that does not stream
+never imports Ray Data."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import pyarrow as pa
 import ray
 import torch
 from ray.data import ActorPoolStrategy
-from ray.data.datasource import FilenameProvider
 
 from agft_core.cache import describe_parquet_files, embedding_table
 from agft_core.catalog import DatasetSpec
 from agft_core.datasets import load_dataset
 from agft_core.model import ImageEncoder, create_clip
 from tasks.common import ModelSource, ran_since, task_device, use_assigned_cpus
+from tasks.parquet_parts import CacheParts
 
 
 class DecodeImages:
@@ -52,10 +53,23 @@ class EmbedImages:
         return embedding_table({"index": batch["index"], "label": batch["label"]}, embeddings)
 
 
+class DecodeAndEmbed:
+    """Both stages in one CPU actor, for a cluster without GPUs: a model actor apart would hold CPUs the decoders
+    need (on 2 cores, one of the two) and the pixels would cross the object store for nothing."""
+
+    def __init__(self, spec: DatasetSpec, model: ModelSource):
+        self.decode = DecodeImages(spec, model.image_size)
+        self.embed = EmbedImages(model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return self.embed(self.decode(batch))
+
+
 @dataclass(frozen=True)
 class Streaming:
     """How a Ray Data stream is spread: decode actors of decode_cpus each (up to `decoders`), and for the teacher
-    cache `embedders` model actors of (task_cpus, task_gpus); batches of batch_size images."""
+    cache `embedders` model actors of (task_cpus, task_gpus), or with `fused` the decoders embedding what they
+    decode; batches of batch_size images."""
 
     decoders: int
     decode_cpus: float
@@ -63,11 +77,7 @@ class Streaming:
     task_cpus: float
     task_gpus: float
     batch_size: int
-
-
-class _Parts(FilenameProvider):
-    def get_filename_for_block(self, block, write_uuid: str, task_index: int, block_index: int) -> str:
-        return f"part-{task_index:05d}-{block_index:04d}.parquet"
+    fused: bool
 
 
 def decoded_images(
@@ -75,12 +85,7 @@ def decoded_images(
 ) -> ray.data.Dataset:
     """The dataset's images [0, size) as a Ray Data stream of (index, label, pixels), decoded by an autoscaling pool
     of up to plan.decoders CPU actors on any node; shuffle_seed: in an order drawn from it."""
-    # one line per stage and block would flood the run's console: the run's own lines say where the build is
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    order = np.arange(size) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(size)
-    # blocks made here, not by read tasks: a read task waiting for a CPU the actors hold would never run
-    indices = ray.data.from_numpy(np.array_split(order, max(1, size // plan.batch_size)))
-    return indices.map_batches(
+    return _indices(size, plan, shuffle_seed).map_batches(
         DecodeImages,
         fn_constructor_args=(spec, image_size),
         batch_size=plan.batch_size,
@@ -89,19 +94,39 @@ def decoded_images(
     )
 
 
+def _indices(size: int, plan: Streaming, shuffle_seed: int | None = None) -> ray.data.Dataset:
+    # one line per stage and block would flood the run's console: the run's own lines say where the build is
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    order = np.arange(size) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(size)
+    # blocks made here, not by read tasks: a read task waiting for a CPU the actors hold would never run
+    return ray.data.from_numpy(np.array_split(order, max(1, size // plan.batch_size)))
+
+
 @ray.remote(num_cpus=0)  # it only drives the dataset: its actors hold the resources
 def stream_teacher_cache(model: ModelSource, spec: DatasetSpec, *, size: int, plan: Streaming, out_dir: str) -> dict:
     """The whole teacher cache through Ray Data, written as Parquet files into out_dir block by block as they are
     embedded: {"files": their descriptions} and when and where the build ran."""
     began = time.time()
-    embedded = decoded_images(spec, model.image_size, size, plan).map_batches(
-        EmbedImages,
-        fn_constructor_args=(model,),
-        batch_size=plan.batch_size,
-        compute=ActorPoolStrategy(size=plan.embedders),
-        num_cpus=plan.task_cpus,
-        num_gpus=plan.task_gpus,
+    if plan.fused:
+        embedded = _indices(size, plan).map_batches(
+            DecodeAndEmbed,
+            fn_constructor_args=(spec, model),
+            batch_size=plan.batch_size,
+            compute=ActorPoolStrategy(min_size=1, max_size=plan.decoders),
+            num_cpus=plan.decode_cpus,
+        )
+    else:
+        embedded = decoded_images(spec, model.image_size, size, plan).map_batches(
+            EmbedImages,
+            fn_constructor_args=(model,),
+            batch_size=plan.batch_size,
+            compute=ActorPoolStrategy(size=plan.embedders),
+            num_cpus=plan.task_cpus,
+            num_gpus=plan.task_gpus,
+        )
+    # The writes take no CPU of their own (on a small node the actors hold every CPU), so nothing but `concurrency`
+    # bounds how many run at once: without it Ray started a worker process per block (30 at once on 2 cores).
+    embedded.write_parquet(
+        out_dir, filename_provider=CacheParts(), concurrency=plan.embedders, ray_remote_args={"num_cpus": 0}
     )
-    # the writes take no CPU of their own: on a small node the actors hold every CPU
-    embedded.write_parquet(out_dir, filename_provider=_Parts(), ray_remote_args={"num_cpus": 0})
     return {"files": describe_parquet_files(out_dir), **ran_since(began)}

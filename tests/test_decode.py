@@ -1,6 +1,9 @@
-"""data.decode: ray_data. The teacher cache built through Ray Data (decode actors, model actors, Parquet written
-block by block) holds the rows and values of the loader path, and an independent computation agrees with both;
-training reads a Ray Data stream split over its workers."""
+"""data.decode: ray_data. The teacher cache built through Ray Data (decode actors, model actors or decoders that
+embed, Parquet written block by block) holds the rows and values of the loader path, and an independent computation
+agrees with both; training reads a Ray Data stream split over its workers."""
+
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,11 +17,12 @@ from tiny import ONE_ZERO_SHOT, TEACHER
 from agft_core.cache import embeddings_of, read_parquet
 from agft_core.datasets import load_dataset
 from agft_core.model import ImageEncoder, create_clip
-from pipeline.cluster import streaming_plan
+from pipeline.cluster import alive_nodes, streaming_plan
 from pipeline.config.loading import load_config
 from pipeline.context import RunContext
 from pipeline.ingest import StreamedIngest
 from pipeline.run import prepare, run
+from tasks.streaming import Streaming, stream_teacher_cache
 
 IMAGES = 100  # not a multiple of the batch: the last block is short
 
@@ -66,15 +70,34 @@ def test_ray_data_writes_the_teacher_cache_the_loader_path_writes(ray_local, tmp
             assert by_ray_data.column("label")[i].as_py() == int(label)
             np.testing.assert_allclose(embeddings_of(by_ray_data)[i], encoder(pixels[None])[0].numpy(), atol=1e-5)
 
+    # This Ray has no GPUs, so the build above ran fused (each decoder embeds); a cluster with GPUs runs the stages
+    # apart, decoders feeding model actors: the same rows.
+    assert streaming_plan(load_config(None, []), alive_nodes(), 16).fused
+    apart = Streaming(decoders=1, decode_cpus=0.5, embedders=1, task_cpus=0.5, task_gpus=0, batch_size=16, fused=False)
+    out = tmp_path / "apart"
+    ray.get(
+        stream_teacher_cache.remote(teacher.source, prepared.specs["train"], size=IMAGES, plan=apart, out_dir=str(out))
+    )
+    by_stages_apart = read_parquet(sorted(str(p) for p in out.glob("*.parquet"))).sort_by("index")
+    assert by_stages_apart.column("label").to_pylist() == by_loader.column("label").to_pylist()
+    np.testing.assert_allclose(embeddings_of(by_stages_apart), embeddings_of(by_loader), rtol=0, atol=1e-5)
+
+
+def test_naming_a_parquet_file_imports_no_torch():
+    """Every Ray Data write task unpickles the cache's file namer: a module that imported torch and open_clip cost
+    each write worker seconds and hundreds of MB."""
+    code = "import sys, tasks.parquet_parts; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
 
 def test_the_streaming_plan_puts_a_model_actor_on_each_gpu_slot_and_decoders_on_every_cpu():
     cfg = load_config(None, ["resources.task_gpus=0.5", "resources.task_cpus=2", "resources.decode_cpus=4"])
     gpu_node, cpu_node = {"CPU": 96.0, "GPU": 8.0}, {"CPU": 32.0}
     plan = streaming_plan(cfg, [gpu_node, gpu_node, cpu_node], 64)
     # 2 nodes x 8 GPUs / 0.5 = 32 model actors of 2 CPUs; up to (96 + 96 + 32) / 4 decoders
-    assert (plan.embedders, plan.decoders, plan.batch_size) == (32, 56, 64)
+    assert (plan.embedders, plan.decoders, plan.batch_size, plan.fused) == (32, 56, 64, False)
     on_cpus = streaming_plan(load_config(None, []), [{"CPU": 2.0}], 64)
-    assert (on_cpus.embedders, on_cpus.decoders, on_cpus.task_gpus) == (1, 2, 0)
+    assert (on_cpus.decoders, on_cpus.task_gpus, on_cpus.fused) == (2, 0, True)
 
 
 def test_a_streamed_batch_is_on_the_workers_device_not_on_rays_guess(ray_local):
