@@ -148,7 +148,8 @@ class _Progress(tune.Callback):
         if not ended:
             return ""
         value, trial_id = max(
-            ((t.last_result[self.metric], t.trial_id) for t in finished or ended), key=lambda s: self.sign * s[0]
+            ((t.last_result[self.metric], t.trial_id) for t in sorted(finished or ended, key=lambda t: t.trial_id)),
+            key=lambda s: self.sign * s[0],
         )
         return f"best so far: {trial_id} {self.metric}={value:.4f}"
 
@@ -260,12 +261,18 @@ def trained_every_epoch(metrics: dict, trial_config: dict, max_epochs: int) -> b
 def best_trial(results: list[tune.Result], spec: SweepConfig, max_epochs: int) -> tune.Result | None:
     """The sweep's pick: the best spec.metric at the last epoch among the trials that trained every epoch without
     an error (a trial that failed after a good epoch has no model of its config to give; one ASHA stopped is
-    measured earlier in its training than the others), or among every trial without an error if none did."""
-    scored = [
-        r
-        for r in results
-        if not r.error and isinstance(value := (r.metrics or {}).get(spec.metric), float | int) and math.isfinite(value)
-    ]
+    measured earlier in its training than the others), or among every trial without an error if none did. A tie
+    goes to the first trial by id, whatever the order Tune lists them in."""
+    scored = sorted(
+        (
+            r
+            for r in results
+            if not r.error
+            and isinstance(value := (r.metrics or {}).get(spec.metric), float | int)
+            and math.isfinite(value)
+        ),
+        key=lambda r: r.metrics.get("trial_id", ""),
+    )
     finished = [r for r in scored if trained_every_epoch(r.metrics, r.config, max_epochs)]
     sign = 1 if spec.mode == "max" else -1
     return max(finished or scored, key=lambda r: sign * r.metrics[spec.metric], default=None)
@@ -325,10 +332,9 @@ def _trial_row(result, cfg: Config, calibration: Calibration | None, metric: str
 def _register_best(ctx: RunContext, prepared: Prepared, parent_run_id: str, storage: str, best) -> None:
     """The best trial's fine-tuned CLIP (the checkpoint of the epoch its metrics are from), logged to the sweep's
     parent run and registered, tagged with its trial, its values and its validation accuracy; the parent run is
-    tagged with the version. A resumed sweep whose parent has its model already registers nothing."""
+    tagged with the version. A resumed sweep registers nothing new when its best is the one registered (the registry
+    finds its weights), and registers and tags a trial that wins on resuming (an errored trial retried)."""
     uri, metrics, trial_id = ctx.tracking_uri, best.metrics, best.metrics["trial_id"]
-    if "best_model" in tracking.run_tags(uri, parent_run_id):
-        return
     if not metrics.get(CHECKPOINT_PATH_KEY):
         raise SweepFailed(f"sweep: the best trial {trial_id} reported no checkpoint to register")
     # Ray reports the path inside its filesystem, without the storage's scheme

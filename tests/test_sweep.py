@@ -242,8 +242,9 @@ def test_bad_search_space_is_one_clear_error_before_any_trial(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-def _result(metric: float, epoch: int, error: Exception | None = None, **config) -> tune.Result:
-    return tune.Result({"val_robust_acc": metric, "epoch": epoch, "config": config}, None, error, "/unused")
+def _result(metric: float, epoch: int, error: Exception | None = None, trial: str = "t0", **config) -> tune.Result:
+    metrics = {"val_robust_acc": metric, "epoch": epoch, "trial_id": trial, "config": config}
+    return tune.Result(metrics, None, error, "/unused")
 
 
 def test_the_pick_is_a_trial_that_trained_every_epoch_without_an_error():
@@ -260,6 +261,10 @@ def test_the_pick_is_a_trial_that_trained_every_epoch_without_an_error():
     short = _result(0.50, 2, **{"train.epochs": 2})
     assert best_trial([finished, short], spec, max_epochs=3) is short
     assert best_trial([failed], spec, max_epochs=3) is None
+    # a tie goes to the same trial whatever the order Tune lists them in: a resumed sweep would register the other
+    tied = _result(0.40, 3, trial="t1", **{"calibration.gamma": 0.6})
+    assert best_trial([tied, finished], spec, max_epochs=3) is finished
+    assert best_trial([finished, tied], spec, max_epochs=3) is finished
 
 
 def test_the_sweep_mode_is_the_one_its_metric_improves_in():
