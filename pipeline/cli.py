@@ -99,12 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Ray Train's own PreemptionWatcher actor logs the first at ERROR level in every run (ray-project/ray#53727): it
-# concerns an actor restart that Ray Train manages, nothing a user can act on. The raylet prints the second when
-# a train worker dies, which Ray Train recovers from and pipeline.train_controller.FailureLine reports in one line.
+# Ray Train's own PreemptionWatcher actor, and Ray Data's actor pools (data.decode: ray_data), log the first at
+# ERROR level (ray-project/ray#53727): it concerns an actor restart that Ray manages, nothing a user can act on. The
+# raylet prints the second when a train worker dies, which Ray Train recovers from and
+# pipeline.train_controller.FailureLine reports in one line. The rest are the five INFO lines Ray Data prints for
+# each dataset it runs (also in its ray-data.log): the run's own lines say what each stage did and how long it took.
 RAY_NOISE = (
-    r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+    r"Actor with class name: '(PreemptionWatcher|MapWorker\(.*\))' .* has constructor arguments in the object store"
     r"|A worker died or was killed while executing a task by an unexpected system error"
+    r"|Progress bars disabled\. To enable|Starting execution of Dataset |Execution plan of Dataset "
+    r"|Dataset \S+ execution finished in |Data sink \w+ finished\. "
 )
 
 

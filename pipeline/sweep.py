@@ -142,7 +142,7 @@ class _Progress(tune.Callback):
         ended = [
             t
             for t in trials
-            if (t is completed or t.status == Trial.TERMINATED) and self.metric in (t.last_result or {})
+            if (t is completed or t.status == Trial.TERMINATED) and has_score(t.last_result, self.metric)
         ]
         finished = [t for t in ended if trained_every_epoch(t.last_result, t.config, self.max_epochs)]
         if not ended:
@@ -258,19 +258,18 @@ def trained_every_epoch(metrics: dict, trial_config: dict, max_epochs: int) -> b
     return (metrics.get("epoch") or 0) >= trial_config.get("train.epochs", max_epochs)
 
 
+def has_score(metrics: dict | None, metric: str) -> bool:
+    """Whether a trial's reported metrics hold a finite value of `metric` to rank it by."""
+    return isinstance(value := (metrics or {}).get(metric), float | int) and math.isfinite(value)
+
+
 def best_trial(results: list[tune.Result], spec: SweepConfig, max_epochs: int) -> tune.Result | None:
     """The sweep's pick: the best spec.metric at the last epoch among the trials that trained every epoch without
     an error (a trial that failed after a good epoch has no model of its config to give; one ASHA stopped is
     measured earlier in its training than the others), or among every trial without an error if none did. A tie
     goes to the first trial by id, whatever the order Tune lists them in."""
     scored = sorted(
-        (
-            r
-            for r in results
-            if not r.error
-            and isinstance(value := (r.metrics or {}).get(spec.metric), float | int)
-            and math.isfinite(value)
-        ),
+        (r for r in results if not r.error and has_score(r.metrics, spec.metric)),
         key=lambda r: r.metrics.get("trial_id", ""),
     )
     finished = [r for r in scored if trained_every_epoch(r.metrics, r.config, max_epochs)]

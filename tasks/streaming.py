@@ -55,7 +55,8 @@ class EmbedImages:
 
 class DecodeAndEmbed:
     """Both stages in one CPU actor, for a cluster without GPUs: a model actor apart would hold CPUs the decoders
-    need (on 2 cores, one of the two) and the pixels would cross the object store for nothing."""
+    need (on 2 cores, one of the two) and the pixels would cross the object store for nothing. Each holds a copy of
+    the model, computing on resources.decode_cpus threads: fewer, wider actors hold fewer copies."""
 
     def __init__(self, spec: DatasetSpec, model: ModelSource):
         self.decode = DecodeImages(spec, model.image_size)
@@ -125,8 +126,10 @@ def stream_teacher_cache(model: ModelSource, spec: DatasetSpec, *, size: int, pl
             num_gpus=plan.task_gpus,
         )
     # The writes take no CPU of their own (on a small node the actors hold every CPU), so nothing but `concurrency`
-    # bounds how many run at once: without it Ray started a worker process per block (30 at once on 2 cores).
+    # bounds how many run at once: without it Ray started a worker process per block (30 at once on 2 cores). One
+    # writer per actor that embeds keeps up with them.
+    writers = plan.decoders if plan.fused else plan.embedders
     embedded.write_parquet(
-        out_dir, filename_provider=CacheParts(), concurrency=plan.embedders, ray_remote_args={"num_cpus": 0}
+        out_dir, filename_provider=CacheParts(), concurrency=writers, ray_remote_args={"num_cpus": 0}
     )
     return {"files": describe_parquet_files(out_dir), **ran_since(began)}

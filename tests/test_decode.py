@@ -148,3 +148,29 @@ def test_training_reads_a_ray_data_stream_split_evenly_over_its_workers(ray_loca
 def _decode_actors() -> int:
     actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10000, detail=True)
     return sum("DecodeImages" in actor.class_name for actor in actors)
+
+
+def test_the_console_drops_ray_datas_lines_for_each_dataset_and_keeps_the_runs_own():
+    """Lines a worker printed during a teacher-cache build through Ray Data (2026-12-07), as the driver receives them:
+    Ray Data's five per dataset and the core worker's ERROR about its actor pool's constructor arguments."""
+    import re
+
+    from pipeline.cli import RAY_NOISE
+
+    noise = [
+        "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+        "Starting execution of Dataset dataset_035Am_0. Full logs are in /tmp/ray/session_x/logs/ray-data",
+        "Execution plan of Dataset dataset_035Am_0: InputDataBuffer[Input] -> ActorPoolMapOperator[MapBatches("
+        "DecodeAndEmbed)] -> TaskPoolMapOperator[Write]",
+        "✔️  Dataset dataset_035Am_0 execution finished in 24.97 seconds",
+        "Data sink Parquet finished. 6000 rows and 3.0MiB data written.",
+        "[2026-12-07 21:54:25,911 E 4989 4989] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("
+        "DecodeAndEmbed))' and ID: '1bc83ae0' has constructor arguments in the object store and max_restarts > 0.",
+        "Actor with class name: 'PreemptionWatcher' and ID: '0a1b' has constructor arguments in the object store",
+    ]
+    kept = [
+        "teacher and text caches: 4/4 tasks (100 %, 33 s)",
+        "[cache] teacher: building: rerun requested",
+        "ValueError: data.train: no images under /data/imagenet/train",
+    ]
+    assert [line for line in noise + kept if not re.search(RAY_NOISE, line)] == kept
