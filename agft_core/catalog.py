@@ -243,6 +243,9 @@ class DatasetSpec:
     templates: tuple[str, ...] | None = None  # overrides the dataset's own prompt templates
     corrupt: str = "error"  # or "skip": leave out images that fail to decode, each one reported
     subset_seed: int = 0  # which random subset `limit` takes: the same for every model and method of a run
+    # With corrupt: skip, the images left out (indices into the subset `limit` takes), found once by the pipeline's
+    # describe stage so that no process that loads the dataset decodes all of it first; None: load_dataset finds them.
+    skipped: tuple[int, ...] | None = None
 
 
 def check_spec(kind: str, name: str, split: str, root: str | None) -> None:

@@ -301,13 +301,15 @@ def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
     )
     data = _limited(data, spec, labels)  # before the scan for corrupt images: only the subset is decoded
     if spec.corrupt == "skip":
-        bad = undecodable(data.images, range(len(data.images)))
+        found_here = spec.skipped is None
+        bad = sorted(undecodable(data.images, range(len(data.images))) if found_here else spec.skipped)
         skipped = [str(where(data.images.indices[i] if isinstance(data.images, Subset) else i)) for i in bad]
-        for file in skipped:
+        for file in skipped if found_here else ():
             print(f"{spec.name}: skipping corrupt image {file}", flush=True)
         if bad:
             data.identity["skipped"] = skipped
-            data.images = Subset(data.images, [i for i in range(len(data.images)) if i not in bad])
+            left_out = set(bad)
+            data.images = Subset(data.images, [i for i in range(len(data.images)) if i not in left_out])
     return data
 
 

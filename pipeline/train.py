@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Subset
 
 from agft_core.cache import embeddings_of, read_parquet
 from agft_core.calibration import Calibration
-from agft_core.catalog import METHOD_SPECS
+from agft_core.catalog import METHOD_SPECS, DatasetSpec
 from agft_core.datasets import load_dataset
 from agft_core.errors import first_line
 from agft_core.evaluate import zero_shot_counts
@@ -62,9 +62,11 @@ class TrainInputs:
     text_files: list[str]
     teacher_files: list[str]  # empty for a method that does not read the teacher cache
     train_images: int  # how many images data.train holds
+    train_spec: DatasetSpec  # data.train as the describe stage found it (with corrupt: skip, the images left out)
     tracking_uri: str
     run_id: str
     val_text_files: list[str] = ()
+    val_spec: DatasetSpec | None = None  # train.validation.dataset, likewise
     calibration: Calibration | None = None  # the teacher's fitted logit scale, for calibration.gamma: auto
     # The newest complete checkpoint directory in the run's storage, which Ray Train may not know of:
     # a driver killed after a checkpoint's upload but before the controller recorded it.
@@ -192,7 +194,7 @@ def _train(inputs: TrainInputs, context) -> None:
     if cfg.data.decode == "ray_data":
         ingest = StreamedIngest(ray.train.get_dataset_shard(STREAMED), cfg, inputs.train_images, world_size, device)
     else:
-        images = load_dataset(cfg.data.train.spec(cfg.data.world_seed), teacher.image_size).images
+        images = load_dataset(inputs.train_spec, teacher.image_size).images
         ingest = LoaderIngest(cfg, images, rank, world_size, device)
     steps_per_epoch = len(ingest)
     optimizer = make_optimizer(cfg.train, encoder.parameters())
@@ -228,7 +230,7 @@ def _train(inputs: TrainInputs, context) -> None:
 
     # -- the validation share
     if cfg.train.validation:
-        val_data = load_dataset(cfg.train.validation.dataset.spec(cfg.data.world_seed), teacher.image_size)
+        val_data = load_dataset(inputs.val_spec, teacher.image_size)
         val_shard = Subset(val_data.images, range(rank, len(val_data.images), world_size))
         val_text = torch.from_numpy(embeddings_of(read_parquet(inputs.val_text_files))).to(device)
 

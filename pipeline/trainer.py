@@ -71,8 +71,9 @@ def _training_stream(inputs: TrainInputs) -> ray.data.Dataset:
     """data.train as a Ray Data stream of decoded images in one shuffled order, for the workers to split."""
     cfg = inputs.cfg
     plan = streaming_plan(cfg, alive_nodes(), cfg.train.batch_size)
-    spec = cfg.data.train.spec(cfg.data.world_seed)
-    return decoded_images(spec, inputs.teacher.image_size, inputs.train_images, plan, shuffle_seed=cfg.seed)
+    return decoded_images(
+        inputs.train_spec, inputs.teacher.image_size, inputs.train_images, plan, shuffle_seed=cfg.seed
+    )
 
 
 def read_history(location: str) -> list[dict]:

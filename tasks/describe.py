@@ -19,10 +19,10 @@ def describe_dataset(spec: DatasetSpec, *, image_size: int) -> DatasetInfo:
 
 
 @ray.remote
-def find_undecodable(spec: DatasetSpec, *, image_size: int, start: int, stop: int) -> list[str]:
-    """The error line of each image of spec[start:stop] that fails to decode, naming its file."""
+def find_undecodable(spec: DatasetSpec, *, image_size: int, start: int, stop: int) -> dict[int, str]:
+    """index -> the error line (naming its file) of each image of spec[start:stop] that fails to decode."""
     use_assigned_cpus()
-    return list(undecodable(load_dataset(spec, image_size).images, range(start, stop)).values())
+    return undecodable(load_dataset(spec, image_size).images, range(start, stop))
 
 
 @ray.remote

@@ -133,6 +133,32 @@ def test_corrupt_image_is_named_and_skipped_only_when_asked(tmp_path, capsys):
     assert f"pets: skipping corrupt image {broken}" in capsys.readouterr().out
 
 
+def test_corrupt_skip_is_decided_once_and_every_process_leaves_out_the_same_images(ray_local, tmp_path):
+    """The describe stage scans a corrupt: skip dataset once, in Ray tasks, and names what it leaves out in the spec
+    every task loads: an image that fails to read later (truncated here after the scan) does not shift one process's
+    indices against the others', and no process decodes the whole dataset before its first image."""
+    from pipeline.config.loading import load_config
+    from pipeline.context import RunContext
+    from pipeline.stages.describe import datasets
+
+    root = tmp_path / "pets"
+    for cls in ("cat", "dog"):
+        for i in range(3):
+            _jpeg(root / "test" / cls / f"{i}.png")
+    broken = root / "test" / "dog" / "1.png"  # index 4: cat 0-2, then dog 0-2
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    pets = f"{{kind: imagefolder, name: pets, split: test, root: {root}, corrupt: skip}}"
+    cfg = load_config(None, [f"data.zero_shot=[{pets}]", f"cache_dir={tmp_path / 'cache'}"])
+    lines = []
+    described = datasets(RunContext(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}", log=lines.append), training=False)
+    (spec,), (info,) = described.specs.values(), described.infos.values()
+    assert spec.skipped == (4,) and info.size == 5
+    (line,) = [line for line in lines if "leaves out" in line]  # said once, by the stage
+    assert line.startswith(f"[data] data.zero_shot.0: corrupt: skip leaves out the corrupt image {broken} (")
+    (root / "test" / "cat" / "2.png").write_bytes(b"truncated after the scan")
+    assert len(load_dataset(spec, 16)) == 5
+
+
 def test_limit_draws_a_seeded_subset_of_every_class(tmp_path):
     """ImageNet val with `limit: 1000` must not be its first 20 classes: on 10 classes of 8 images (sorted by
     class on disk), limit 20 takes 2 of each; the same seed the same subset, another seed another."""

@@ -5,6 +5,7 @@ input fails here, before anything is written."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from agft_core import world
@@ -36,12 +37,42 @@ def datasets(ctx: RunContext, training: bool) -> Datasets:
         configured = {"train": cfg.data.train} | configured
         if cfg.train.validation:
             configured["val"] = cfg.train.validation.dataset
-    specs = {key: d.spec(cfg.data.world_seed) for key, d in configured.items()}
     size = input_size(cfg.model.arch)
+    specs = _skip_undecodable(ctx, {key: d.spec(cfg.data.world_seed) for key, d in configured.items()}, size)
     task = tasks.describe_dataset.options(**ctx.cpu_options())
     described = {spec: task.remote(spec, image_size=size) for spec in set(specs.values())}
     infos = {key: get(described[spec], dataset_field(key)) for key, spec in specs.items()}
     return Datasets(specs, infos, _check_images(ctx, specs, infos, size))
+
+
+def _skip_undecodable(ctx: RunContext, specs: dict[str, DatasetSpec], size: int) -> dict[str, DatasetSpec]:
+    """specs with the images that fail to decode in each dataset read with corrupt: skip found by Ray tasks of
+    CHECK_SHARD images, once, and named in the spec: every process that loads it leaves the same images out without
+    decoding them all first (a transient read error in one would have shifted its indices against the others')."""
+    fields = {spec: dataset_field(key) for key, spec in specs.items()}
+    scans = {}
+    for spec in set(specs.values()):
+        if spec.kind == "embedded" or spec.corrupt != "skip" or spec.skipped is not None:
+            continue
+        whole = replace(spec, skipped=())
+        described = tasks.describe_dataset.options(**ctx.cpu_options()).remote(whole, image_size=size)
+        images = get(described, fields[spec]).size
+        task = tasks.find_undecodable.options(**ctx.cpu_options())
+        scans[spec] = [
+            task.remote(whole, image_size=size, start=a, stop=b) for a, b in image_ranges(images, CHECK_SHARD)
+        ]
+    shard_fields = {ref: fields[spec] for spec, refs in scans.items() for ref in refs}
+    found = dict(zip(shard_fields, wait(list(shard_fields), "image check", shard_fields)))
+    scanned = {}
+    for spec, refs in scans.items():
+        bad = {i: line for ref in refs for i, line in found[ref].items()}
+        if bad:
+            # "<name>: corrupt image <file> (<the decoder's error>); <advice to skip>" -> its file and error
+            first = bad[min(bad)].split(";")[0].removeprefix(f"{spec.name}: ")
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            ctx.log(f"[data] {fields[spec]}: corrupt: skip leaves out the {first}{more}")
+        scanned[spec] = replace(spec, skipped=tuple(sorted(bad)))
+    return {key: scanned.get(spec, spec) for key, spec in specs.items()}
 
 
 def _check_images(
@@ -66,7 +97,7 @@ def _check_images(
     fields = {ref: dataset_field(key) for key, _, shards in builds.values() for ref in shards}
     failures = dict(zip(fields, wait(list(fields), "image check", fields)))
     for key, _, shards in builds.values():
-        found = [line for ref in shards for line in failures[ref]]
+        found = [line for ref in shards for line in failures[ref].values()]
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise ConfigError(f"{dataset_field(key)}: {found[0]}{more}")

@@ -31,9 +31,11 @@ def inputs(ctx: RunContext, prepared: Prepared, run_id: str) -> TrainInputs:
         text_files=texts["train"].files(),
         teacher_files=prepared.teacher_cache.files() if prepared.teacher_cache else [],
         train_images=prepared.infos["train"].size,
+        train_spec=prepared.specs["train"],
         tracking_uri=ctx.tracking_uri,
         run_id=run_id,
         val_text_files=texts["val"].files() if "val" in texts else [],
+        val_spec=prepared.specs.get("val"),
         calibration=prepared.calibration,
     )
 
