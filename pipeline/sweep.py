@@ -155,7 +155,10 @@ class _Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED")
-        self.log(f"[sweep] trial {trial.trial_id} failed: {_last_line(trial.get_error())}; the sweep goes on")
+        # Tune writes the trial's error file once the trial has stopped, after this callback: say where it will be
+        error = trial.get_error()
+        why = f": {_last_line(error)}" if error else f" (its error: {trial.path}/error.txt)"
+        self.log(f"[sweep] trial {trial.trial_id} failed{why}; the sweep goes on")
 
 
 def _last_line(error: BaseException | None) -> str:

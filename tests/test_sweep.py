@@ -1,6 +1,7 @@
 """`agft sweep` on tiny sizes: real local Ray Tune over Ray Train, real MLflow store."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -156,7 +157,7 @@ def _tiny(cfg, *overrides: str):
     return load_config(None, [*TINY, f"cache_dir={cfg.cache_dir}", *overrides])
 
 
-def test_a_trial_that_cannot_be_placed_fails_and_the_sweep_goes_on(swept, tmp_path):
+def test_a_trial_that_cannot_be_placed_fails_and_the_sweep_goes_on(swept, tmp_path, capsys):
     """3 workers of 1 CPU on a 2-CPU cluster without an autoscaler can never start: that trial ends
     FAILED at once with the reason, and the next trial still runs (caches warm from the fixture)."""
     cfg, uri, _, _ = swept
@@ -166,6 +167,8 @@ def test_a_trial_that_cannot_be_placed_fails_and_the_sweep_goes_on(swept, tmp_pa
         result = sweep(cfg, uri, tmp_path / "best.yaml", log=lines.append)
     assert [(t["train.num_workers"], t["error"]) for t in result.trials] == [(3, True), (1, False)]
     assert result.best_params == {"train.num_workers": 1}
+    (failed,) = [line for line in capsys.readouterr().out.splitlines() if " failed" in line]  # not "failed: None"
+    assert re.fullmatch(r"\[sweep\] trial \w+ failed \(its error: /\S+/error\.txt\); the sweep goes on", failed)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("sweep-placement").experiment_id
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
