@@ -241,7 +241,7 @@ class DatasetSpec:
     limit: int | None = None  # a random subset of this many images, stratified by class where labels are known
     world_seed: int = 0
     templates: tuple[str, ...] | None = None  # overrides the dataset's own prompt templates
-    corrupt: str = "error"  # or "skip": leave out images that fail to decode, each one reported
+    corrupt: str = "error"  # or "skip": leave out images that fail to decode
     subset_seed: int = 0  # which random subset `limit` takes: the same for every model and method of a run
     # With corrupt: skip, the images left out (indices into the subset `limit` takes), found once by the pipeline's
     # describe stage so that no process that loads the dataset decodes all of it first; None: load_dataset finds them.

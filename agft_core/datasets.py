@@ -155,11 +155,16 @@ class ParquetImages(Dataset):
         return f"{self.path} row {i}"
 
 
+SKIP_ADVICE = "fix or remove it, or set corrupt: skip on this dataset to leave such images out"
+# corrupt: skip with the images to leave out given (found by the run's decode check): one that fails now did not then
+LATE_ADVICE = "it decoded when this run checked the dataset: check the storage it is read from"
+
+
 class Checked(Dataset):
     """Names the file of an image that fails to decode, instead of a bare PIL traceback."""
 
-    def __init__(self, name: str, images: Dataset, where):
-        self.name, self.images, self.where = name, images, where
+    def __init__(self, name: str, images: Dataset, where, advice: str = SKIP_ADVICE):
+        self.name, self.images, self.where, self.advice = name, images, where, advice
 
     def __len__(self) -> int:
         return len(self.images)
@@ -168,10 +173,7 @@ class Checked(Dataset):
         try:
             return self.images[i]
         except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for a truncated or foreign file
-            raise InputError(
-                f"{self.name}: corrupt image {self.where(i)} ({first_line(exc)}); fix or remove "
-                f"it, or set corrupt: skip on this dataset to leave such images out"
-            ) from None
+            raise InputError(f"{self.name}: corrupt image {self.where(i)} ({first_line(exc)}); {self.advice}") from None
 
 
 def _open(spec: DatasetSpec, transform) -> tuple[Dataset, list[str], list[Path], object]:
@@ -293,7 +295,7 @@ def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
     labels = known_labels(images)
     data = ClassificationData(
         spec.name,
-        Checked(spec.name, images, where),
+        Checked(spec.name, images, where, LATE_ADVICE if spec.skipped else SKIP_ADVICE),
         classnames,
         [LOADERS[spec.kind].template],
         {"kind": spec.kind, "split": spec.split, "root": str(Path(spec.root).resolve()), "size": size},

@@ -155,8 +155,13 @@ def test_corrupt_skip_is_decided_once_and_every_process_leaves_out_the_same_imag
     assert spec.skipped == (4,) and info.size == 5
     (line,) = [line for line in lines if "leaves out" in line]  # said once, by the stage
     assert line.startswith(f"[data] data.zero_shot.0: corrupt: skip leaves out the corrupt image {broken} (")
-    (root / "test" / "cat" / "2.png").write_bytes(b"truncated after the scan")
-    assert len(load_dataset(spec, 16)) == 5
+    late = root / "test" / "cat" / "2.png"
+    late.write_bytes(b"truncated after the scan")
+    data = load_dataset(spec, 16)
+    assert len(data) == 5
+    # reading it is one line that says it failed after the check, not the advice to set corrupt: skip
+    with pytest.raises(InputError, match=f"corrupt image {late} .*decoded when this run checked the dataset"):
+        data.images[2]
 
 
 def test_limit_draws_a_seeded_subset_of_every_class(tmp_path):

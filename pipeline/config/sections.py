@@ -112,7 +112,9 @@ class DatasetConfig(Section):
     subset_seed: int = Field(0, description="which subset `limit` draws")
     templates: list[str] | None = Field(None, min_length=1, description="prompt templates with one {}")
     corrupt: Literal["error", "skip"] = Field(
-        "error", description="images that fail to decode: stop naming the file, or leave each out and report it"
+        "error",
+        description="images that fail to decode: stop naming the file, or leave them out (found once per run, the "
+        "first named in the console)",
     )
 
     @model_validator(mode="after")

@@ -49,7 +49,9 @@ def _skip_undecodable(ctx: RunContext, specs: dict[str, DatasetSpec], size: int)
     """specs with the images that fail to decode in each dataset read with corrupt: skip found by Ray tasks of
     CHECK_SHARD images, once, and named in the spec: every process that loads it leaves the same images out without
     decoding them all first (a transient read error in one would have shifted its indices against the others')."""
-    fields = {spec: dataset_field(key) for key, spec in specs.items()}
+    fields = {}
+    for key, spec in specs.items():  # a dataset two keys share is named by the first (data.train before zero-shot)
+        fields.setdefault(spec, dataset_field(key))
     scans = {}
     for spec in set(specs.values()):
         if spec.kind == "embedded" or spec.corrupt != "skip" or spec.skipped is not None:
