@@ -232,6 +232,7 @@ def test_asha_stops_a_worse_trial_early_and_its_run_ends_killed(swept, tmp_path)
     "space, needle",
     [
         ("{calibration.gamm: {choice: [0.3]}}", "sweep.space.calibration.gamm"),
+        ("{data.train.limit: {choice: [32, 64]}}", "sweep.space.data.train.limit: every trial trains"),
         ("{calibration.gamma: {choice: []}}", "choice"),
         ("{train.lr: {uniform: [0.1, 0.01]}}", "low > high"),
         ("{calibration.gamma: {uniform: [0.5, 1.5]}}", "calibration.gamma"),

@@ -319,6 +319,11 @@ class Config(Section):
         base = self.model_dump(mode="json")
         base["sweep"]["space"] = {}
         for key, domain in self.sweep.space.items():
+            if any(key == field or key.startswith(f"{field}.") for field in DATASET_FIELDS):
+                raise ValueError(
+                    f"sweep.space.{key}: every trial trains and validates on the datasets the sweep describes "
+                    f"and caches once; run one sweep per dataset instead"
+                )
             if self.train.recipe == "published" and _is_recipe_field(key):
                 raise ValueError(
                     f"sweep.space.{key}: train.recipe published sets it for each method; use "
@@ -333,6 +338,10 @@ class Config(Section):
                     detail = describe_errors(exc) if isinstance(exc, ValidationError) else str(exc)
                     raise ValueError(f"sweep.space.{key}: value {value!r} is not valid here ({detail})") from None
         return self
+
+
+# Which images a run reads: decided once per sweep, before its trials (stages.describe, the caches)
+DATASET_FIELDS = ("data.train", "data.zero_shot", "data.world_seed", "train.validation")
 
 
 def _is_recipe_field(key: str) -> bool:
