@@ -155,10 +155,9 @@ class _Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED")
-        # Tune writes the trial's error file once the trial has stopped, after this callback: say where it will be
-        error = trial.get_error()
-        why = f": {_last_line(error)}" if error else f" (its error: {trial.path}/error.txt)"
-        self.log(f"[sweep] trial {trial.trial_id} failed{why}; the sweep goes on")
+        # Tune writes the trial's error file once the trial has stopped, after this callback: say where it will be.
+        # Not trial.get_error(): for a trial a resumed sweep retried, it reads the error of the attempt before.
+        self.log(f"[sweep] trial {trial.trial_id} failed (its error: {trial.path}/error.txt); the sweep goes on")
 
 
 def _last_line(error: BaseException | None) -> str:
