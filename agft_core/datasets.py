@@ -295,7 +295,7 @@ def _from_root(spec: DatasetSpec, size: int) -> ClassificationData:
     labels = known_labels(images)
     data = ClassificationData(
         spec.name,
-        Checked(spec.name, images, where, LATE_ADVICE if spec.skipped else SKIP_ADVICE),
+        Checked(spec.name, images, where, SKIP_ADVICE if spec.skipped is None else LATE_ADVICE),
         classnames,
         [LOADERS[spec.kind].template],
         {"kind": spec.kind, "split": spec.split, "root": str(Path(spec.root).resolve()), "size": size},

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,9 @@ def test_corrupt_skip_is_decided_once_and_every_process_leaves_out_the_same_imag
     # reading it is one line that says it failed after the check, not the advice to set corrupt: skip
     with pytest.raises(InputError, match=f"corrupt image {late} .*decoded when this run checked the dataset"):
         data.images[2]
+    # likewise where the check found nothing to leave out
+    with pytest.raises(InputError, match=f"corrupt image {late} .*decoded when this run checked the dataset"):
+        load_dataset(replace(spec, skipped=()), 16).images[2]
 
 
 def test_limit_draws_a_seeded_subset_of_every_class(tmp_path):

@@ -52,17 +52,14 @@ def _skip_undecodable(ctx: RunContext, specs: dict[str, DatasetSpec], size: int)
     fields = {}
     for key, spec in specs.items():  # a dataset two keys share is named by the first (data.train before zero-shot)
         fields.setdefault(spec, dataset_field(key))
-    scans = {}
-    for spec in set(specs.values()):
-        if spec.kind == "embedded" or spec.corrupt != "skip" or spec.skipped is not None:
-            continue
-        whole = replace(spec, skipped=())
-        described = tasks.describe_dataset.options(**ctx.cpu_options()).remote(whole, image_size=size)
-        images = get(described, fields[spec]).size
-        task = tasks.find_undecodable.options(**ctx.cpu_options())
-        scans[spec] = [
-            task.remote(whole, image_size=size, start=a, stop=b) for a, b in image_ranges(images, CHECK_SHARD)
-        ]
+    to_scan = [s for s in set(specs.values()) if s.kind != "embedded" and s.corrupt == "skip" and s.skipped is None]
+    describe = tasks.describe_dataset.options(**ctx.cpu_options())
+    wholes = {spec: replace(spec, skipped=()) for spec in to_scan}
+    described = {spec: describe.remote(whole, image_size=size) for spec, whole in wholes.items()}
+    scans = {
+        spec: _decode_checks(ctx, whole, get(described[spec], fields[spec]).size, size)
+        for spec, whole in wholes.items()
+    }
     shard_fields = {ref: fields[spec] for spec, refs in scans.items() for ref in refs}
     found = dict(zip(shard_fields, wait(list(shard_fields), "image check", shard_fields)))
     scanned = {}
@@ -77,6 +74,12 @@ def _skip_undecodable(ctx: RunContext, specs: dict[str, DatasetSpec], size: int)
     return {key: scanned.get(spec, spec) for key, spec in specs.items()}
 
 
+def _decode_checks(ctx: RunContext, spec: DatasetSpec, images: int, size: int) -> list:
+    """Ray tasks that decode the dataset's images, CHECK_SHARD each: {index: error line} of those that fail."""
+    task = tasks.find_undecodable.options(**ctx.cpu_options())
+    return [task.remote(spec, image_size=size, start=a, stop=b) for a, b in image_ranges(images, CHECK_SHARD)]
+
+
 def _check_images(
     ctx: RunContext, specs: dict[str, DatasetSpec], infos: dict[str, DatasetInfo], size: int
 ) -> list[tuple[CacheEntry, int]]:
@@ -84,18 +87,13 @@ def _check_images(
     CHECK_SHARD images before anything is written. A corrupt one is one line naming the file and its config
     field. Returns the datasets found whole, to be remembered by their identity (remember_checked)."""
     builds = {}
-    task = tasks.find_undecodable.options(**ctx.cpu_options())
     for key, spec in specs.items():
         if spec.kind == "embedded" or spec.corrupt != "error":
             continue
         entry = CacheEntry(ctx.cache_root, "decodable", {"dataset": infos[key].identity})
         if entry.fingerprint in builds or entry.problem() is None:
             continue
-        shards = [
-            task.remote(spec, image_size=size, start=start, stop=stop)
-            for start, stop in image_ranges(infos[key].size, CHECK_SHARD)
-        ]
-        builds[entry.fingerprint] = (key, entry, shards)
+        builds[entry.fingerprint] = (key, entry, _decode_checks(ctx, spec, infos[key].size, size))
     fields = {ref: dataset_field(key) for key, _, shards in builds.values() for ref in shards}
     failures = dict(zip(fields, wait(list(fields), "image check", fields)))
     for key, _, shards in builds.values():
